@@ -1,0 +1,46 @@
+"""Options and output helpers shared by the commands."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+def hardware_options(f):
+    """--hardware NAME|FILE, --gpu SIZE (repeatable), --ram SIZE: plan for a machine you may not have."""
+    f = click.option("--ram", metavar="SIZE", help="Pretend this much RAM is available, e.g. 64GiB.")(f)
+    f = click.option("--gpu", "gpus", metavar="SIZE", multiple=True,
+                     help="Pretend an NVIDIA GPU with this much free VRAM, e.g. 24GiB; repeat for several.")(f)
+    f = click.option("--hardware", metavar="NAME|FILE",
+                     help="A hardware profile from configs/hardware (e.g. rtx4090-24gb) or a TOML file, instead "
+                          "of probing this machine.")(f)
+    return f
+
+
+def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
+    """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides."""
+    from runner import hardware as hw
+    from runner.units import parse_size
+
+    profile = hw.load_profile(hardware) if hardware else hw.probe()
+    if gpus or ram:
+        profile = hw.with_overrides(
+            profile,
+            gpus=[parse_size(g, what="--gpu") for g in gpus] or None,
+            ram=parse_size(ram, what="--ram") if ram else None,
+        )
+    return profile

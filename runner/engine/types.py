@@ -1,0 +1,85 @@
+"""The engine's native request/response values: the one path that `chat`, the OpenAI adapter and the Ollama
+adapter all use. No llama_cpp import here, so the server and tests can use these without loading anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Literal, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8          # 0 = greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None           # None = random
+    max_tokens: int | None = None     # None = until end of generation or context end
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None        # GBNF text (JSON mode / json_schema are compiled to this)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0            # prompt tokens reused from a kept KV prefix
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    model: str
+    n_ctx: int                        # per sequence
+    n_parallel: int                   # slots
+    busy_slots: int
+    queued: int
+    tokens_in: int
+    tokens_out: int
+    load_seconds: float
+    buffers: dict = field(default_factory=dict, compare=False)  # llama.cpp's logged buffer sizes, bytes
+
+
+class Generation(Protocol):
+    """A submitted request. Iterate (sync or async) for text deltas; `result()` waits for the end."""
+
+    def __iter__(self) -> Iterator[str]: ...
+    def __aiter__(self) -> AsyncIterator[str]: ...
+    def cancel(self) -> None: ...          # frees the slot and its KV cells within one decode step
+    def result(self, timeout: float | None = None) -> Completion: ...
+
+
+class Engine(Protocol):
+    model_name: str
+    n_ctx: int
+    n_parallel: int
+
+    def chat(self, messages: list[ChatMessage], params: SamplingParams) -> Generation: ...
+    def complete(self, prompt: str, params: SamplingParams) -> Generation: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def stats(self) -> EngineStats: ...
+    def close(self) -> None: ...

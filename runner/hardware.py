@@ -1,0 +1,50 @@
+"""Hardware probe: CPU, RAM (honouring cgroup limits), NVIDIA GPUs through NVML, disk.
+
+The result is a frozen `HardwareProfile`, which can also be loaded from a TOML profile so every later step can
+plan for a machine you don't have. Sources of /proc, cgroup files and NVML are injected (`ProbeSources`) so
+tests run without hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CPU:
+    model: str
+    arch: str                          # "x86_64", "aarch64", "arm64"
+    physical_cores: int
+    logical_cores: int
+    usable_cores: float                # logical cores allowed by affinity and cgroup CPU quota
+    flags: frozenset[str] = frozenset()  # subset that matters to llama.cpp: avx, avx2, avx512f, f16c, fma, neon, ...
+
+    @property
+    def threads(self) -> int:
+        """Threads llama.cpp should use: physical cores, capped by the usable (quota) cores, at least 1."""
+        return max(1, min(self.physical_cores, int(self.usable_cores)))
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: tuple[int, int] | None = None
+    driver: str | None = None
+    vendor: str = "nvidia"             # "nvidia" or "apple" (unified memory)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str                          # "this machine" or the profile's name
+    cpu: CPU
+    ram_total_bytes: int               # after cgroup limits
+    ram_available_bytes: int           # after cgroup limits
+    gpus: tuple[GPU, ...] = ()
+    disk_free_bytes: int | None = None  # at the model cache directory
+    unified_memory: bool = False       # Apple Silicon: GPU and CPU share RAM
+    memory_bandwidth_gbps: float | None = None  # host RAM bandwidth if known (measured or from the profile)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # e.g. "no NVIDIA GPU found (NVML: driver not loaded)"
+    source: str = "probe"              # "probe", or the profile file it came from

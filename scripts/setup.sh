@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Sets up .venv with llmrun and llama-cpp-python built for this machine's accelerator.
+# Idempotent: a second run with nothing changed returns in about a second.
+#
+#   LLMRUN_ACCEL=cpu|cuda|metal   force a build flavour (default: detected)
+#   LLMRUN_WHEEL_CACHE=DIR        where built llama-cpp-python wheels are kept, one folder per flavour
+#   PYTHON=python3.x              interpreter for the virtualenv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_CPP_VERSION=0.3.36
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-test}
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: install Python 3.10+ or set PYTHON=/path/to/python3"
+
+find_nvcc() {
+  if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
+  for c in /usr/local/cuda/bin/nvcc /opt/cuda/bin/nvcc; do [ -x "$c" ] && { echo "$c"; return; }; done
+  return 1
+}
+have_nvidia_gpu() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then return 0; fi
+  ls /proc/driver/nvidia/gpus/* >/dev/null 2>&1
+}
+
+accel=${LLMRUN_ACCEL:-}
+reason=""
+if [ -z "$accel" ]; then
+  if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
+    accel=metal; reason="Apple Silicon"
+  elif have_nvidia_gpu; then
+    if nvcc=$(find_nvcc); then accel=cuda; reason="NVIDIA GPU and $nvcc found"
+    else accel=cpu; reason="NVIDIA GPU found but no nvcc (install the CUDA toolkit for a GPU build)"; fi
+  else
+    accel=cpu; reason="no NVIDIA GPU found"
+  fi
+else
+  reason="LLMRUN_ACCEL=$accel"
+fi
+
+cmake_args="-DGGML_RPC=ON"
+case "$accel" in
+  cpu)   flavour_extra=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || sysctl -n machdep.cpu.features 2>/dev/null || uname -m) | cksum | cut -c1-8) ;;
+  cuda)  nvcc=$(find_nvcc) || die "LLMRUN_ACCEL=cuda but no nvcc found"
+         export CUDACXX=$nvcc PATH="$(dirname "$nvcc"):$PATH"
+         cmake_args="$cmake_args -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native"
+         flavour_extra=$( ("$nvcc" --version; nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null) | cksum | cut -c1-8) ;;
+  metal) cmake_args="$cmake_args -DGGML_METAL=on"; flavour_extra=$(uname -m) ;;
+  *) die "LLMRUN_ACCEL must be cpu, cuda or metal, not '$accel'" ;;
+esac
+flavour="$accel-rpc-$flavour_extra"
+say "llama.cpp build: $accel ($reason); CMAKE_ARGS=\"$cmake_args\""
+
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+PY="$VENV/bin/python"
+pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+
+stamp="$VENV/.llmrun-setup"
+want=$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)-$flavour-$EXTRAS
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import llama_cpp, runner' 2>/dev/null; then
+  say "up to date ($VENV, llama-cpp-python $LLAMA_CPP_VERSION $flavour)"
+  exit 0
+fi
+
+"$PY" -m pip install -q --upgrade pip setuptools wheel
+
+cache=${LLMRUN_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llmrun/wheels}/llama-cpp-python-$LLAMA_CPP_VERSION-$flavour-$pytag
+wheel=$(ls "$cache"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$wheel" ]; then
+  say "building llama-cpp-python $LLAMA_CPP_VERSION for $accel (about 5 minutes on 2 cores; cached afterwards in $cache)"
+  mkdir -p "$cache"
+  tmp=$(mktemp -d "$cache/.build.XXXXXX")
+  CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
+    "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$tmp"
+  mv "$tmp"/llama_cpp_python-*.whl "$cache"/ && rmdir "$tmp"
+  wheel=$(ls "$cache"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n1)
+else
+  say "using cached llama-cpp-python wheel $wheel"
+fi
+"$PY" -m pip install -q "$wheel"                                   # with its pure-Python dependencies
+"$PY" -m pip install -q --force-reinstall --no-deps "$wheel"        # this flavour, even if another was installed
+if [ -n "$EXTRAS" ]; then "$PY" -m pip install -q -e ".[$EXTRAS]"; else "$PY" -m pip install -q -e .; fi
+"$PY" -c 'import llama_cpp, runner' || die "llama-cpp-python or llmrun does not import after install"
+echo "$want" > "$stamp"
+say "ready: $VENV (llama-cpp-python $LLAMA_CPP_VERSION, $flavour)"
