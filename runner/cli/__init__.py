@@ -37,11 +37,15 @@ def cli() -> None:
 
 
 def _register() -> None:
+    """Every module in this package except `common` defines COMMANDS, a list of click commands."""
     import importlib
+    import pkgutil
 
-    for name in ("probe",):
-        module = importlib.import_module(f"runner.cli.{name}")
-        for command in module.COMMANDS:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "common":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for command in getattr(module, "COMMANDS", ()):
             cli.add_command(command)
 
 
