@@ -33,7 +33,10 @@ class GPU:
     free_bytes: int
     compute_capability: tuple[int, int] | None = None
     driver: str | None = None
-    vendor: str = "nvidia"             # "nvidia" or "apple" (unified memory)
+    vendor: str = "nvidia"             # "nvidia", "apple" (unified memory) or "rpc" (a llama.cpp RPC worker's device)
+    endpoint: str | None = None        # rpc: the worker's "host:port"
+    link_gbps: float | None = None     # rpc: network speed to the worker, Gb/s (planner's per-token hop cost)
+    link_rtt_s: float | None = None    # rpc: network round trip to the worker, seconds
 
 
 @dataclass(frozen=True)
