@@ -134,7 +134,9 @@ def rpc_servers_of(profile: HardwareProfile) -> tuple[str, ...]:
 # the worker
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec. Linux sends the signal when the *thread* that started the
+    child ends, so only use it for children started from a thread that lives as long as they should."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -241,11 +243,19 @@ def _error_from(cls_name: str, message: str, hint: str | None) -> Exception:
     return errors.EngineError(message, hint=hint)
 
 
+def _child_entry(fd: int) -> None:
+    """`IsolatedEngine`'s child process: its end of the socketpair is file descriptor `fd`."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    model_path, settings, kwargs = conn.recv()
+    _child_main(conn, model_path, settings, kwargs)
+
+
 def _child_main(conn, model_path: str, settings, kwargs: dict) -> None:
     """The engine process: register the workers, load, then serve the parent's requests over `conn`."""
     import threading
 
-    os.environ["GGML_NO_BACKTRACE"] = "1"         # llama.cpp's abort() need not run gdb first
     lock = threading.Lock()
 
     def send(*msg) -> None:
@@ -327,28 +337,35 @@ class IsolatedEngine:
 
     # ------------------------------------------------------------------ child process lifecycle
     def _start(self) -> None:
-        import multiprocessing
+        import socket
         import threading
+        from multiprocessing.connection import Connection
 
         for ep in self.workers:                    # fail early and clearly; the child would abort
             rpc.probe(ep)
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child_main, args=(child, self._path, self._settings, self._kwargs),
-                           name="llmrun-engine", daemon=True)
-        proc.start()
-        child.close()
+        # a plain child process (not multiprocessing's spawn, which re-runs `python -m runner`'s __main__),
+        # talking pickles over a socketpair through multiprocessing's Connection
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from runner.cluster import _child_entry; _child_entry(int(sys.argv[1]))",
+             str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],  # no PDEATHSIG here: it fires when the *thread* that spawned us ends
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "GGML_NO_BACKTRACE": "1"})
+        theirs.close()
+        parent = Connection(ours.detach())
+        parent.send((self._path, self._settings, self._kwargs))
         if not parent.poll(self._load_timeout_s):
             proc.kill()
+            proc.wait()
             raise ClusterError(f"loading the model across {', '.join(self.workers)} took over "
                                f"{self._load_timeout_s} s")
         try:
             msg = parent.recv()
         except (EOFError, OSError):
-            proc.join(5)
-            raise self._death_error(proc.exitcode, while_="loading the model") from None
+            proc.wait(5)
+            raise self._death_error(proc.returncode, while_="loading the model") from None
         if msg[0] == "load_error":
-            proc.join(5)
+            proc.wait(5)
             raise _error_from(*msg[1:])
         info = msg[1]
         self.model_name, self.n_ctx, self.n_parallel = info["model_name"], info["n_ctx"], info["n_parallel"]
@@ -360,7 +377,14 @@ class IsolatedEngine:
         threading.Thread(target=self._reader, args=(proc, parent), name="llmrun-cluster-reader", daemon=True).start()
 
     def _death_error(self, exitcode: int | None, *, while_: str) -> ClusterError:
-        dead = [ep for ep in self.workers if not rpc.reachable(ep)]
+        # our child is gone, so a healthy worker is back in accept() and answers a full probe at once; a dying
+        # one may still accept a TCP connection for a moment (its listening socket closes last), never a HELLO
+        dead = []
+        for ep in self.workers:
+            try:
+                rpc.probe(ep, timeout=2.0)
+            except ClusterError:
+                dead.append(ep)
         how = f"signal {-exitcode}" if exitcode and exitcode < 0 else f"status {exitcode}"
         if dead:
             return ClusterError(f"RPC worker{'s' if len(dead) > 1 else ''} {', '.join(dead)} stopped answering "
@@ -387,10 +411,14 @@ class IsolatedEngine:
                     slot = self._calls[rid]
                     slot[1] = msg
                     slot[0].set()
-        proc.join(5)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:   # EOF but still alive: it cannot serve us any more
+            proc.kill()
+            proc.wait()
         if self._closing:
             return
-        self._on_death(proc.exitcode)
+        self._on_death(proc.returncode)
 
     def _on_death(self, exitcode: int | None) -> None:
         import threading
@@ -525,10 +553,11 @@ class IsolatedEngine:
         except (OSError, ValueError, AttributeError):
             pass
         if proc is not None:
-            proc.join(10)
-            if proc.is_alive():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
+                proc.wait()
 
     def __enter__(self):
         return self
