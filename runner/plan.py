@@ -523,8 +523,7 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     rejected = [_explain(c, chosen, prefs) for c in tried if c is not chosen]
     for entry in skipped:
         rejected.append(Candidate(entry, RunSettings(), None, None, False,
-                                  f"ranked below {chosen.name if chosen else 'the choice'} "
-                                  "(smaller model or quant, no better placement; --all estimates it)",
+                                  f"ranked below {chosen.name if chosen else 'the choice'}; not estimated (--all)",
                                   "cpu", 0.0, 0))
     if chosen is not None:
         notes.extend(_chosen_notes(chosen, hardware, prefs))

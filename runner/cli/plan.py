@@ -73,14 +73,38 @@ def _config(c) -> str:
     return ", ".join(parts)
 
 
-def summarize(rejected) -> list:
-    """One candidate per model/quant: the one closest to fitting (a fitting one if any)."""
-    best: dict[str, object] = {}
+def summarize(rejected) -> list[tuple[str, str, str, bool]]:
+    """At most three rows per model: the quant closest to fitting among those that do not fit, the best of
+    those that fit but ranked lower, and the count of those not estimated. (label, configuration, reason, dim)"""
+    from runner.catalog import quant_rank
+
+    by_model: dict[str, list] = {}
     for c in rejected:
-        cur = best.get(c.name)
-        if cur is None or (c.fits, -c.shortfall) > (cur.fits, -cur.shortfall):
-            best[c.name] = c
-    return list(best.values())
+        by_model.setdefault(c.entry.model, []).append(c)
+    rows = []
+    for model, cands in by_model.items():
+        per_quant: dict[str, object] = {}
+        for c in cands:  # one candidate per quant: a fitting one, else the one closest to fitting
+            cur = per_quant.get(c.entry.quant)
+            if cur is None or (c.fits, -c.shortfall) > (cur.fits, -cur.shortfall):
+                per_quant[c.entry.quant] = c
+        out = [c for c in per_quant.values() if not c.fits and c.estimate is not None or
+               (not c.fits and c.estimate is None and c.shortfall > 0)]
+        fit = [c for c in per_quant.values() if c.fits]
+        skipped = [c for c in per_quant.values() if not c.fits and c.estimate is None and c.shortfall == 0]
+        if out:
+            best = min(out, key=lambda c: (c.shortfall, -quant_rank(c.entry.quant)))
+            more = f" (+{len(out) - 1} more)" if len(out) > 1 else ""
+            rows.append((best.name + more, _config(best) if best.estimate is not None else "—", best.reason, False))
+        if fit:
+            best = max(fit, key=lambda c: quant_rank(c.entry.quant))
+            more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
+            rows.append((best.name + more, _config(best), best.reason, True))
+        if skipped:
+            qs = sorted((c.entry.quant for c in skipped), key=quant_rank, reverse=True)
+            rows.append((f"{model}: {qs[0]}…{qs[-1]}" if len(qs) > 1 else f"{model}:{qs[0]}", "—",
+                         skipped[0].reason, True))
+    return rows
 
 
 def render(result, *, show_all: bool = False) -> None:
@@ -92,7 +116,11 @@ def render(result, *, show_all: bool = False) -> None:
 
     con = Console()
     hw = result.hardware
-    gpus = ", ".join(f"GPU{g.index} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
+    names = [g.name for g in hw.gpus]
+    if len(hw.gpus) > 2 and len(set(names)) == 1:
+        gpus = f"{len(hw.gpus)}× {names[0]} ({format_size(min(g.free_bytes for g in hw.gpus))}+ free each)"
+    else:
+        gpus = ", ".join(f"GPU{g.index} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
     con.print(f"[bold]Plan for {hw.name}[/]: {hw.cpu.model}, {hw.cpu.threads} threads, "
               f"{format_size(hw.ram_available_bytes)} RAM available"
               f"{' (unified with the GPU)' if hw.unified_memory else ''}; {gpus}")
@@ -141,17 +169,19 @@ def render(result, *, show_all: bool = False) -> None:
             cells = [format_size(sum(int(getattr(dev, k, 0)) for k in keys)) for _, keys in cols]
             mem.add_row(dev.name, *cells, format_size(caps.get(dev.name, 0)))
         con.print(mem)
-    rejected = list(result.rejected) if show_all else summarize(result.rejected)
-    rejected.sort(key=lambda r: (r.entry.model, -quant_rank(r.entry.quant)))
-    if rejected:
-        rt = Table(title="not chosen" + ("" if show_all else " (closest configuration per model/quant; --all for every one)"),
-                   title_justify="left")
+    if show_all:
+        ordered = sorted(result.rejected, key=lambda r: (r.entry.model, -quant_rank(r.entry.quant)))
+        rows = [(r.name, _config(r) if r.estimate is not None else "—", r.reason, r.fits) for r in ordered]
+    else:
+        rows = summarize(result.rejected)
+    if rows:
+        rt = Table(title="not chosen" + ("" if show_all else " (per model: closest to fitting, best that fits; "
+                                         "--all lists every configuration)"), title_justify="left")
         rt.add_column("model")
         rt.add_column("configuration")
         rt.add_column("why not")
-        for r in rejected:
-            rt.add_row(r.name, _config(r) if r.estimate is not None else "—",
-                       r.reason if not r.fits else f"[dim]{r.reason}[/]")
+        for label, config, reason, dim in rows:
+            rt.add_row(label, config, f"[dim]{reason}[/]" if dim else reason)
         con.print(rt)
     for note in result.notes:
         con.print(f"[yellow]note:[/] {note}")
