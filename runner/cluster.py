@@ -101,8 +101,9 @@ def parse_workers(text: str | Iterable[str] | None) -> tuple[str, ...]:
 
 def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, network: Network | None = None,
                          probe: Callable[[str], rpc.WorkerInfo] = rpc.probe) -> HardwareProfile:
-    """`profile` plus one GPU entry per remote device (vendor "rpc", name "RPC[host:port]"), in the order
-    llama.cpp will use them: remote devices first, in the order given, then the local GPUs. Raises
+    """`profile` plus one GPU entry per remote device (vendor "rpc", name "RPC[host:port]", index 0.. among the
+    remote ones), in the order llama.cpp uses devices: remote first, in the order given, then the local GPUs
+    (so a plan's tensor_split lines up with llama.cpp's device list). Raises
     ClusterError naming the first worker that cannot be reached."""
     network = network or Network()
     remote: list[GPU] = []
@@ -117,7 +118,9 @@ def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, 
                               vendor="rpc", endpoint=ep, link_gbps=network.gbps, link_rtt_s=network.rtt_s))
         notes.append(f"RPC worker {ep}: {len(info.devices)} device(s), protocol "
                      f"{'.'.join(map(str, info.version))}, probe round trip {info.rtt_s * 1000:.2f} ms")
-    local = [dataclasses.replace(g, index=len(remote) + i) for i, g in enumerate(profile.gpus)]
+    # local GPUs keep their indexes (GPU0...), remote devices are numbered on their own (RPC0...), as llama.cpp
+    # and the estimate name them
+    local = [g for g in profile.gpus if g.vendor != "rpc"]
     return dataclasses.replace(profile, gpus=tuple(remote) + tuple(local), notes=tuple(notes))
 
 

@@ -10,7 +10,7 @@ Public API
     layer_devices(n_layer, settings, gpus, gpu_free)  where each layer and the output layer go
 
 Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), then
-"RPC0", ... for RPC workers (which take part in the layer split after the local GPUs).
+"RPC0", ... for RPC workers (which come first in the layer split, before the local GPUs, as in llama.cpp).
 
 Model of llama.cpp (ggml-org/llama.cpp as vendored by llama-cpp-python 0.3.36), all checked against its logs:
 - placement: i_gpu_start = max(n_layer + 1 - ngl, 0); layers i >= i_gpu_start go to the GPUs, split in
@@ -159,13 +159,16 @@ class MemoryEstimate:
 
 
 def _offload_devices(gpus: int, rpc: int) -> list[str]:
-    return [f"GPU{i}" for i in range(gpus)] + [f"RPC{i}" for i in range(rpc)]
+    # cluster: llama.cpp puts RPC devices at the *front* of its device list ("add RPC servers at the front of
+    # the list to minimize network transfers", src/llama.cpp), so tensor_split is [RPC..., GPU...] and the
+    # output layer lands on the last local GPU
+    return [f"RPC{i}" for i in range(rpc)] + [f"GPU{i}" for i in range(gpus)]
 
 
 def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
                   gpu_free: tuple[int, ...] = ()) -> tuple[list[str], str, int]:
     """(device of each repeating layer, device of the output layer, effective ngl), as llama.cpp places them.
-    RPC workers count as devices after the local GPUs."""
+    RPC workers count as devices before the local GPUs."""
     devices = _offload_devices(gpus, len(settings.rpc_servers))
     if not devices:
         return ["CPU"] * n_layer, "CPU", 0
@@ -179,7 +182,7 @@ def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
         shares += [0.0] * (len(devices) - len(shares))
     if not shares or sum(shares[: len(devices)]) <= 0:
         if gpu_free and len(gpu_free) >= gpus and gpus and sum(gpu_free[:gpus]) > 0:
-            shares = [float(f) for f in gpu_free[:gpus]] + [1.0] * (len(devices) - gpus)
+            shares = [1.0] * (len(devices) - gpus) + [float(f) for f in gpu_free[:gpus]]  # RPC first
         else:
             shares = [1.0] * len(devices)
     shares = shares[: len(devices)]

@@ -142,11 +142,26 @@ def _device_dict(dev: Any) -> dict[str, int]:
     return {k: int(getattr(dev, k)) for k in keys if hasattr(dev, k)}
 
 
+def device_name(g) -> str:
+    """The estimate's name for a GPU entry: "GPU<i>", or "RPC<i>" for an RPC worker's device (cluster)."""
+    return f"{'RPC' if g.vendor == 'rpc' else 'GPU'}{g.index}"
+
+
+def local_gpus(hardware: HardwareProfile) -> tuple:
+    """The GPUs in this host (RPC workers' devices left out)."""
+    return tuple(g for g in hardware.gpus if g.vendor != "rpc")
+
+
+def rpc_servers(hardware: HardwareProfile) -> tuple[str, ...]:
+    """The RPC workers whose devices are in the profile (runner.cluster.profile_with_workers), in order."""
+    return tuple(dict.fromkeys(g.endpoint for g in hardware.gpus if g.vendor == "rpc" and g.endpoint))
+
+
 def capacities(hardware: HardwareProfile) -> dict[str, int]:
-    """Bytes each device may use: host RAM available, each GPU's free VRAM."""
+    """Bytes each device may use: host RAM available, each GPU's free VRAM, each RPC worker's free memory."""
     caps = {"CPU": hardware.ram_available_bytes}
     for g in hardware.gpus:
-        caps[f"GPU{g.index}"] = g.free_bytes
+        caps[device_name(g)] = g.free_bytes
     return caps
 
 
@@ -218,7 +233,7 @@ class _Memo:
         self.est, self.hardware = est, hardware
         self.layouts: dict[tuple, Any] = {}
         self.estimates: dict[tuple, Any] = {}
-        self.gpu_free = tuple(g.free_bytes for g in hardware.gpus)
+        self.gpu_free = tuple(g.free_bytes for g in local_gpus(hardware))  # RPC devices: settings.rpc_servers
 
     def layout(self, entry: CatalogEntry) -> Any:
         key = (entry.shape, entry.quant)
@@ -231,7 +246,7 @@ class _Memo:
         if key not in self.estimates:
             hw = self.hardware
             self.estimates[key] = self.est.estimate(
-                entry.shape, self.layout(entry), settings, gpus=len(hw.gpus), gpu_free=self.gpu_free,
+                entry.shape, self.layout(entry), settings, gpus=len(local_gpus(hw)), gpu_free=self.gpu_free,
                 cpu_flags=hw.cpu.flags, unified=hw.unified_memory)
         return self.estimates[key]
 
@@ -257,6 +272,7 @@ class _EntryPlanner:
             tensor_split=_tensor_split(self.hardware) if n_gpu_layers else (),
             experts_on_cpu=placement == "experts-in-ram",
             n_threads=self.hardware.cpu.threads,
+            rpc_servers=rpc_servers(self.hardware) if n_gpu_layers else (),  # cluster: workers join the split
         )
 
     def evaluate(self, placement: str, settings: RunSettings, *, record: bool = True) -> Candidate:
@@ -284,8 +300,12 @@ class _EntryPlanner:
             token_embd_bytes=int(shape.n_vocab * shape.n_embd * bytes_per_param),
             expert_bytes=int(expert_params * bytes_per_param), n_expert=shape.n_expert,
             n_expert_used=shape.n_expert_used, experts_on_cpu=settings.experts_on_cpu)
+        # cluster: every token crosses the network to and from each RPC worker that holds layers
+        network_s = speedmod.network_seconds(
+            self.hardware, {d.name: d.n_layers for d in _devices(memory) if d.name.startswith("RPC")},
+            n_embd=shape.n_embd, n_parallel=settings.n_parallel, moe=shape.is_moe)
         return speedmod.predict(flows, self.hardware, at_tokens=at, n_parallel=settings.n_parallel,
-                                n_ubatch=settings.n_ubatch, specs=self.specs)
+                                n_ubatch=settings.n_ubatch, specs=self.specs, network_s=network_s)
 
     def gpu_ok(self, memory: Any) -> bool:
         caps = capacities(self.hardware)

@@ -133,6 +133,11 @@ def device_specs(hardware: HardwareProfile) -> dict[str, DeviceSpec]:
     specs = {"CPU": DeviceSpec("CPU", hardware.cpu.model, bw, cpu_gflops(hardware.cpu) / 1000.0,
                                CPU_DECODE_EFFICIENCY, src)}
     for g in hardware.gpus:
+        if g.vendor == "rpc":
+            # cluster: the RPC protocol tells a worker's memory, not what it is; assume a CPU worker like this host
+            specs[f"RPC{g.index}"] = DeviceSpec(f"RPC{g.index}", g.name, bw, specs["CPU"].tflops,
+                                                CPU_DECODE_EFFICIENCY, "assumed like this host")
+            continue
         gbw, tf, known = gpu_spec(g.name)
         vendor = g.vendor if g.vendor in GPU_DECODE_EFFICIENCY else "nvidia"
         specs[f"GPU{g.index}"] = DeviceSpec(f"GPU{g.index}", g.name, gbw, tf * GPU_PROMPT_EFFICIENCY[vendor],
@@ -213,9 +218,40 @@ def traffic(*, weights: Mapping[str, int], kv_cache: Mapping[str, int], n_ctx: i
     return out
 
 
+def network_seconds(hardware: HardwareProfile, rpc_layers: Mapping[str, int], *, n_embd: int, n_parallel: int = 1,
+                    moe: bool = False) -> float:
+    """cluster: seconds per decode step spent on the network with llama.cpp RPC workers. For each worker device
+    that holds layers ("RPC<i>" → layer count), per step: the activations go there and come back (llama.cpp
+    copies between two workers through this host), 2 × n_embd × 4 bytes × sequences, plus the serialized graph
+    (about RPC_NODES_PER_LAYER nodes of RPC_TENSOR_BYTES per layer), plus RPC_ROUND_TRIPS_PER_STEP round trips.
+    Link speed and round trip come from the GPU entries (`llmrun plan --network`, default 1 Gb/s, 0.5 ms)."""
+    total = 0.0
+    for g in hardware.gpus:
+        name = f"RPC{g.index}"
+        if g.vendor != "rpc" or not rpc_layers.get(name):
+            continue
+        gbps = g.link_gbps or DEFAULT_LINK_GBPS
+        rtt = g.link_rtt_s if g.link_rtt_s is not None else DEFAULT_LINK_RTT_S
+        nodes = rpc_layers[name] * (RPC_NODES_PER_LAYER_MOE if moe else RPC_NODES_PER_LAYER)
+        sent = 2 * n_embd * 4 * n_parallel + nodes * RPC_TENSOR_BYTES
+        total += RPC_ROUND_TRIPS_PER_STEP * rtt + sent * 8 / (gbps * 1e9)
+    return total
+
+
+# cluster: network assumptions for RPC workers (llama.cpp ggml-rpc protocol 7)
+DEFAULT_LINK_GBPS = 1.0           # 1 Gb/s Ethernet
+DEFAULT_LINK_RTT_S = 0.0005       # 0.5 ms
+RPC_TENSOR_BYTES = 296            # sizeof(rpc_tensor) on the wire
+RPC_NODES_PER_LAYER = 40          # graph tensors serialized per transformer layer (nodes and their sources)
+RPC_NODES_PER_LAYER_MOE = 60
+RPC_ROUND_TRIPS_PER_STEP = 3      # set input, graph compute, get output (synchronous on a decode step)
+
+
 def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, n_parallel: int = 1,
-            n_ubatch: int = 512, specs: Mapping[str, DeviceSpec] | None = None) -> SpeedPrediction:
-    """Decode and prompt speed for per-device traffic (from `traffic`)."""
+            n_ubatch: int = 512, specs: Mapping[str, DeviceSpec] | None = None,
+            network_s: float = 0.0) -> SpeedPrediction:
+    """Decode and prompt speed for per-device traffic (from `traffic`); `network_s`: seconds per decode step
+    spent on the network with RPC workers (`network_seconds`)."""
     specs = specs or device_specs(hardware)
     has_gpu = any(s != "CPU" for s in specs)
     decode_time: dict[str, float] = {}
@@ -234,12 +270,14 @@ def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, 
             fastest = max((s.tflops for n, s in specs.items() if n != "CPU"), default=spec.tflops)
             t = min(t, f.weight_bytes / (n_ubatch * PCIE_GBPS * 1e9) + flops / (fastest * 1e12))
         prompt_time += t
-    per_token = weight_time + kv_time
+    per_token = weight_time + kv_time + network_s
     decode = 1.0 / per_token if per_token > 0 else 0.0
     prompt = 1.0 / prompt_time if prompt_time > 0 else 0.0
     # n sequences read the weights once per step, each its own KV; compute caps the batch at prompt speed
-    step = weight_time + n_parallel * kv_time
+    step = weight_time + n_parallel * kv_time + network_s
     aggregate = min(n_parallel / step, max(prompt, decode)) if step > 0 else 0.0
+    if network_s:
+        decode_time["network"] = network_s
     bottleneck = max(decode_time, key=decode_time.get) if decode_time else "CPU"
     return SpeedPrediction(
         decode_tps=decode, prompt_tps=prompt, aggregate_decode_tps=aggregate,

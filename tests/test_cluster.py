@@ -89,7 +89,7 @@ def test_profile_with_real_workers_adds_one_rpc_device_each_in_front(worker):
     prof = cluster.profile_with_workers(base, eps, network=cluster.Network(10.0, 0.0002))
     assert [g.vendor for g in prof.gpus] == ["rpc", "rpc", "nvidia"]
     assert [g.name for g in prof.gpus[:2]] == [f"RPC[{eps[0]}]", f"RPC[{eps[1]}]"]
-    assert [g.index for g in prof.gpus] == [0, 1, 2]
+    assert [g.index for g in prof.gpus] == [0, 1, 0]       # RPC0, RPC1, then the local GPU0
     assert prof.gpus[0].endpoint == eps[0] and prof.gpus[0].link_gbps == 10.0
     assert prof.gpus[0].total_bytes == rpc.probe(eps[0]).devices[0].total_bytes
     assert cluster.rpc_servers_of(prof) == tuple(eps)
