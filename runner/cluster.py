@@ -95,6 +95,44 @@ def parse_workers(text: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_worker_specs(text: str | Iterable[str] | None) -> tuple[tuple[str, int | None], ...]:
+    """Like parse_workers, but each entry may end in '=SIZE' ('h2:50052=60GiB'): plan with that much free
+    memory on the worker instead of asking it (planning for machines you do not have yet)."""
+    from runner.units import parse_size
+
+    if not text:
+        return ()
+    parts = [text] if isinstance(text, str) else list(text)
+    items = [p.strip() for part in parts for p in part.split(",") if p.strip()]
+    sizes: dict[str, int | None] = {}
+    endpoints = parse_workers([i.partition("=")[0] for i in items])
+    for ep, item in zip(endpoints, items):
+        _, eq, size = item.partition("=")
+        sizes[ep] = parse_size(size, what=f"--workers {item}") if eq else None
+    return tuple(sizes.items())
+
+
+def assumed_worker(endpoint: str, size: int) -> rpc.WorkerInfo:
+    """A worker that is not asked: one device with `size` bytes free (`--workers host:port=SIZE`)."""
+    return rpc.WorkerInfo(endpoint, (rpc.PROTO_MAJOR, 0, 0), (rpc.RemoteDevice(0, size, size),), 0.0)
+
+
+def profile_from_options(profile: HardwareProfile, workers: str | Iterable[str] | None,
+                         network: str | None = None) -> HardwareProfile:
+    """What `--workers` and `--network` make of a profile (the CLI's one call)."""
+    specs = parse_worker_specs(workers)
+    if not specs:
+        if network:
+            raise UsageError("--network only matters with --workers")
+        return profile
+    sizes = dict(specs)
+
+    def probe(ep: str) -> rpc.WorkerInfo:
+        return assumed_worker(ep, sizes[ep]) if sizes[ep] is not None else rpc.probe(ep)
+
+    return profile_with_workers(profile, [ep for ep, _ in specs], network=Network.parse(network), probe=probe)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # planning with workers
 
@@ -116,8 +154,11 @@ def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, 
             name = f"RPC[{ep}]" if len(info.devices) == 1 else f"RPC[{ep}]#{dev.index}"
             remote.append(GPU(index=len(remote), name=name, total_bytes=dev.total_bytes, free_bytes=dev.free_bytes,
                               vendor="rpc", endpoint=ep, link_gbps=network.gbps, link_rtt_s=network.rtt_s))
-        notes.append(f"RPC worker {ep}: {len(info.devices)} device(s), protocol "
-                     f"{'.'.join(map(str, info.version))}, probe round trip {info.rtt_s * 1000:.2f} ms")
+        if info.rtt_s:
+            notes.append(f"RPC worker {ep}: {len(info.devices)} device(s), protocol "
+                         f"{'.'.join(map(str, info.version))}, probe round trip {info.rtt_s * 1000:.2f} ms")
+        else:
+            notes.append(f"RPC worker {ep}: not asked, assumed {info.devices[0].free_bytes / 2**30:.0f} GiB free")
     # local GPUs keep their indexes (GPU0...), remote devices are numbered on their own (RPC0...), as llama.cpp
     # and the estimate name them
     local = [g for g in profile.gpus if g.vendor != "rpc"]

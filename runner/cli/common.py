@@ -44,3 +44,23 @@ def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str 
             ram=parse_size(ram, what="--ram") if ram else None,
         )
     return profile
+
+
+def workers_options(f):
+    """--workers HOST:PORT[,...] and --network: llama.cpp RPC workers (`llmrun worker`) that join the split."""
+    f = click.option("--network", metavar="SPEED[,RTT]",
+                     help="Link to the workers for the speed prediction, e.g. 10gbps,0.2ms "
+                          "(default 1gbps,0.5ms).")(f)
+    f = click.option("--workers", metavar="HOST:PORT[,...]",
+                     help="llama.cpp RPC workers started with `llmrun worker`; their memory joins the plan. "
+                          "HOST:PORT=SIZE plans with SIZE free there without asking (machines you don't have).")(f)
+    return f
+
+
+def apply_workers(profile, workers: str | None, network: str | None = None):
+    """The profile with the --workers' devices added (asks each worker for its memory)."""
+    if not workers and not network:
+        return profile
+    from runner import cluster
+
+    return cluster.profile_from_options(profile, workers, network)

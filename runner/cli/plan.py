@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from runner.cli.common import hardware_options, json_option, print_json, resolve_hardware
+from runner.cli.common import (apply_workers, hardware_options, json_option, print_json, resolve_hardware,
+                               workers_options)
 
 
 @click.command("plan")
@@ -22,11 +23,12 @@ from runner.cli.common import hardware_options, json_option, print_json, resolve
               help="Sequences served at once (each gets its own context).")
 @click.option("--all", "show_all", is_flag=True, help="Show every configuration tried, not one per model/quant.")
 @hardware_options
+@workers_options
 @json_option
 @click.pass_context
 def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: str,
          max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
-         gpus: tuple[str, ...], ram: str | None, as_json: bool) -> None:
+         gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
     """Show the best configuration that fits, its memory and speed, and why the others do not."""
     from runner.plan import Preferences, make_plan, require_fit
     from runner.units import parse_size
@@ -35,7 +37,7 @@ def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: 
         model=model, family=family, n_ctx=ctx_tokens, prefer=prefer,
         max_download_bytes=parse_size(max_download, what="--max-download") if max_download else None,
         license_open=license_ == "open", n_parallel=parallel)
-    profile = resolve_hardware(hardware, gpus, ram)
+    profile = apply_workers(resolve_hardware(hardware, gpus, ram), workers, network)
     result = make_plan(profile, prefs)
     if as_json:
         data = result.to_dict()
@@ -120,7 +122,9 @@ def render(result, *, show_all: bool = False) -> None:
     if len(hw.gpus) > 2 and len(set(names)) == 1:
         gpus = f"{len(hw.gpus)}× {names[0]} ({format_size(min(g.free_bytes for g in hw.gpus))}+ free each)"
     else:
-        gpus = ", ".join(f"GPU{g.index} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
+        from runner.plan import device_name
+
+        gpus = ", ".join(f"{device_name(g)} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
     con.print(f"[bold]Plan for {hw.name}[/]: {hw.cpu.model}, {hw.cpu.threads} threads, "
               f"{format_size(hw.ram_available_bytes)} RAM available"
               f"{' (unified with the GPU)' if hw.unified_memory else ''}; {gpus}")
