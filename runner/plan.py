@@ -39,6 +39,7 @@ MIN_AUTO_CTX = 2048               # context is never reduced below this without 
 USABLE_DECODE_TPS = 3.0           # quality mode prefers candidates at least this fast, when any is
 QUALITY_FLOOR_QUANT = "Q4_0"      # speed mode keeps to quants at least this good, when any fits
 KV_TYPES = ("f16", "q8_0")
+NO_REPACK_PROMPT_FACTOR = 0.5     # CPU prompt speed without llama.cpp's repacked weight kernels
 
 PLACEMENTS = ("gpu", "experts-in-ram", "partial", "cpu")   # best first
 PLACEMENT_LABEL = {"gpu": "full GPU offload", "experts-in-ram": "dense layers on GPU, experts in RAM",
@@ -102,7 +103,7 @@ class Candidate:
             "need_bytes": self.need_bytes,
         }
         if self.estimate is not None:
-            d["memory"] = {dev.name: _device_dict(dev) for dev in _devices(self.estimate)}
+            d["memory"] = {dev.device: _device_dict(dev) for dev in _devices(self.estimate)}
         if self.speed is not None:
             d["speed"] = {"decode_tps": round(self.speed.decode_tps, 2), "prompt_tps": round(self.speed.prompt_tps, 1),
                           "aggregate_decode_tps": round(self.speed.aggregate_decode_tps, 2),
@@ -138,8 +139,7 @@ def _devices(est: Any) -> tuple:
 
 
 def _device_dict(dev: Any) -> dict[str, int]:
-    keys = ("weights", "kv_cache", "compute", "output", "repack", "overhead", "margin", "total")
-    return {k: int(getattr(dev, k)) for k in keys if hasattr(dev, k)}
+    return {k: v for k, v in dev.as_dict().items() if k != "device"}
 
 
 def device_name(g) -> str:
@@ -176,7 +176,7 @@ def check_fit(est: Any, hardware: HardwareProfile) -> tuple[bool, str, float]:
     """(fits, the one number that rules it out, worst need/capacity ratio)."""
     caps = capacities(hardware)
     worst_ratio, worst = 0.0, ""
-    totals = {dev.name: int(dev.total) for dev in _devices(est)}
+    totals = {dev.device: int(dev.total) for dev in _devices(est)}
     for name, need in totals.items():
         cap = caps.get(name, 0)
         ratio = need / cap if cap > 0 else (float("inf") if need > 0 else 0.0)
@@ -259,8 +259,10 @@ class _EntryPlanner:
         self.entry, self.hardware, self.prefs, self.specs, self.memo = entry, hardware, prefs, specs, memo
         self.layout = memo.layout(entry)
         self.tried: list[Candidate] = []
+        repackable = memo.est.repacked_types(hardware.cpu.flags)
+        self.repacks = any(t.type_name in repackable for t in self.layout.tensors)
 
-    def settings(self, placement: str, ctx: int, kv: str, ngl: int | None = None) -> RunSettings:
+    def settings(self, placement: str, ctx: int, kv: str, ngl: int | None = None, repack: bool = True) -> RunSettings:
         n_layer = self.entry.shape.n_layer
         n_gpu_layers = {"gpu": n_layer + 1, "experts-in-ram": n_layer + 1, "cpu": 0}.get(placement, ngl or 0)
         if not self.hardware.gpus:
@@ -272,6 +274,7 @@ class _EntryPlanner:
             tensor_split=_tensor_split(self.hardware) if n_gpu_layers else (),
             experts_on_cpu=placement == "experts-in-ram",
             n_threads=self.hardware.cpu.threads,
+            repack=repack,
             rpc_servers=rpc_servers(self.hardware) if n_gpu_layers else (),  # cluster: workers join the split
         )
 
@@ -287,8 +290,8 @@ class _EntryPlanner:
 
     def predict(self, memory: Any, settings: RunSettings) -> speedmod.SpeedPrediction:
         shape = self.entry.shape
-        weights = {d.name: int(d.weights) for d in _devices(memory)}
-        kv = {d.name: int(d.kv_cache) for d in _devices(memory)}
+        weights = {d.device: int(d.weights) for d in _devices(memory)}
+        kv = {d.device: int(d.kv_cache) for d in _devices(memory)}
         n_params = float(shape.n_params or self.entry.params_b * 1e9)
         total_w = sum(weights.values()) or 1
         bytes_per_param = total_w / n_params
@@ -300,47 +303,51 @@ class _EntryPlanner:
             token_embd_bytes=int(shape.n_vocab * shape.n_embd * bytes_per_param),
             expert_bytes=int(expert_params * bytes_per_param), n_expert=shape.n_expert,
             n_expert_used=shape.n_expert_used, experts_on_cpu=settings.experts_on_cpu)
+        specs = self.specs
+        if not settings.repack:  # without repacked kernels CPU matrix products run at about half speed
+            cpu = specs["CPU"]
+            specs = {**specs, "CPU": replace(cpu, tflops=cpu.tflops * NO_REPACK_PROMPT_FACTOR)}
         # cluster: every token crosses the network to and from each RPC worker that holds layers
         network_s = speedmod.network_seconds(
-            self.hardware, {d.name: d.n_layers for d in _devices(memory) if d.name.startswith("RPC")},
+            self.hardware, {d.device: d.n_layers for d in _devices(memory) if d.device.startswith("RPC")},
             n_embd=shape.n_embd, n_parallel=settings.n_parallel, moe=shape.is_moe)
         return speedmod.predict(flows, self.hardware, at_tokens=at, n_parallel=settings.n_parallel,
-                                n_ubatch=settings.n_ubatch, specs=self.specs, network_s=network_s)
+                                n_ubatch=settings.n_ubatch, specs=specs, network_s=network_s)
 
     def gpu_ok(self, memory: Any) -> bool:
         caps = capacities(self.hardware)
-        return all(int(d.total) <= caps.get(d.name, 0) for d in _devices(memory) if d.name != "CPU")
+        return all(int(d.total) <= caps.get(d.device, 0) for d in _devices(memory) if d.device != "CPU")
 
     def _gpu_ratio(self, memory: Any) -> float:
         caps = capacities(self.hardware)
-        return max((int(d.total) / max(caps.get(d.name, 0), 1) for d in _devices(memory) if d.name != "CPU"),
+        return max((int(d.total) / max(caps.get(d.device, 0), 1) for d in _devices(memory) if d.device != "CPU"),
                    default=0.0)
 
-    def max_layers(self, ctx: int, kv: str) -> Candidate:
+    def max_layers(self, ctx: int, kv: str, repack: bool = True) -> Candidate:
         """Partial offload: the most layers (1..n_layer) whose GPU share fits, then checked against host RAM too.
         GPU use grows about linearly with the layer count: interpolate between one layer and all of them, then
         step to the exact boundary (two to four estimates instead of a bisection's seven). Records and returns
         that candidate, or the one-layer attempt when not even one layer fits on the GPUs."""
         n = self.entry.shape.n_layer
-        one = self.evaluate("partial", self.settings("partial", ctx, kv, 1), record=False)
+        one = self.evaluate("partial", self.settings("partial", ctx, kv, 1, repack), record=False)
         if not self.gpu_ok(one.estimate):
             self.tried.append(one)
             return one
-        full = self.memo.estimate(self.entry, self.settings("partial", ctx, kv, n + 1))
+        full = self.memo.estimate(self.entry, self.settings("partial", ctx, kv, n + 1, repack))
         r1, rf = self._gpu_ratio(one.estimate), self._gpu_ratio(full)
         guess = n if rf <= r1 else int(1 + (1.0 - r1) * n / (rf - r1))
         k = max(1, min(n, guess))
-        cand = self.evaluate("partial", self.settings("partial", ctx, kv, k), record=False)
+        cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
         if self.gpu_ok(cand.estimate):
             while k < n:
-                nxt = self.evaluate("partial", self.settings("partial", ctx, kv, k + 1), record=False)
+                nxt = self.evaluate("partial", self.settings("partial", ctx, kv, k + 1, repack), record=False)
                 if not self.gpu_ok(nxt.estimate):
                     break
                 cand, k = nxt, k + 1
         else:
             while k > 1:
                 k -= 1
-                cand = self.evaluate("partial", self.settings("partial", ctx, kv, k), record=False)
+                cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
                 if self.gpu_ok(cand.estimate):
                     break
             else:
@@ -372,7 +379,7 @@ class _EntryPlanner:
                       if self.possible(p) and (allowed is None or p in allowed)]
         if self.layout.weights_bytes > self.capacity_total():
             # cannot fit anywhere: one estimate of the most frugal configuration gives the number to report
-            c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1]))
+            c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
             if self.hardware.gpus:
                 where = "unified memory" if self.hardware.unified_memory else "RAM and VRAM together"
                 self.tried[-1] = replace(c, reason=f"needs {format_size(c.need_bytes)} at least, "
@@ -380,14 +387,22 @@ class _EntryPlanner:
             return None
         for placement in placements:
             for ctx in ctxs:
-                for kv in KV_TYPES:
+                for kv, repack in self.kv_rungs():
                     if placement == "partial":
-                        c = self.max_layers(ctx, kv)
+                        c = self.max_layers(ctx, kv, repack)
                     else:
-                        c = self.evaluate(placement, self.settings(placement, ctx, kv))
+                        c = self.evaluate(placement, self.settings(placement, ctx, kv, repack=repack))
                     if c.fits:
                         return c
         return None
+
+    def kv_rungs(self) -> list[tuple[str, bool]]:
+        """(KV type, repack) in order: f16, q8_0, then q8_0 without the CPU repack copy of the weights (llama.cpp
+        --no-repack), when this CPU would repack some of this model's weights."""
+        rungs = [(kv, True) for kv in KV_TYPES]
+        if self.repacks:
+            rungs.append((KV_TYPES[-1], False))
+        return rungs
 
 
 # ---------------------------------------------------------------------------------------------------------- select
@@ -400,7 +415,7 @@ def _ctx_share(c: Candidate) -> float:
 def _quality_key(c: Candidate) -> tuple:
     """Placement class, then model size, then context kept, then quant, then chat over base, f16 KV, layers."""
     return (-PLACEMENTS.index(c.placement), c.entry.params_b, _ctx_share(c), quant_rank(c.entry.quant),
-            c.entry.chat, c.settings.type_k == "f16", c.settings.n_gpu_layers)
+            c.entry.chat, c.settings.type_k == "f16", c.settings.repack, c.settings.n_gpu_layers)
 
 
 def _speed_key(c: Candidate) -> tuple:
@@ -549,7 +564,7 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
         notes.extend(_chosen_notes(chosen, hardware, prefs))
     if hardware.memory_bandwidth_gbps is None:
         notes.append(f"host memory bandwidth unknown: assumed {speedmod.DEFAULT_HOST_BANDWIDTH_GBPS:g} GB/s "
-                     "(`llmrun hardware --measure` measures it)")
+                     "(`llmrun probe` measures it once)")
     for name, spec in specs.items():
         if name != "CPU" and spec.source == "default":
             notes.append(f"{spec.label} is not in configs/gpus.toml: assumed {spec.bandwidth_gbps:g} GB/s")
@@ -583,6 +598,12 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
                      "quality degrades past it")
     if c.settings.type_k != "f16":
         notes.append(f"KV cache quantized to {c.settings.type_k} (with flash attention) to fit")
+    if not c.settings.repack:
+        notes.append("weights are not repacked for this CPU (llama.cpp --no-repack) to fit: prompts run slower")
+    layout_bytes = sum(d.weights for d in c.estimate.devices) if c.estimate is not None else 0
+    if c.entry.size_bytes and layout_bytes and abs(layout_bytes / c.entry.size_bytes - 1) > 0.05:
+        notes.append(f"the estimate's tensor layout for {c.name} holds {_gb(layout_bytes)} of weights, the catalog "
+                     f"lists a {_gb(c.entry.size_bytes)} download: the pulled file's header settles it")
     if hardware.disk_free_bytes is not None and c.entry.size_bytes > hardware.disk_free_bytes:
         notes.append(f"download {_gb(c.entry.size_bytes)} is more than the {_gb(hardware.disk_free_bytes)} "
                      "free disk (unless already pulled)")
@@ -605,7 +626,7 @@ def require_fit(result: PlanResult) -> Candidate:
     hw = result.hardware
     have = f"{format_size(hw.ram_available_bytes)} RAM available"
     if hw.gpus:
-        have += " and " + ", ".join(f"{format_size(g.free_bytes)} free on GPU{g.index}" for g in hw.gpus)
+        have += " and " + ", ".join(f"{format_size(g.free_bytes)} free on {device_name(g)}" for g in hw.gpus)
     else:
         have += " and no GPU"
     small = smallest_requirement(result)
@@ -621,10 +642,11 @@ def require_fit(result: PlanResult) -> Candidate:
         ways.append("a smaller quant")
     ways += ["more RAM or GPU memory",
              "more hosts (`llmrun worker` on each, then `llmrun plan --workers host:port,...`)"]
+    extras = "" if small.settings.repack else ", no repack"
     raise DoesNotFitError(
-        f"nothing fits {hw.name} ({have}): the smallest option, {small.name} "
-        f"({PLACEMENT_LABEL[small.placement]}, {small.n_ctx} context, {small.settings.type_k} KV), needs "
-        f"{format_size(small.need_bytes)} ({_gb(small.need_bytes)}) — {small.reason}",
+        f"nothing fits {hw.name}: the smallest option, {small.name} ({PLACEMENT_LABEL[small.placement]}, "
+        f"{small.n_ctx} context, {small.settings.type_k} KV{extras}), needs {format_size(small.need_bytes)} "
+        f"({_gb(small.need_bytes)}); {hw.name} has {have}",
         hint="ways out: " + "; ".join(ways))
 
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import click
 
-from runner.cli.common import (apply_workers, hardware_options, json_option, print_json, resolve_hardware,
-                               workers_options)
+from runner.cli.common import apply_workers, hardware_options, json_option, print_json, workers_options
+
+
+def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
+    """Like common.resolve_hardware, but never measures bandwidth (the plan must stay instant): the probe uses
+    its cached figure, if any."""
+    from runner import hardware as hw
+    from runner.units import parse_size
+
+    profile = hw.load_profile(hardware) if hardware else hw.probe(measure=False)
+    if gpus or ram:
+        profile = hw.with_overrides(profile, gpus=[parse_size(g, what="--gpu") for g in gpus] or None,
+                                    ram=parse_size(ram, what="--ram") if ram else None)
+    return profile
 
 
 @click.command("plan")
@@ -37,8 +49,8 @@ def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: 
         model=model, family=family, n_ctx=ctx_tokens, prefer=prefer,
         max_download_bytes=parse_size(max_download, what="--max-download") if max_download else None,
         license_open=license_ == "open", n_parallel=parallel)
-    profile = apply_workers(resolve_hardware(hardware, gpus, ram), workers, network)
-    result = make_plan(profile, prefs)
+    profile = apply_workers(plan_hardware(hardware, gpus, ram), workers, network)
+    result = make_plan(profile, prefs, exhaustive=show_all)
     if as_json:
         data = result.to_dict()
         if result.chosen is None:
@@ -72,16 +84,20 @@ def _config(c) -> str:
         parts[0] += f" ({s.n_gpu_layers}/{n_layer + 1} layers on GPU)"
     parts.append(f"ctx {c.n_ctx}" + (f" ×{s.n_parallel}" if s.n_parallel > 1 else ""))
     parts.append(f"KV {s.type_k}")
+    if not s.repack:
+        parts.append("no repack")
     return ", ".join(parts)
 
 
-def summarize(rejected) -> list[tuple[str, str, str, bool]]:
+def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
     """At most three rows per model: the quant closest to fitting among those that do not fit, the best of
     those that fit but ranked lower, and the count of those not estimated. (label, configuration, reason, dim)"""
     from runner.catalog import quant_rank
 
     by_model: dict[str, list] = {}
     for c in rejected:
+        if chosen is not None and c.entry == chosen.entry:
+            continue  # the chosen entry's richer configurations that did not fit: --all shows them
         by_model.setdefault(c.entry.model, []).append(c)
     rows = []
     for model, cands in by_model.items():
@@ -140,7 +156,8 @@ def render(result, *, show_all: bool = False) -> None:
             f", split {' / '.join(f'{x:.0%}' for x in s.tensor_split)}" if s.tensor_split else ""))
         table.add_row("n_gpu_layers", f"{s.n_gpu_layers} of {c.entry.shape.n_layer + 1} (output layer counts as one)")
         table.add_row("context", f"{c.n_ctx} tokens" + (f" × {s.n_parallel} sequences" if s.n_parallel > 1 else ""))
-        table.add_row("KV cache", f"{s.type_k}" + (" with flash attention" if s.flash_attn else ""))
+        table.add_row("KV cache", f"{s.type_k}" + (" with flash attention" if s.flash_attn else "")
+                      + ("" if s.repack else "; weights not repacked (--no-repack)"))
         if c.entry.shape.is_moe:
             table.add_row("experts", ("in host RAM" if s.experts_on_cpu else "with their layers") +
                           f" ({c.entry.shape.n_expert_used} of {c.entry.shape.n_expert} used per token)")
@@ -171,13 +188,13 @@ def render(result, *, show_all: bool = False) -> None:
         caps = capacities(hw)
         for dev in c.estimate.devices:
             cells = [format_size(sum(int(getattr(dev, k, 0)) for k in keys)) for _, keys in cols]
-            mem.add_row(dev.name, *cells, format_size(caps.get(dev.name, 0)))
+            mem.add_row(dev.device, *cells, format_size(caps.get(dev.device, 0)))
         con.print(mem)
     if show_all:
         ordered = sorted(result.rejected, key=lambda r: (r.entry.model, -quant_rank(r.entry.quant)))
         rows = [(r.name, _config(r) if r.estimate is not None else "—", r.reason, r.fits) for r in ordered]
     else:
-        rows = summarize(result.rejected)
+        rows = summarize(result.rejected, result.chosen)
     if rows:
         rt = Table(title="not chosen" + ("" if show_all else " (per model: closest to fitting, best that fits; "
                                          "--all lists every configuration)"), title_justify="left")
