@@ -412,9 +412,18 @@ def _ctx_share(c: Candidate) -> float:
     return min(1.0, c.n_ctx / wanted) if wanted else 1.0
 
 
+def _placement_class(c: Candidate) -> int:
+    # cluster: with RPC workers and no local GPU in use, full and partial "offload" both put layers in (remote)
+    # CPU memory and run at CPU speed alike: one class, so the better quant wins over offloading everything
+    if c.placement == "partial" and c.settings.rpc_servers and c.estimate is not None and \
+            not any(d.device.startswith("GPU") for d in _devices(c.estimate)):
+        return -PLACEMENTS.index("gpu")
+    return -PLACEMENTS.index(c.placement)
+
+
 def _quality_key(c: Candidate) -> tuple:
     """Placement class, then model size, then context kept, then quant, then chat over base, f16 KV, layers."""
-    return (-PLACEMENTS.index(c.placement), c.entry.params_b, _ctx_share(c), quant_rank(c.entry.quant),
+    return (_placement_class(c), c.entry.params_b, _ctx_share(c), quant_rank(c.entry.quant),
             c.entry.chat, c.settings.type_k == "f16", c.settings.repack, c.settings.n_gpu_layers)
 
 

@@ -134,13 +134,16 @@ def render(result, *, show_all: bool = False) -> None:
 
     con = Console()
     hw = result.hardware
-    names = [g.name for g in hw.gpus]
+    from rich.markup import escape
+
+    names = [escape(g.name) for g in hw.gpus]  # "RPC[host:port]" is not rich markup
     if len(hw.gpus) > 2 and len(set(names)) == 1:
         gpus = f"{len(hw.gpus)}× {names[0]} ({format_size(min(g.free_bytes for g in hw.gpus))}+ free each)"
     else:
         from runner.plan import device_name
 
-        gpus = ", ".join(f"{device_name(g)} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
+        gpus = ", ".join(f"{device_name(g)} {escape(g.name)} ({format_size(g.free_bytes)} free)"
+                         for g in hw.gpus) or "no GPU"
     con.print(f"[bold]Plan for {hw.name}[/]: {hw.cpu.model}, {hw.cpu.threads} threads, "
               f"{format_size(hw.ram_available_bytes)} RAM available"
               f"{' (unified with the GPU)' if hw.unified_memory else ''}; {gpus}")
