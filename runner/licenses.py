@@ -26,19 +26,13 @@ class LicenceTerms:
 
 
 def terms(entry: CatalogEntry) -> LicenceTerms:
-    """The licence facts of an entry, read from its openness card."""
-    card = getattr(entry, "card", None) or getattr(entry, "openness", None)
-    if card is None:  # no card: nothing to accept beyond the licence named in the catalog
-        return LicenceTerms(entry.license, entry.license, None, (), False)
-    lic = getattr(card, "license", None) or card
-    key = getattr(lic, "spdx", None) or getattr(lic, "id", None) or entry.license
-    name = getattr(lic, "name", None) or entry.license
-    link = getattr(lic, "url", None) or getattr(lic, "link", None)
-    restrictions = tuple(getattr(card, "restrictions", None) or getattr(lic, "restrictions", None) or ())
-    requires = getattr(card, "requires_acceptance", None)
-    if requires is None:
-        requires = not bool(getattr(card, "osi_approved", getattr(lic, "osi_approved", True)))
-    return LicenceTerms(str(key), str(name), link, restrictions, bool(requires))
+    """The licence facts of an entry, from its openness card (an entry without a card must be accepted, like the
+    catalog's `requires_acceptance` says)."""
+    card = entry.card
+    if card is None:
+        return LicenceTerms(entry.license, entry.license, None, (), entry.requires_acceptance)
+    return LicenceTerms(card.license, card.license_name, card.license_url, tuple(card.restrictions),
+                        entry.requires_acceptance)
 
 
 def _path() -> Path:

@@ -296,9 +296,7 @@ def list_local(entries: Iterable[CatalogEntry] | None = None) -> list[LocalModel
 def _catalog_entries() -> list[CatalogEntry]:
     from runner.catalog import load_catalog
 
-    cat = load_catalog()
-    entries = getattr(cat, "entries", None)
-    return list(entries.values() if isinstance(entries, dict) else entries if entries is not None else cat)
+    return list(load_catalog())
 
 
 def _resolve(name_or_entry: str | CatalogEntry) -> CatalogEntry:

@@ -13,6 +13,7 @@ The server stops when the test's `with` block ends (and by itself after `lifetim
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -22,6 +23,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from runner.catalog import CatalogEntry, ModelFile, OpennessCard
+from runner.shapes import ModelShape
 
 
 @dataclass
@@ -228,3 +232,43 @@ def make_gguf(path: Path, n_floats: int, *, seed: int = 0, arch: str = "llama") 
     w.write_tensors_to_file()
     w.close()
     return Path(path).read_bytes()
+
+
+# ------------------------------------------------------------------------------------ catalog entries for tests
+
+APACHE = OpennessCard(model="test", license="Apache-2.0", license_name="Apache License 2.0", spdx="Apache-2.0",
+                      license_url="https://www.apache.org/licenses/LICENSE-2.0", osi_approved=True,
+                      commercial_use=True, restrictions=(), training_data_disclosed=False,
+                      training_code_published=False, publisher="test", released=datetime.date(2024, 1, 1))
+LLAMA2 = OpennessCard(model="llama-2-7b-chat", license="llama2", license_name="Llama 2 Community License Agreement",
+                      spdx=None, license_url="https://ai.meta.com/llama/license/", osi_approved=False,
+                      commercial_use=True,
+                      restrictions=("a separate licence above 700 million monthly active users",
+                                    "outputs may not be used to improve other large language models"),
+                      training_data_disclosed=False, training_code_published=False, publisher="Meta",
+                      released=datetime.date(2023, 7, 18))
+SHAPE = ModelShape(arch="llama", n_layer=1, n_embd=8, n_head=1, n_head_kv=1, n_ff=8, n_vocab=8, n_ctx_train=64)
+
+
+def entry(name: str, repo: str, files: dict[str, bytes], *, layout: str = "single", revision: str | None = None,
+          with_sha: bool = True, local_file: str | None = None, card: OpennessCard = APACHE,
+          sha_override: dict[str, str] | None = None) -> CatalogEntry:
+    sha_override = sha_override or {}
+    mfiles = tuple(ModelFile(n, len(d), sha_override.get(n) or (hashlib.sha256(d).hexdigest() if with_sha else None))
+                   for n, d in files.items())
+    e = CatalogEntry(name=name, model=name.split(":")[0], quant=name.split(":")[-1], family="test", params_b=0.001,
+                     shape=SHAPE, source="hf", repo=repo, revision=revision, files=mfiles, layout=layout,
+                     size_bytes=sum(len(d) for d in files.values()), size_exact=True, chat=True, license=card.license,
+                     local_file=local_file, card=card)
+    return e
+
+
+def use_hub(hub: FakeHub, monkeypatch, tmp_path: Path) -> None:
+    """Point llmrun (and the hub client) at `hub`, with a private hub cache and no token or offline mode."""
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from runner import fetch, settings, store
-from runner.catalog import CatalogEntry, ModelFile
 from runner.errors import (
     ChecksumMismatchError,
     DiskSpaceError,
@@ -21,37 +20,12 @@ from runner.errors import (
     ModelNotLocalError,
     RemoteNotFoundError,
 )
-from runner.shapes import ModelShape
-from tests.fakehub import FakeHub, make_gguf
-
-SHAPE = ModelShape(arch="llama", n_layer=1, n_embd=8, n_head=1, n_head_kv=1, n_ff=8, n_vocab=8, n_ctx_train=64)
-
-
-def entry(name: str, repo: str, files: dict[str, bytes], *, layout: str = "single", revision: str | None = None,
-          with_sha: bool = True, local_file: str | None = None, license: str = "Apache-2.0", card=None,
-          sha_override: dict[str, str] | None = None) -> CatalogEntry:
-    sha_override = sha_override or {}
-    mfiles = tuple(ModelFile(n, len(d), sha_override.get(n) or (hashlib.sha256(d).hexdigest() if with_sha else None))
-                   for n, d in files.items())
-    e = CatalogEntry(name=name, model=name.split(":")[0], quant=name.split(":")[-1], family="test", params_b=0.001,
-                     shape=SHAPE, source="hf", repo=repo, revision=revision, files=mfiles, layout=layout,
-                     size_bytes=sum(len(d) for d in files.values()), size_exact=True, chat=True, license=license,
-                     local_file=local_file)
-    if card is not None:
-        object.__setattr__(e, "card", card)
-    return e
-
+from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hfc
-
     with FakeHub() as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)
+        use_hub(h, monkeypatch, tmp_path)
         yield h
 
 
@@ -404,25 +378,10 @@ def test_remove_frees_the_space_and_unknown_is_clear(hub, ggufs, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- licence acceptance
 
-class _Lic:
-    name = "Llama 2 Community License Agreement"
-    spdx = None
-    id = "llama2"
-    url = "https://ai.meta.com/llama/license/"
-
-
-class _Card:
-    license = _Lic()
-    osi_approved = False
-    requires_acceptance = True
-    restrictions = ("a separate licence above 700 million monthly active users",
-                    "outputs may not be used to improve other large language models")
-
-
 def _llama(hub, ggufs):
     repo = hub.add_repo("TheBloke/Llama-2-7B-Chat-GGUF", {"llama-2-7b-chat.Q4_K_M.gguf": ggufs["a"]})
     return entry("llama-2-7b-chat:Q4_K_M", "TheBloke/Llama-2-7B-Chat-GGUF",
-                 {"llama-2-7b-chat.Q4_K_M.gguf": ggufs["a"]}, revision=repo.commit, license="llama2", card=_Card())
+                 {"llama-2-7b-chat.Q4_K_M.gguf": ggufs["a"]}, revision=repo.commit, card=LLAMA2)
 
 
 def test_licence_absent_non_interactive_downloads_nothing(hub, ggufs, tmp_path):

