@@ -184,7 +184,8 @@ def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> N
     need: dict[Path, int] = {}
     for name in missing:
         rf = remote[name]
-        have = _partial_size(entry, rf)
+        blob = store.repo_storage(entry) / "blobs" / rf.sha256
+        have = rf.size if blob.exists() else _partial_size(entry, rf)
         _add(need, store.repo_storage(entry), rf.size - have)
     if entry.layout == "byte-split":
         _add(need, settings.models_dir(), sum(_file_size(entry, f, remote, cached) for f in entry.files))
@@ -319,20 +320,25 @@ class _HashingWriter:
 def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -> Path:
     """Fetch one file into the hub cache (resuming a partial), verify its sha256, and return its snapshot path."""
     from filelock import FileLock
-    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    cache_dir = settings.hf_cache_dir()
     blob = store.repo_storage(entry) / "blobs" / rf.sha256
     partial = _partial_path(entry, rf)
     partial.parent.mkdir(parents=True, exist_ok=True)
     revision = entry.revision or "main"
     if not blob.exists():
         with FileLock(str(partial) + ".lock"):
+            if blob.exists():  # another pull finished it while we waited for the lock
+                return _link(entry, rf, blob, revision, progress=progress)
             if partial.exists() and partial.stat().st_size > rf.size:
                 partial.unlink()
             resume = partial.stat().st_size if partial.exists() else 0
+            if resume == 0 and rf.size > constants.MAX_HTTP_DOWNLOAD_SIZE:
+                raise FetchError(f"{entry.name}: {rf.name} is {format_size(rf.size)}, more than the hub serves over "
+                                 "plain HTTP in one file", hint="download it with `hf download` (Xet), or pick a "
+                                 "quant stored as shards or parts")
             url = hf_hub_url(entry.repo, rf.name, revision=commit, endpoint=hub_endpoint())
             try:
                 with open(partial, "ab") as f:
@@ -356,14 +362,21 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
             blob.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, blob)
         store.mark_verified(blob, rf.sha256)
+    return _link(entry, rf, blob, revision, progress=progress)
+
+
+def _link(entry: CatalogEntry, rf: RemoteFile, blob: Path, revision: str, *, progress: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+
     try:  # the blob is in place: the client links it into its snapshot (and records the ref) without downloading
-        pointer = hf_hub_download(entry.repo, rf.name, revision=revision, cache_dir=str(cache_dir),
+        pointer = hf_hub_download(entry.repo, rf.name, revision=revision, cache_dir=str(settings.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
     except _hub_errors() as e:
         raise _translate(e, entry, revision, rf.name) from e
     pointer = Path(pointer)
-    if Path(os.path.realpath(pointer)) != blob.resolve():  # the hub served another etag than model info said
-        store.verify_file(pointer, rf.sha256, label=f"{entry.name}: {rf.name}", progress=progress)
+    # free when the blob carries its mark; hashes a blob another tool put in the cache, or one the client fetched
+    # itself because the hub's etag differed from the model info
+    store.verify_file(pointer, rf.sha256, label=f"{entry.name}: {rf.name}", progress=progress)
     return pointer
 
 

@@ -223,12 +223,20 @@ def read_sidecar(joined: Path) -> dict | None:
 
 
 def cached_hub_file(entry: CatalogEntry, filename: str) -> Path | None:
-    """The snapshot path of one repo file in the hub cache at the entry's revision, or None (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(entry.repo, filename, cache_dir=str(settings.hf_cache_dir()),
-                                   revision=entry.revision or "main")
-    return Path(found) if isinstance(found, str) else None
+    """The snapshot path of one repo file in the hub cache at the entry's revision, or None. No network and no
+    huggingface_hub import: it reads the cache's documented layout (refs/REVISION -> snapshots/COMMIT/FILE), as
+    huggingface_hub.try_to_load_from_cache does."""
+    storage = repo_storage(entry)
+    revision = entry.revision or "main"
+    ref = storage / "refs" / revision
+    commit = revision
+    if ref.is_file():
+        try:
+            commit = ref.read_text().strip() or revision
+        except OSError:
+            return None
+    p = storage / "snapshots" / commit / filename
+    return p if p.is_file() else None
 
 
 def expected_sha256(entry: CatalogEntry, filename: str, path: Path | None = None) -> str | None:

@@ -61,6 +61,7 @@ def test_plain_pull_goes_into_the_hub_cache_verified_and_pinned(hub, ggufs, tmp_
     assert fetch.ensure_local(e, progress=False) == lm.path
     assert len(hub.requests) == n
     assert [m.name for m in store.list_local([e])] == ["tiny:Q4_0"]
+    assert fetch.hub_reachable(timeout=2) is True
 
 
 def test_unpinned_entry_uses_main_and_sha_from_the_hub(hub, ggufs):

@@ -59,9 +59,9 @@ def list_(available: bool, as_json: bool) -> None:
                          "local": e.name in local} for e in catalog])
             return
         rows = [[e.name, ("" if e.size_exact else "~") + format_size(e.size_bytes), e.license,
-                 "open" if e.license_open else "accept first", "local" if e.name in local else ""]
+                 "open source" if e.license_open else "accept first", "local" if e.name in local else ""]
                 for e in catalog]
-        click.echo(_table(rows, ["NAME", "SIZE", "LICENCE", "", "LOCAL"]))
+        click.echo(_table(rows, ["NAME", "SIZE", "LICENCE", "TERMS", "LOCAL"]))
         return
     if as_json:
         print_json([_local_dict(lm) for lm in local.values()])
