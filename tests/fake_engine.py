@@ -56,6 +56,7 @@ class FakeGeneration:
         with e._lock:
             e._queued -= 1
             e._busy += 1
+            e.max_busy = max(e.max_busy, e._busy)
         t0 = time.perf_counter()
         ttft = 0.0
         text, n, reason, error = "", 0, "stop", None
@@ -160,6 +161,7 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._busy = 0
         self._queued = 0
+        self.max_busy = 0                 # most slots ever busy at once
         self.tokens_in = 0
         self.tokens_out = 0
         self.generations: list[FakeGeneration] = []
