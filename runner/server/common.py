@@ -80,13 +80,19 @@ async def start_run(request: Request, native: NativeRequest) -> Run:
     return run
 
 
+def notice_headers(run: Run) -> dict[str, str]:
+    """Never truncate silently: when the engine left old chat turns out to fit the context, say so."""
+    notice = run.notice
+    return {"X-Llmrun-Notice": notice.encode("ascii", "replace").decode()} if notice else {}
+
+
 class RunStream(StreamingResponse):
     """A streaming response that closes its Run however the response ends (finished, client gone, error):
     an unfinished generation is cancelled and its slot freed."""
 
     def __init__(self, run: Run, content, media_type: str):
-        super().__init__(content, media_type=media_type,
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(content, media_type=media_type, headers=notice_headers(run) | {
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

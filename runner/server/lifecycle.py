@@ -5,7 +5,9 @@ period, close the engine, exit."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from typing import Callable
 
 from runner.errors import ServerError
@@ -67,9 +69,19 @@ def serve(config: ServerConfig, loader: Callable, *, sock: socket.socket | None 
     holder["server"] = server
     if on_listening:
         on_listening(sock.getsockname()[1])
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found;
+    # make those record it, so a requested stop ends with exit status 0 instead of death by signal.
+    stopped_by: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda n, _f: stopped_by.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if failures:
         raise failures[0]
+    if stopped_by:
+        logging.getLogger("llmrun.server").info("stopped (%s)", signal.Signals(stopped_by[0]).name)

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from starlette.requests import Request
 
 from runner.engine.types import ChatMessage, Completion, Engine, SamplingParams
-from runner.errors import LlmrunError, UsageError
+from runner.errors import ContextOverflowError, LlmrunError, UsageError
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 
@@ -110,6 +110,11 @@ class Run:
         self._closed = False
         self._last = self.t0
 
+    @property
+    def notice(self) -> str | None:
+        """What the engine had to do to fit the request (e.g. oldest chat turns left out), if anything."""
+        return getattr(self.generation, "notice", None)
+
     async def start(self) -> None:
         self.gate.enter()
         try:
@@ -126,7 +131,10 @@ class Run:
                 await self._finish()
         except LlmrunError as e:
             await self.close()
-            raise from_llmrun(e, param="messages" if self.request.messages is not None else "prompt") from e
+            param = None
+            if isinstance(e, ContextOverflowError):
+                param = "messages" if self.request.messages is not None else "prompt"
+            raise from_llmrun(e, param=param) from e
         except BaseException:
             await self.close()
             raise

@@ -11,12 +11,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner import __version__
 from runner.engine.types import ChatMessage
 from runner.errors import UsageError
-from runner.server.common import RunStream, sampling, start_run, state_of
+from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
 
@@ -29,7 +30,7 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
     temperature: float | None = Field(default=None, ge=0, le=100)
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, ge=0, le=10)
@@ -133,8 +134,9 @@ async def _answer(request: Request, native: NativeRequest, stream: bool, model: 
     run = await start_run(request, native)
     if not stream:
         text = await run.collect()
-        return {"model": model, "created_at": _now(), **shape(text), "done": True,
-                "done_reason": _done_reason(run), **_final_stats(run, t_start)}
+        return JSONResponse({"model": model, "created_at": _now(), **shape(text), "done": True,
+                             "done_reason": _done_reason(run), **_final_stats(run, t_start)},
+                            headers=notice_headers(run))
 
     async def lines():
         try:

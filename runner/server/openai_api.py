@@ -9,11 +9,12 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner.engine.types import ChatMessage
 from runner.errors import UsageError
-from runner.server.common import RunStream, sampling, start_run, state_of
+from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
 
@@ -58,7 +59,7 @@ class _Sampling(_Strict):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=2 ** 31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)          # llama.cpp extension
     min_p: float | None = Field(default=None, ge=0, le=1)                  # llama.cpp extension
     repeat_penalty: float | None = Field(default=None, ge=0, le=10)        # llama.cpp extension
@@ -194,12 +195,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     if not body.stream:
         text = await run.collect()
-        return {
+        return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": _finish_reason(run)}],
             "usage": _usage(run), "system_fingerprint": "llmrun",
-        }
+        }, headers=notice_headers(run))
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
