@@ -295,3 +295,22 @@ def load_engine(model_path, settings, **kwargs):
 
         return local(model_path, settings, **kwargs)
     return IsolatedEngine(model_path, settings, **kwargs)
+
+
+def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: int | None = None,
+                        n_parallel: int = 1, n_threads: int | None = None, **resolve_kwargs):
+    """`chat`/`serve --workers`: what to load and how. A catalog name (or none) is planned over `profile`
+    (local devices + workers, runner.launch.resolve_model), so the plan's split and RPC servers are kept; a GGUF
+    path gets every layer split over the devices in proportion to their free memory. Returns a
+    runner.launch.Launch whose settings name the workers; load it with `load_engine` below."""
+    from runner import launch
+
+    resolved = launch.resolve_model(model, hardware=lambda: profile, n_ctx=n_ctx, n_parallel=n_parallel,
+                                    **resolve_kwargs)
+    settings = resolved.settings
+    if not settings.rpc_servers:
+        settings = split_over_workers(settings, profile)
+    if n_threads:
+        settings = dataclasses.replace(settings, n_threads=n_threads)
+    return dataclasses.replace(resolved, settings=settings,
+                               summary=resolved.summary + f", over {len(settings.rpc_servers)} RPC worker(s)")

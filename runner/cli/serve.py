@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from runner.cli.common import hardware_options
+from runner.cli.common import apply_workers, hardware_options, resolve_hardware, workers_options
 from runner.errors import UsageError
 
 QUANT_RE = re.compile(r"(?i)\b(IQ\d_[A-Z0-9_]+|Q\d_K(?:_[SML])?|Q\d_\d|Q\d_K|F16|BF16|F32|Q8_0)\b")
@@ -63,8 +63,9 @@ def resolve_model_path(model: str | None, hardware, gpus, ram) -> tuple[Path, st
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @hardware_options
+@workers_options
 def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, grace, log_level,
-          hardware, gpus, ram):
+          hardware, gpus, ram, workers, network):
     """Serve a model over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API."""
     from runner.estimate import RunSettings
     from runner.server import ServerConfig
@@ -74,12 +75,20 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
                           grace_seconds=grace)
-    path, default_name = resolve_model_path(model, hardware, gpus, ram)
+    if workers:  # cluster: plan over local devices + RPC workers; the engine then runs in a child process
+        from runner.cluster import launch_with_workers
+
+        launched = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
+                                       n_ctx=ctx, n_parallel=parallel, n_threads=threads)
+        path, default_name, settings = Path(launched.path), launched.name, launched.settings
+        click.echo(launched.summary, err=True)
+    else:
+        path, default_name = resolve_model_path(model, hardware, gpus, ram)
+        settings = RunSettings(n_ctx=ctx * parallel, n_parallel=parallel, n_threads=threads)
     served_name = name or default_name
-    settings = RunSettings(n_ctx=ctx * parallel, n_parallel=parallel, n_threads=threads)
 
     def loader():
-        from runner.engine import load_engine
+        from runner.cluster import load_engine  # in process, or isolated from llama.cpp's abort with workers
 
         engine = load_engine(path, settings, model_name=served_name, n_parallel=parallel, threads=threads)
         return engine, model_card(path, served_name)
