@@ -95,21 +95,33 @@ def parse_workers(text: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_worker_specs(text: str | Iterable[str] | None) -> tuple[tuple[str, int | None], ...]:
-    """Like parse_workers, but each entry may end in '=SIZE' ('h2:50052=60GiB'): plan with that much free
-    memory on the worker instead of asking it (planning for machines you do not have yet)."""
+@dataclass(frozen=True)
+class WorkerSpec:
+    endpoint: str
+    assumed_bytes: int | None = None   # '=SIZE': plan with this much free memory, without asking the worker
+    kind: str | None = None            # '@GPU NAME': what the device is (the protocol does not say), for speed
+
+
+def parse_worker_specs(text: str | Iterable[str] | None) -> tuple[WorkerSpec, ...]:
+    """Like parse_workers, but each entry is HOST:PORT[=SIZE][@KIND]: '=60GiB' plans with that much free memory
+    without asking the worker (machines you do not have yet); '@A100-SXM4-80GB' says the worker serves that
+    GPU (a name from configs/gpus.toml), so the speed prediction uses its bandwidth instead of assuming a CPU
+    worker like this host."""
     from runner.units import parse_size
 
     if not text:
         return ()
     parts = [text] if isinstance(text, str) else list(text)
     items = [p.strip() for part in parts for p in part.split(",") if p.strip()]
-    sizes: dict[str, int | None] = {}
-    endpoints = parse_workers([i.partition("=")[0] for i in items])
+    out = []
+    endpoints = parse_workers([i.partition("@")[0].partition("=")[0] for i in items])
     for ep, item in zip(endpoints, items):
-        _, eq, size = item.partition("=")
-        sizes[ep] = parse_size(size, what=f"--workers {item}") if eq else None
-    return tuple(sizes.items())
+        rest, _, kind = item.partition("@")
+        _, eq, size = rest.partition("=")
+        if "@" in item and not kind.strip():
+            raise UsageError(f"--workers {item}: nothing after '@'", hint="name the GPU, e.g. @A100-SXM4-80GB")
+        out.append(WorkerSpec(ep, parse_size(size, what=f"--workers {item}") if eq else None, kind.strip() or None))
+    return tuple(out)
 
 
 def assumed_worker(endpoint: str, size: int) -> rpc.WorkerInfo:
@@ -120,17 +132,18 @@ def assumed_worker(endpoint: str, size: int) -> rpc.WorkerInfo:
 def profile_from_options(profile: HardwareProfile, workers: str | Iterable[str] | None,
                          network: str | None = None) -> HardwareProfile:
     """What `--workers` and `--network` make of a profile (the CLI's one call)."""
-    specs = parse_worker_specs(workers)
+    specs = {w.endpoint: w for w in parse_worker_specs(workers)}
     if not specs:
         if network:
             raise UsageError("--network only matters with --workers")
         return profile
-    sizes = dict(specs)
 
     def probe(ep: str) -> rpc.WorkerInfo:
-        return assumed_worker(ep, sizes[ep]) if sizes[ep] is not None else rpc.probe(ep)
+        size = specs[ep].assumed_bytes
+        return assumed_worker(ep, size) if size is not None else rpc.probe(ep)
 
-    return profile_with_workers(profile, [ep for ep, _ in specs], network=Network.parse(network), probe=probe)
+    return profile_with_workers(profile, list(specs), network=Network.parse(network), probe=probe,
+                                kinds={ep: w.kind for ep, w in specs.items() if w.kind})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,7 +151,8 @@ def profile_from_options(profile: HardwareProfile, workers: str | Iterable[str] 
 
 
 def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, network: Network | None = None,
-                         probe: Callable[[str], rpc.WorkerInfo] = rpc.probe) -> HardwareProfile:
+                         probe: Callable[[str], rpc.WorkerInfo] = rpc.probe,
+                         kinds: dict[str, str] | None = None) -> HardwareProfile:
     """`profile` plus one GPU entry per remote device (vendor "rpc", name "RPC[host:port]", index 0.. among the
     remote ones), in the order llama.cpp uses devices: remote first, in the order given, then the local GPUs
     (so a plan's tensor_split lines up with llama.cpp's device list). Raises
@@ -152,6 +166,8 @@ def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, 
             raise ClusterError(f"RPC worker {ep} offers no device")
         for dev in info.devices:
             name = f"RPC[{ep}]" if len(info.devices) == 1 else f"RPC[{ep}]#{dev.index}"
+            if kinds and kinds.get(ep):
+                name += f" {kinds[ep]}"       # the speed prediction looks the GPU up by name
             remote.append(GPU(index=len(remote), name=name, total_bytes=dev.total_bytes, free_bytes=dev.free_bytes,
                               vendor="rpc", endpoint=ep, link_gbps=network.gbps, link_rtt_s=network.rtt_s))
         if info.rtt_s:
@@ -313,4 +329,5 @@ def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: i
     if n_threads:
         settings = dataclasses.replace(settings, n_threads=n_threads)
     return dataclasses.replace(resolved, settings=settings,
-                               summary=resolved.summary + f", over {len(settings.rpc_servers)} RPC worker(s)")
+                               summary=resolved.summary.removesuffix(", CPU") +
+                               f", split over {len(settings.rpc_servers)} RPC worker(s)")

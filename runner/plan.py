@@ -308,9 +308,14 @@ class _EntryPlanner:
             cpu = specs["CPU"]
             specs = {**specs, "CPU": replace(cpu, tflops=cpu.tflops * NO_REPACK_PROMPT_FACTOR)}
         # cluster: every token crosses the network to and from each RPC worker that holds layers
-        network_s = speedmod.network_seconds(
-            self.hardware, {d.device: d.n_layers for d in _devices(memory) if d.device.startswith("RPC")},
-            n_embd=shape.n_embd, n_parallel=settings.n_parallel, moe=shape.is_moe)
+        network_s = 0.0
+        if settings.rpc_servers:
+            from runner.estimate import layer_devices
+
+            _, out_dev, _ = layer_devices(shape.n_layer, settings, len(local_gpus(self.hardware)), self.memo.gpu_free)
+            network_s = speedmod.network_seconds(
+                self.hardware, {d.device: d.n_layers for d in _devices(memory) if d.device.startswith("RPC")},
+                n_embd=shape.n_embd, n_vocab=shape.n_vocab, output_device=out_dev, n_parallel=settings.n_parallel)
         return speedmod.predict(flows, self.hardware, at_tokens=at, n_parallel=settings.n_parallel,
                                 n_ubatch=settings.n_ubatch, specs=specs, network_s=network_s)
 

@@ -133,12 +133,16 @@ def device_specs(hardware: HardwareProfile) -> dict[str, DeviceSpec]:
     specs = {"CPU": DeviceSpec("CPU", hardware.cpu.model, bw, cpu_gflops(hardware.cpu) / 1000.0,
                                CPU_DECODE_EFFICIENCY, src)}
     for g in hardware.gpus:
-        if g.vendor == "rpc":
-            # cluster: the RPC protocol tells a worker's memory, not what it is; assume a CPU worker like this host
-            specs[f"RPC{g.index}"] = DeviceSpec(f"RPC{g.index}", g.name, bw, specs["CPU"].tflops,
-                                                CPU_DECODE_EFFICIENCY, "assumed like this host")
-            continue
         gbw, tf, known = gpu_spec(g.name)
+        if g.vendor == "rpc":
+            # cluster: the RPC protocol tells a worker's memory, not what it is: a GPU named with
+            # `--workers host:port@GPU` is looked up in the table, anything else is assumed a CPU like this host
+            specs[f"RPC{g.index}"] = (
+                DeviceSpec(f"RPC{g.index}", g.name, gbw, tf * GPU_PROMPT_EFFICIENCY["nvidia"],
+                           GPU_DECODE_EFFICIENCY["nvidia"], "table") if known else
+                DeviceSpec(f"RPC{g.index}", g.name, bw, specs["CPU"].tflops, CPU_DECODE_EFFICIENCY,
+                           "assumed like this host"))
+            continue
         vendor = g.vendor if g.vendor in GPU_DECODE_EFFICIENCY else "nvidia"
         specs[f"GPU{g.index}"] = DeviceSpec(f"GPU{g.index}", g.name, gbw, tf * GPU_PROMPT_EFFICIENCY[vendor],
                                             GPU_DECODE_EFFICIENCY[vendor], "table" if known else "default")
@@ -218,13 +222,14 @@ def traffic(*, weights: Mapping[str, int], kv_cache: Mapping[str, int], n_ctx: i
     return out
 
 
-def network_seconds(hardware: HardwareProfile, rpc_layers: Mapping[str, int], *, n_embd: int, n_parallel: int = 1,
-                    moe: bool = False) -> float:
+def network_seconds(hardware: HardwareProfile, rpc_layers: Mapping[str, int], *, n_embd: int, n_vocab: int = 0,
+                    output_device: str = "", n_parallel: int = 1) -> float:
     """cluster: seconds per decode step spent on the network with llama.cpp RPC workers. For each worker device
     that holds layers ("RPC<i>" → layer count), per step: the activations go there and come back (llama.cpp
-    copies between two workers through this host), 2 × n_embd × 4 bytes × sequences, plus the serialized graph
-    (about RPC_NODES_PER_LAYER nodes of RPC_TENSOR_BYTES per layer), plus RPC_ROUND_TRIPS_PER_STEP round trips.
-    Link speed and round trip come from the GPU entries (`llmrun plan --network`, default 1 Gb/s, 0.5 ms)."""
+    copies between two workers through this host), 2 × n_embd × 4 bytes per sequence; the graph commands,
+    RPC_BYTES_PER_LAYER per layer; the logits, n_vocab × 4 bytes per sequence, from the device holding the
+    output layer; and RPC_ROUND_TRIPS_PER_STEP round trips. Link speed and round trip come from the GPU
+    entries (`--network`, default 1 Gb/s and 0.5 ms)."""
     total = 0.0
     for g in hardware.gpus:
         name = f"RPC{g.index}"
@@ -232,19 +237,21 @@ def network_seconds(hardware: HardwareProfile, rpc_layers: Mapping[str, int], *,
             continue
         gbps = g.link_gbps or DEFAULT_LINK_GBPS
         rtt = g.link_rtt_s if g.link_rtt_s is not None else DEFAULT_LINK_RTT_S
-        nodes = rpc_layers[name] * (RPC_NODES_PER_LAYER_MOE if moe else RPC_NODES_PER_LAYER)
-        sent = 2 * n_embd * 4 * n_parallel + nodes * RPC_TENSOR_BYTES
+        sent = 2 * n_embd * 4 * n_parallel + rpc_layers[name] * RPC_BYTES_PER_LAYER
+        if name == output_device:
+            sent += n_vocab * 4 * n_parallel
         total += RPC_ROUND_TRIPS_PER_STEP * rtt + sent * 8 / (gbps * 1e9)
     return total
 
 
-# cluster: network assumptions for RPC workers (llama.cpp ggml-rpc protocol 7)
+# cluster: network assumptions for RPC workers (llama.cpp ggml-rpc protocol 7). Measured on loopback with
+# SmolLM2-135M split over two workers (15 layers each, `ss -ti` byte counters, 200 decoded tokens): each worker
+# received 9.2 KB per token (2.3 KB of activations + ~460 B of graph commands per layer) and sent back 2.3 KB of
+# activations, or 196 KB (the logits, 49152 × 4 B) from the worker holding the output layer.
 DEFAULT_LINK_GBPS = 1.0           # 1 Gb/s Ethernet
 DEFAULT_LINK_RTT_S = 0.0005       # 0.5 ms
-RPC_TENSOR_BYTES = 296            # sizeof(rpc_tensor) on the wire
-RPC_NODES_PER_LAYER = 40          # graph tensors serialized per transformer layer (nodes and their sources)
-RPC_NODES_PER_LAYER_MOE = 60
-RPC_ROUND_TRIPS_PER_STEP = 3      # set input, graph compute, get output (synchronous on a decode step)
+RPC_BYTES_PER_LAYER = 460
+RPC_ROUND_TRIPS_PER_STEP = 2      # inputs + graph sent asynchronously, then the result fetched synchronously
 
 
 def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, n_parallel: int = 1,

@@ -56,12 +56,19 @@ def test_network_cost_is_in_the_speed_prediction():
     slow = make_plan(four_hosts("0.1gbps,5ms"), Preferences(model="grok-1:Q4_K")).chosen
     assert fast.settings == slow.settings
     assert slow.speed.decode_tps < fast.speed.decode_tps
-    # per step: three round trips and the activations + graph to each of the 3 workers
+    # per step: two round trips and the activations + graph commands to each of the 3 workers, and the logits
+    # from the last one: llama.cpp offloads the output layer first, so even with 3 layers on the main host's CPU
+    # the output layer is on RPC2
     rpc_layers = {d.device: d.n_layers for d in slow.estimate.devices if d.device.startswith("RPC")}
-    net = speed.network_seconds(four_hosts("0.1gbps,5ms"), rpc_layers, n_embd=6144, moe=True)
-    assert net > 3 * 3 * 0.005
+    kw = dict(n_embd=6144, n_vocab=131072, output_device="RPC2")
+    net = speed.network_seconds(four_hosts("0.1gbps,5ms"), rpc_layers, **kw)
+    logits = 131072 * 4 * 8 / 0.1e9
+    assert net == pytest.approx(3 * (2 * 0.005 + (2 * 6144 * 4 + 21 * 460) * 8 / 0.1e9) + logits, rel=0.05)
     assert 1 / slow.speed.decode_tps - 1 / fast.speed.decode_tps == pytest.approx(
-        net - speed.network_seconds(four_hosts("100gbps,0.01ms"), rpc_layers, n_embd=6144, moe=True), rel=1e-6)
+        net - speed.network_seconds(four_hosts("100gbps,0.01ms"), rpc_layers, **kw), rel=1e-6)
+    without = speed.network_seconds(four_hosts("0.1gbps,5ms"), rpc_layers, n_embd=6144, n_vocab=131072,
+                                    output_device="CPU")
+    assert net - without == pytest.approx(logits)
 
 
 def test_rpc_devices_come_first_in_the_split_as_in_llama_cpp():
