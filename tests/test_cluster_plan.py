@@ -127,3 +127,18 @@ def test_plan_command_names_an_unreachable_worker():
     assert r.returncode == 1
     assert f"RPC worker {ep} is unreachable" in r.stderr and "llmrun worker" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_worker_specs_and_gpu_workers_in_the_speed_prediction():
+    specs = cluster.parse_worker_specs("h2:50052=79GiB@A100-SXM4-80GB, h3:50052")
+    assert specs[0] == cluster.WorkerSpec("h2:50052", 79 * GiB, "A100-SXM4-80GB")
+    assert specs[1] == cluster.WorkerSpec("h3:50052", None, None)
+    with pytest.raises(UsageError, match="nothing after '@'"):
+        cluster.parse_worker_specs("h2:50052=79GiB@")
+    base = load_profile("a100-80gb")
+    gpu_workers = cluster.profile_from_options(base, ",".join(f"10.0.0.{i}:50052=79GiB@A100-SXM4-80GB" for i in (2, 3)))
+    cpu_workers = cluster.profile_from_options(base, ",".join(f"10.0.0.{i}:50052=79GiB" for i in (2, 3)))
+    fast = make_plan(gpu_workers, Preferences(model="grok-1:Q4_K")).chosen
+    slow = make_plan(cpu_workers, Preferences(model="grok-1:Q4_K")).chosen
+    assert fast.settings.n_gpu_layers == 65 and fast.settings.rpc_servers == ("10.0.0.2:50052", "10.0.0.3:50052")
+    assert fast.speed.decode_tps > 5 * slow.speed.decode_tps    # A100 bandwidth vs a CPU like the host's
