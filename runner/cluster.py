@@ -28,6 +28,8 @@ from runner.errors import ClusterError, UsageError
 from runner.hardware import GPU, HardwareProfile
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+CPU_WORKER_RESERVE = 0.10            # share of a CPU worker's RAM kept for its system when it reports all as free
+CPU_WORKER_RESERVE_MIN = 2 * 2**30
 SECURITY_WARNING = """\
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 WARNING: this worker listens on {host}, not on 127.0.0.1.
@@ -165,10 +167,18 @@ def profile_with_workers(profile: HardwareProfile, endpoints: Iterable[str], *, 
         if not info.devices:
             raise ClusterError(f"RPC worker {ep} offers no device")
         for dev in info.devices:
+            free = dev.free_bytes
+            if info.rtt_s and free == dev.total_bytes:
+                # llama.cpp's CPU backend reports all of the host's RAM as free ("free system memory is
+                # ill-defined", ggml-cpu.cpp); GPUs never report free == total. Keep some back for the system.
+                free = dev.total_bytes - max(CPU_WORKER_RESERVE_MIN, int(dev.total_bytes * CPU_WORKER_RESERVE))
+                notes.append(f"RPC worker {ep} reports its RAM as all free (llama.cpp's CPU backend does); "
+                             f"planning with {free / 2**30:.1f} of {dev.total_bytes / 2**30:.1f} GiB "
+                             f"(give {ep}=SIZE to set it)")
             name = f"RPC[{ep}]" if len(info.devices) == 1 else f"RPC[{ep}]#{dev.index}"
             if kinds and kinds.get(ep):
                 name += f" {kinds[ep]}"       # the speed prediction looks the GPU up by name
-            remote.append(GPU(index=len(remote), name=name, total_bytes=dev.total_bytes, free_bytes=dev.free_bytes,
+            remote.append(GPU(index=len(remote), name=name, total_bytes=dev.total_bytes, free_bytes=free,
                               vendor="rpc", endpoint=ep, link_gbps=network.gbps, link_rtt_s=network.rtt_s))
         if info.rtt_s:
             notes.append(f"RPC worker {ep}: {len(info.devices)} device(s), protocol "
