@@ -307,9 +307,4 @@ def answer_once(session: ChatSession, text: str, out: TextIO = sys.stdout, err: 
     return 1 if c.finish_reason == "error" else 0
 
 
-def stdin_is_terminal() -> bool:
-    return sys.stdin.isatty() and os.environ.get("LLMRUN_FORCE_PIPE") is None
 
-
-def now() -> float:
-    return time.perf_counter()
