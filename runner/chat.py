@@ -7,9 +7,7 @@ across sessions in settings.home()/chat_history."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, TextIO
@@ -305,11 +303,3 @@ def answer_once(session: ChatSession, text: str, out: TextIO = sys.stdout, err: 
         raise UsageError("no question given", hint='echo "question" | llmrun chat, or llmrun run "question"')
     c = stream_reply(session, text.strip(), out, err)
     return 1 if c.finish_reason == "error" else 0
-
-
-def stdin_is_terminal() -> bool:
-    return sys.stdin.isatty() and os.environ.get("LLMRUN_FORCE_PIPE") is None
-
-
-def now() -> float:
-    return time.perf_counter()

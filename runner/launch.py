@@ -78,7 +78,8 @@ def resolve_model(model: str | None, *, hardware: Callable[[], object] | None = 
     if model is None and not _is_local(entry) and not fetch.hub_reachable():
         path = fetch.demo_model_path(progress=progress)
         return _path_launch(path, n_ctx=n_ctx, n_parallel=n_parallel, name=DEMO_NAME,
-                            notice=f"hub unreachable: using the built-in demo model {DEMO_NAME}")
+                            notice=f"hub unreachable: using the built-in demo model {DEMO_NAME} (the plan chose "
+                                   f"{entry.name}: `llmrun pull {entry.name}` when the hub can be reached)")
     path = fetch.ensure_local(entry, accept_license=accept_license, progress=progress)
     return Launch(path=Path(path), name=entry.name, settings=settings, summary=plan_summary(candidate),
                   estimate=getattr(candidate, "estimate", None))

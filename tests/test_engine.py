@@ -182,3 +182,26 @@ def test_missing_and_non_gguf_files(tmp_path):
     bad.write_bytes(b"not a model at all" * 10)
     with pytest.raises(EngineError, match="GGUF"):
         load_engine(bad)
+
+
+def test_real_buffer_sizes_are_reported(engine):
+    b = engine.stats().buffers
+    # 30 layers x 3 KV heads x 64 dims x (K+V) x 4096 cells x f16 = 94371840 bytes, as llama.cpp logs it
+    assert b["CPU KV"] == 2 * 30 * 3 * 64 * 4096 * 2
+    assert any(k.endswith(" model") for k in b) and b.get("CPU compute", 0) > 0
+
+
+def test_buffers_compared_with_the_estimate():
+    from runner.engine import report
+    from runner.estimate import DeviceMemory, MemoryEstimate
+
+    est = MemoryEstimate(devices=(DeviceMemory("CPU", weights=100 << 20, kv_cache=64 << 20, compute=10 << 20,
+                                               repack=50 << 20),), n_gpu_layers_effective=0)
+    buffers = {"CPU_Mapped model": 100 << 20, "CPU_REPACK model": 50 << 20, "CPU KV": 80 << 20,
+               "CPU compute": (10 << 20) + 4096, "CPU output": 200_000}
+    rows = {(r.device, r.term): r for r in report.compare(buffers, est)}
+    assert rows[("CPU", "repack")].actual == 50 << 20 and not rows[("CPU", "repack")].warn
+    assert rows[("CPU", "kv_cache")].warn and abs(rows[("CPU", "kv_cache")].off - 0.25) < 1e-9
+    assert not rows[("CPU", "compute")].warn and not rows[("CPU", "output")].warn   # under 1 MiB apart
+    (w,) = report.warnings(list(rows.values()))
+    assert w.startswith("CPU kv_cache: llama.cpp allocated 80") and "+25%" in w
