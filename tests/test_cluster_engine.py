@@ -111,3 +111,32 @@ def test_load_error_in_the_child_is_raised_as_ours(tmp_path, workers):
     bad.write_bytes(b"nope" * 100)
     with pytest.raises(EngineError, match="GGUF"):
         cluster.IsolatedEngine(bad, split_settings([ep]), threads=1)
+
+
+def _run_cli(demo_gguf, *extra):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "runner", "run", "What is the capital of France?", "--model",
+                           str(demo_gguf), "--temperature", "0", "--max-tokens", "12", "--ctx", "512", *extra],
+                          cwd=repo, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+def test_run_command_with_workers_answers_as_without(demo_gguf, workers):
+    eps = [workers.start(), workers.start()]
+    alone = _run_cli(demo_gguf)
+    split = _run_cli(demo_gguf, "--workers", ",".join(eps))
+    assert alone.returncode == 0 and split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == alone.stdout and "Paris" in split.stdout
+    assert "split over 2 RPC worker(s)" in split.stderr
+
+
+def test_run_command_with_an_unreachable_worker_names_it(demo_gguf, workers):
+    ep, dead = workers.start(), f"127.0.0.1:{free_port()}"
+    r = _run_cli(demo_gguf, "--workers", f"{ep},{dead}")
+    assert r.returncode == 1
+    assert f"RPC worker {dead} is unreachable" in r.stderr and "Traceback" not in r.stderr

@@ -58,7 +58,8 @@ def _child_main(conn, model_path: str, settings, kwargs: dict) -> None:
     except LlmrunError as e:
         send("load_error", type(e).__name__, e.message, e.hint)
         return
-    send("ready", {"model_name": engine.model_name, "n_ctx": engine.n_ctx, "n_parallel": engine.n_parallel})
+    send("ready", {"model_name": engine.model_name, "n_ctx": engine.n_ctx, "n_parallel": engine.n_parallel,
+                   "buffers": dict(getattr(engine, "buffers", {}) or {})})
     handles: dict = {}
 
     def pump(rid: int, handle) -> None:
@@ -157,6 +158,7 @@ class IsolatedEngine:
             raise _error_from(*msg[1:])
         info = msg[1]
         self.model_name, self.n_ctx, self.n_parallel = info["model_name"], info["n_ctx"], info["n_parallel"]
+        self.buffers = info.get("buffers", {})   # llama.cpp's logged buffer sizes, as LlamaEngine.buffers
         with self._lock:
             self._proc, self._conn = proc, parent
             self._send_lock = threading.Lock()
