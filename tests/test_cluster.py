@@ -188,3 +188,13 @@ def test_worker_with_an_unknown_device_names_the_ones_there():
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert "unknown device(s) CUDA7" in err and "CPU" in err
+
+
+def test_buffer_report_numbers_workers_in_llama_cpps_device_order():
+    from runner.engine.report import actual_terms
+
+    # as llama.cpp logs them: each one-device worker's buffers are "RPC0[host:port]"
+    logged = {"CPU_Mapped model": 30, "RPC0[10.0.0.2:50052] model": 35, "RPC0[10.0.0.3:50052] model": 61,
+              "RPC0[10.0.0.2:50052] KV": 3, "RPC0[10.0.0.3:50052] KV": 2, "CUDA0 model": 7}
+    assert actual_terms(logged) == {("CPU", "weights"): 30, ("RPC0", "weights"): 35, ("RPC1", "weights"): 61,
+                                    ("RPC0", "kv_cache"): 3, ("RPC1", "kv_cache"): 2, ("GPU0", "weights"): 7}

@@ -140,3 +140,20 @@ def test_run_command_with_an_unreachable_worker_names_it(demo_gguf, workers):
     r = _run_cli(demo_gguf, "--workers", f"{ep},{dead}")
     assert r.returncode == 1
     assert f"RPC worker {dead} is unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sockets_to_workers_get_keepalive_and_a_user_timeout():
+    import socket
+
+    from runner.engine import isolated
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        ep = "127.0.0.1:%d" % srv.getsockname()[1]
+        with socket.create_connection(srv.getsockname()) as to_worker, socket.socket() as other:
+            assert isolated.harden_sockets([ep], fds=[to_worker.fileno(), other.fileno()]) == 1
+            assert to_worker.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert to_worker.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == isolated.USER_TIMEOUT_MS
+            assert to_worker.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == isolated.KEEPALIVE_IDLE_S
+            assert other.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0

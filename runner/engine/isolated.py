@@ -31,6 +31,53 @@ def _error_from(cls_name: str, message: str, hint: str | None) -> Exception:
     return errors.EngineError(message, hint=hint)
 
 
+KEEPALIVE_IDLE_S = 5                 # TCP keepalive on llama.cpp's worker sockets: probe after 5 s idle,
+KEEPALIVE_INTERVAL_S = 2             # every 2 s, give up after 3 missed answers
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 15000              # unacknowledged data for 15 s: the kernel closes the connection
+
+
+def harden_sockets(endpoints, *, fds=None) -> int:
+    """Make llama.cpp's own sockets to `endpoints` notice a vanished worker host (power, cable): TCP keepalive and
+    TCP_USER_TIMEOUT, so a recv that would block forever fails instead (and llama.cpp then aborts this child,
+    which the parent reports). llama.cpp sets no timeout itself. Returns how many sockets were changed."""
+    import socket
+
+    wanted = set()
+    for ep in endpoints:
+        host, port = rpc.parse_endpoint(ep)
+        try:
+            for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+                wanted.add((info[4][0], port))
+        except OSError:
+            continue
+    if fds is None:
+        try:
+            fds = [int(n) for n in os.listdir("/proc/self/fd")]
+        except OSError:
+            return 0
+    changed = 0
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.getpeername()[:2] not in wanted:
+                continue
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                               ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+                if hasattr(socket, opt):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+            changed += 1
+        except OSError:
+            continue
+        finally:
+            sock.close()     # closes the duplicate only
+    return changed
+
+
 def _child_entry(fd: int) -> None:
     """`IsolatedEngine`'s child process: its end of the socketpair is file descriptor `fd`."""
     from multiprocessing.connection import Connection
@@ -58,6 +105,7 @@ def _child_main(conn, model_path: str, settings, kwargs: dict) -> None:
     except LlmrunError as e:
         send("load_error", type(e).__name__, e.message, e.hint)
         return
+    harden_sockets(settings.rpc_servers)
     send("ready", {"model_name": engine.model_name, "n_ctx": engine.n_ctx, "n_parallel": engine.n_parallel,
                    "buffers": dict(getattr(engine, "buffers", {}) or {})})
     handles: dict = {}
