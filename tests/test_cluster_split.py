@@ -110,3 +110,18 @@ def test_shape_true_synthetic_llama_split_matches_and_the_estimate_predicts_each
         assert logged[ep]["weights"] == pytest.approx(d.weights / 2**20, rel=0.01)
         assert logged[ep].get("kv_cache", 0.0) == pytest.approx(d.kv_cache / 2**20, rel=0.01)
     assert predicted["RPC0"].kv_cache > 0              # both layers (and their KV) went to the first worker
+
+
+def test_worker_cache_dir_keeps_received_weights(demo_gguf, tmp_path):
+    cache = tmp_path / "rpc-cache"
+    port = free_port()
+    proc = cluster.spawn_worker("127.0.0.1", port, threads=1, cache_dir=str(cache), quiet=True)
+    try:
+        cluster.wait_ready(proc, f"127.0.0.1:{port}")
+        result, _ = _load(demo_gguf, [f"127.0.0.1:{port}"])
+    finally:
+        cluster.stop_worker(proc)
+    assert "Paris" in result["text"]
+    # llama.cpp caches weight tensors over 10 MiB by hash: here the tied output/embedding matrix (30 MB)
+    files = list(cache.iterdir())
+    assert files and max(f.stat().st_size for f in files) > 10 * 2**20
