@@ -99,13 +99,19 @@ def _child_main(conn, model_path: str, settings, kwargs: dict) -> None:
 
     try:
         rpc.register_servers(settings.rpc_servers)
+
+        def keep_hardening() -> None:   # llama.cpp opens its worker sockets during the load and may reopen them
+            while True:
+                harden_sockets(settings.rpc_servers)
+                time.sleep(1.0)
+
+        threading.Thread(target=keep_hardening, name="llmrun-rpc-keepalive", daemon=True).start()
         from runner.engine import load_engine
 
         engine = load_engine(model_path, settings, **kwargs)
     except LlmrunError as e:
         send("load_error", type(e).__name__, e.message, e.hint)
         return
-    harden_sockets(settings.rpc_servers)
     send("ready", {"model_name": engine.model_name, "n_ctx": engine.n_ctx, "n_parallel": engine.n_parallel,
                    "buffers": dict(getattr(engine, "buffers", {}) or {})})
     handles: dict = {}
