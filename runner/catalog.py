@@ -339,6 +339,8 @@ def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> O
 def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: str) -> tuple[list[ModelFile], str]:
     """The files of one quant and the name llama.cpp loads after pull."""
     pattern = m["file_pattern"]
+    if layout == "shards" and "shards" not in m:
+        raise ConfigError(f"[models.{model}]: layout 'shards' needs key 'shards' (the shard count)")
     try:
         base = pattern.format(quant=quant, index=1, count=m.get("shards", 1))
     except (KeyError, IndexError, ValueError) as e:
@@ -371,9 +373,7 @@ def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: s
             raise ConfigError(f"{where}: layout 'single' needs exactly one file, got {len(files)}")
         local = Path(files[0].name).name
     elif layout == "shards":
-        n = m.get("shards")
-        if n is None:
-            raise ConfigError(f"[models.{model}]: layout 'shards' needs key 'shards' (the shard count)")
+        n = m["shards"]
         if len(files) != n:
             raise ConfigError(f"{where}: shard count mismatch: {len(files)} files but shards = {n}")
         for i, f in enumerate(files, 1):
