@@ -482,3 +482,9 @@ def test_missing_catalog_file_is_a_config_error(tmp_path):
 def test_empty_catalog_is_rejected():
     with pytest.raises(ConfigError, match=r"\[licenses\]: missing or empty"):
         parse_catalog({})
+
+
+def test_docs_table_lists_every_model(catalog):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    missing = [m for m in catalog.models() if f"| `{m}` |" not in doc]
+    assert not missing, f"docs/models.md does not list {missing}"
