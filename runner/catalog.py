@@ -326,12 +326,15 @@ def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> O
         raise ConfigError(f"{where}.license: unknown licence {key!r}",
                           hint="define it in a [licenses.KEY] table; known: " + ", ".join(licenses))
     lic = licenses[key]
+    code = raw.get("code_license")
+    if code in licenses:  # a licence key: show its SPDX id, else its name
+        code = licenses[code]["spdx"] or licenses[code]["name"]
     return OpennessCard(
         model=model, license=key, license_name=lic["name"], spdx=lic["spdx"], license_url=lic["url"],
         osi_approved=lic["osi_approved"], commercial_use=lic["commercial_use"], restrictions=lic["restrictions"],
         training_data_disclosed=raw["training_data_disclosed"],
         training_code_published=raw["training_code_published"], publisher=raw["publisher"],
-        released=raw["released"], code_license=raw.get("code_license"), model_card_url=raw.get("model_card_url"),
+        released=raw["released"], code_license=code, model_card_url=raw.get("model_card_url"),
         notes=_str_list(raw.get("notes", []), f"{where}.notes"),
     )
 
@@ -457,8 +460,8 @@ def _make_entries(model: str, m: Any, licenses: dict[str, dict], shapes: dict[st
             size, exact = sum(file_sizes), True  # type: ignore[arg-type]
         else:
             raise ConfigError(f"{qwhere}: missing key 'size' (exact bytes) or 'size_gb' (GB as the model card prints)")
-        if len(files) == 1 and exact:
-            files = [ModelFile(files[0].name, size, sha or files[0].sha256)]
+        if len(files) == 1:
+            files = [ModelFile(files[0].name, size if exact else files[0].size, sha or files[0].sha256)]
         notes = _str_list(m.get("notes", []), f"{where}.notes") + ((q["note"],) if "note" in q else ())
         entries.append(CatalogEntry(
             name=f"{model}:{quant}", model=model, quant=quant, family=m["family"].lower(),

@@ -201,6 +201,9 @@ def test_issue8_models_present(catalog):
         assert {"Q4_K_M", "Q5_K_M", "Q8_0"} <= set(quants), model
         e = catalog.get(model)
         assert e.quant == "Q4_K_M" and (e.family, e.shape.arch, e.license) == (family, arch, lic)
+    q5 = catalog.get("mistral-7b-instruct:Q5_K_M")  # a known hash with only a rounded size
+    assert not q5.size_exact and q5.files[0].size is None
+    assert q5.files[0].sha256 == "b85cdd596ddd76f3194047b9108a73c74d77ba04bef49255a50fc0cfbda83d32"
     m = catalog.get("mistral-7b-instruct").shape
     assert (m.n_head, m.n_head_kv) == (32, 8)
     assert catalog.get("mistral-7b-instruct-v0.1").shape.sliding_window == 4096

@@ -47,7 +47,7 @@ def test_show_grok1_card_is_honest():
     assert "9 llama.cpp shards (load the first)" in out
     assert "grok-1-Q4_K-split-00001-of-00009.gguf" in out and "grok-1-Q4_K-split-00009-of-00009.gguf" in out
     assert "8 experts (2 used per token)" in out
-    assert "as the model card says" in out  # rounded sizes are labelled as such
+    assert "a rounded or estimated figure" in out  # rounded sizes are labelled as such
 
 
 def test_show_byte_split_names_the_joined_file():
