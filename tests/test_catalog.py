@@ -123,6 +123,7 @@ def test_grok1_shards_and_shape(catalog):
     assert (s.n_expert, s.n_expert_used, s.n_ff, s.n_vocab, s.n_ctx_train) == (8, 2, 32768, 131072, 8192)
     assert s.n_params == 316_490_127_360
     assert catalog.get("grok-1").quant == "Q4_K"
+    assert catalog.get("grok-1").revision == "ecafa8d8eca9b8cd75d11a0d08d3a6199dc5a068"  # flat shard names there
 
 
 def test_demo_model_entry_exact(catalog):
