@@ -168,7 +168,7 @@ class Catalog:
         if entries is None:
             raise UnknownModelError(text, self._close_matches(text))
         if not sep or not quant.strip():
-            return next(e for e in entries if e.default)
+            return next((e for e in entries if e.default), entries[0])
         key = f"{model}:{quant.strip()}".lower()
         entry = self._by_name.get(key)
         if entry is None:
@@ -351,6 +351,8 @@ def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: s
                           hint="placeholders: {quant}, and for shards {index:05d} and {count:05d}") from e
     if "file" in q and "files" in q:
         raise ConfigError(f"{where}: give either 'file' or 'files', not both")
+    if "file" in q and layout != "single":
+        raise ConfigError(f"{where}.file: only for layout 'single'; list the parts of a {layout} quant in 'files'")
     if "files" in q:
         files = []
         for i, f in enumerate(q["files"]):
