@@ -346,7 +346,7 @@ def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: s
         raise ConfigError(f"[models.{model}]: layout 'shards' needs key 'shards' (the shard count)")
     try:
         base = pattern.format(quant=quant, index=1, count=m.get("shards", 1))
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(f"[models.{model}].file_pattern: cannot fill {pattern!r} ({e})",
                           hint="placeholders: {quant}, and for shards {index:05d} and {count:05d}") from e
     if "file" in q and "files" in q:

@@ -468,6 +468,8 @@ def test_default_path_follows_llmrun_configs(tmp_path, monkeypatch):
     ('n_layer = 2', 'n_layer = 0', r"\[shapes\.tiny\]\.n_layer: must be positive"),
     ('n_layer = 2', 'n_layer = 2\nn_wings = 2', r"\[shapes\.tiny\]: unknown key 'n_wings'"),
     ('default_quant = "Q2_K"', 'default_quant = "Q4_K_M"', r"\[models\.big\]\.default_quant: 'Q4_K_M' is not one"),
+    ('file_pattern = "tiny.{quant}.gguf"', 'file_pattern = "tiny.{quant.nope}.gguf"',
+     r"\[models\.tiny\]\.file_pattern: cannot fill"),
     ('[models.tiny]', '[models.Tiny]', r"\[models\.Tiny\]: model names are lower-case"),
     ('source = "hf"\nrepo = "someone/tiny', 'source = "ftp"\nrepo = "someone/tiny', r"\.source: expected one of hf, pypi"),
     ('[licenses."Apache-2.0"]', 'wat = 1\n[licenses."Apache-2.0"]', r"unknown top-level key 'wat'"),
@@ -496,3 +498,45 @@ def test_docs_table_lists_every_model(catalog):
     doc = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
     missing = [m for m in catalog.models() if f"| `{m}` |" not in doc]
     assert not missing, f"docs/models.md does not list {missing}"
+
+
+def _leaf_paths(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaf_paths(v, path + (k,))
+    yield path
+
+
+def test_loader_only_ever_raises_config_error():
+    """Any value at any place in a valid catalog either loads or gives a ConfigError, never a crash."""
+    import copy
+    import tomllib
+
+    from hypothesis import given, settings, strategies as st
+
+    base = tomllib.loads(VALID)
+    paths = [p for p in _leaf_paths(base) if p]
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers(-10, 10**12) | st.floats(allow_nan=True) | st.text(max_size=20)
+        | st.dates(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=5,
+    )
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.sampled_from(paths), values, st.booleans())
+    def check(path, value, delete):
+        data = copy.deepcopy(base)
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        if delete:
+            del node[path[-1]]
+        elif value is not None:
+            node[path[-1]] = value
+        try:
+            parse_catalog(data)
+        except ConfigError:
+            pass
+
+    check()
