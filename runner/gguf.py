@@ -189,7 +189,7 @@ def _parse(c: _Cursor) -> GGUFHeader:
     n_tensors = c.u64("the tensor count")
     n_kv = c.u64("the metadata count")
     remaining = c.remaining()
-    if n_tensors > MAX_TENSORS or (remaining is not None and n_tensors * 32 > remaining):
+    if n_tensors > MAX_TENSORS or (remaining is not None and n_tensors * 24 > remaining):
         raise c.error(f"the header claims {n_tensors} tensors, more than the file can hold: it is corrupt",
                       _TRUNCATED_HINT)
     if n_kv > MAX_KV or (remaining is not None and n_kv * 12 > remaining):
@@ -270,7 +270,8 @@ def _parse(c: _Cursor) -> GGUFHeader:
 def derive_shape(metadata: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo] = (), *,
                  require: bool = False, where: str = "GGUF") -> ModelShape | None:
     """The ModelShape from `{arch}.*` metadata keys; None when a needed key is missing (or a GGUFError naming it
-    when `require`). Per-layer arrays (e.g. head_count_kv) count by their largest value."""
+    when `require`). Per-layer arrays (e.g. head_count_kv) count by their largest value. `n_params` counts the
+    tensors given: for one shard of a llama.cpp split model (`split.count` > 1) that is only this shard's."""
     def missing(key: str, problem: str = "is missing") -> None:
         if require:
             raise GGUFError(f"{where}: metadata key {key} {problem}; cannot tell the model's shape",

@@ -230,6 +230,11 @@ class _CgroupMount:
     v2: bool
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes spaces and other odd characters in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _parse_mountinfo(text: str) -> list[_CgroupMount]:
     mounts = []
     for line in text.splitlines():
@@ -237,9 +242,8 @@ def _parse_mountinfo(text: str) -> list[_CgroupMount]:
         lf, rf = left.split(), right.split()
         if not sep or len(lf) < 5 or len(rf) < 1 or rf[0] not in ("cgroup", "cgroup2"):
             continue
-        unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)  # noqa: E731
         controllers = frozenset(rf[2].split(",")) if len(rf) > 2 else frozenset()
-        mounts.append(_CgroupMount(unescape(lf[3]), unescape(lf[4]), controllers, rf[0] == "cgroup2"))
+        mounts.append(_CgroupMount(_unescape(lf[3]), _unescape(lf[4]), controllers, rf[0] == "cgroup2"))
     return mounts
 
 
@@ -268,9 +272,12 @@ def cgroup_dirs(controller: str, cgroup_text: str | None, mountinfo_text: str | 
         if path is None:
             continue
         root = m.root.rstrip("/")
-        rel = path[len(root):] if root and (path == root or path.startswith(root + "/")) else path
-        if root and rel == path and m.root != "/":
-            rel = ""  # a namespaced mount: the process's cgroup is the mount itself
+        if not root:  # the usual case: the mount shows the whole hierarchy
+            rel = path
+        elif path == root or path.startswith(root + "/"):
+            rel = path[len(root):]
+        else:  # a namespaced mount (docker without cgroupns): the process's cgroup is the mount itself
+            rel = ""
         current = m.mount_point.rstrip("/") + "/" + rel.strip("/") if rel.strip("/") else m.mount_point
         while True:
             if current not in dirs:

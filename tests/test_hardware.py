@@ -480,3 +480,11 @@ def test_resolve_hardware_from_the_cli_helpers():
 
 def test_shipped_profile_files_are_where_settings_say():
     assert (Path(settings.configs_dir()) / "hardware" / "rtx4090-24gb.toml").is_file()
+
+
+def test_cgroup_dirs_namespaced_and_escaped_mounts():
+    mounts = r"35 31 0:32 /docker/abc /sys/fs/cgroup/my\040memory rw - cgroup cgroup rw,memory" + "\n"
+    assert hw.cgroup_dirs("memory", "4:memory:/\n", mounts)[0] == "/sys/fs/cgroup/my memory"
+    assert hw.cgroup_dirs("memory", "4:memory:/docker/abc/inner\n", mounts)[:2] == [
+        "/sys/fs/cgroup/my memory/inner", "/sys/fs/cgroup/my memory"]
+    assert hw.cgroup_dirs("memory", None, None) == ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
