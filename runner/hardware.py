@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner import settings
+from runner.errors import HardwareError
 from runner.units import GiB, format_size
 
 
@@ -490,12 +491,14 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True) -> Hardw
         if cpu.quota_cores is not None and cpu.quota_cores < cpu.logical_cores:
             notes.append(f"CPU quota: {cpu.quota_cores:g} cores of {cpu.logical_cores}")
         unified = False
-        found, reason = nvidia_gpus(src)
-        gpus = found
+        gpus, reason = nvidia_gpus(src)
         if reason:
             notes.append(f"no NVIDIA GPU found ({reason})")
     if src.system() == "Darwin" and not unified:
         notes.append("no NVIDIA GPU found (macOS has no NVIDIA driver)")
+    if not total:
+        raise HardwareError("cannot tell how much RAM this machine has (/proc/meminfo and psutil gave nothing)",
+                            hint="plan for a profile instead: --hardware NAME or --ram SIZE")
     bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure else None)
     return HardwareProfile(
         name="this machine", cpu=cpu, ram_total_bytes=int(total), ram_available_bytes=int(available), gpus=gpus,

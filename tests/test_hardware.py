@@ -488,3 +488,11 @@ def test_cgroup_dirs_namespaced_and_escaped_mounts():
     assert hw.cgroup_dirs("memory", "4:memory:/docker/abc/inner\n", mounts)[:2] == [
         "/sys/fs/cgroup/my memory/inner", "/sys/fs/cgroup/my memory"]
     assert hw.cgroup_dirs("memory", None, None) == ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
+
+
+def test_no_ram_information_is_a_hardware_error():
+    from runner.errors import HardwareError
+
+    with pytest.raises(HardwareError, match="cannot tell how much RAM") as e:
+        hw.probe(fake({}, cpu_count=2), measure=False)
+    assert "--hardware" in e.value.hint
