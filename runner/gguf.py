@@ -162,9 +162,26 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Any:
     if itype in fmts:
         c.skip(n * item_size, f"array {key}")
     else:
-        for i in range(n):
-            c.skip(c.string_length(f"{key}[{i}]", MAX_STRING_BYTES), f"{key}[{i}]")
+        _skip_strings(c, n, key)
     return {"type": "array", "item_type": names[itype], "len": n}
+
+
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _skip_strings(c: _Cursor, n: int, key: str) -> None:
+    """Skip `n` length-prefixed strings, checking each length (the hot loop for a tokenizer's 100k+ tokens)."""
+    buf, avail, pos = c.buf, c.avail, c.pos
+    for i in range(n):
+        if pos + 8 > avail:
+            c.pos = pos
+            c.need(8, f"length of {key}[{i}]")  # raises: truncated, or read more
+        length = _U64(buf, pos)[0]
+        if length > MAX_STRING_BYTES or pos + 8 + length > avail:
+            c.pos = pos
+            c.skip(c.string_length(f"{key}[{i}]", MAX_STRING_BYTES), f"{key}[{i}]")  # raises with the reason
+        pos += 8 + length
+    c.pos = pos
 
 
 def _parse(c: _Cursor) -> GGUFHeader:
