@@ -127,7 +127,7 @@ def _load_nvml() -> Any:
     return pynvml
 
 
-def measure_memory_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 3) -> float:
+def measure_memory_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
     """Host memory bandwidth in GB/s (decimal): the best of `repeats` numpy copies of a `size_bytes` array, counting
     bytes read plus bytes written (STREAM's "copy" convention). On the CI CPU this gives ≈26 GB/s, the rate at
     which llama.cpp's decode streams weights there (7B Q4_0: 7.3 tok/s × 3.5 GiB). Under a second, once per CPU
@@ -466,9 +466,10 @@ def apple_gpu(model: str, ram_total: int) -> GPU:
     return GPU(index=0, name=f"{model} GPU", total_bytes=size, free_bytes=size, vendor="apple")
 
 
-def probe(sources: ProbeSources | None = None, *, measure: bool = True) -> HardwareProfile:
-    """This machine's HardwareProfile. `measure=False` never runs the bandwidth measurement (instant); the
-    bandwidth is then filled only from the cache in `settings.home()/hardware-cache.json`."""
+def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasure: bool = False) -> HardwareProfile:
+    """This machine's HardwareProfile. The memory bandwidth comes from the cache in
+    `settings.home()/hardware-cache.json`, measured once when absent; `measure=False` never measures (instant),
+    `remeasure=True` measures again and keeps the best value (a busy machine measures low)."""
     src = sources or ProbeSources()
     notes: list[str] = []
     limit = host_total = None
@@ -499,7 +500,8 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True) -> Hardw
     if not total:
         raise HardwareError("cannot tell how much RAM this machine has (/proc/meminfo and psutil gave nothing)",
                             hint="plan for a profile instead: --hardware NAME or --ram SIZE")
-    bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure else None)
+    bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure or remeasure else None,
+                                        refresh=remeasure)
     return HardwareProfile(
         name="this machine", cpu=cpu, ram_total_bytes=int(total), ram_available_bytes=int(available), gpus=gpus,
         disk_free_bytes=src.disk_free(settings.hf_cache_dir()), unified_memory=unified,
@@ -512,8 +514,10 @@ def _bandwidth_cache_path() -> Path:
     return settings.home() / "hardware-cache.json"
 
 
-def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None) -> float | None:
-    """The bandwidth cached for this CPU model; when absent and `measure` is given, measure once and cache it."""
+def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None, *,
+                            refresh: bool = False) -> float | None:
+    """The bandwidth cached for this CPU model; when absent (or `refresh`) and `measure` is given, measure and
+    cache it. A refresh keeps the larger of the old and new values: other work on the machine only lowers it."""
     path = _bandwidth_cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -522,11 +526,13 @@ def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None)
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(cpu_model)
-    if isinstance(entry, dict) and isinstance(entry.get("memory_bandwidth_gbps"), (int, float)):
-        return float(entry["memory_bandwidth_gbps"])
-    if measure is None:
-        return None
-    value = float(measure())
+    cached = None
+    if isinstance(entry, dict) and isinstance(entry.get("memory_bandwidth_gbps"), (int, float)) \
+            and not isinstance(entry.get("memory_bandwidth_gbps"), bool):
+        cached = float(entry["memory_bandwidth_gbps"])
+    if measure is None or (cached is not None and not refresh):
+        return cached
+    value = max(float(measure()), cached or 0.0)
     cache[cpu_model] = {"memory_bandwidth_gbps": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime())}
     try:

@@ -95,3 +95,14 @@ def test_console_script_json():
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cpu"]["model"] == "AMD EPYC"
+
+
+def test_measure_bandwidth_option():
+    from runner import settings
+
+    settings.home().mkdir(parents=True, exist_ok=True)
+    model = hw.probe(measure=False).cpu.model
+    (settings.home() / "hardware-cache.json").write_text(json.dumps({model: {"memory_bandwidth_gbps": 0.001}}))
+    assert json.loads(run("--json").output)["memory_bandwidth_gbps"] == 0.001
+    data = json.loads(run("--measure-bandwidth", "--json").output)
+    assert data["memory_bandwidth_gbps"] > 0.5

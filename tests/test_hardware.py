@@ -496,3 +496,14 @@ def test_no_ram_information_is_a_hardware_error():
     with pytest.raises(HardwareError, match="cannot tell how much RAM") as e:
         hw.probe(fake({}, cpu_count=2), measure=False)
     assert "--hardware" in e.value.hint
+
+
+def test_remeasure_keeps_the_best_value():
+    src = fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, bandwidth=10.0)
+    assert hw.probe(src).memory_bandwidth_gbps == 10.0
+    object.__setattr__(src, "measure_bandwidth", lambda: 26.0)
+    assert hw.probe(src).memory_bandwidth_gbps == 10.0  # cached: not measured again
+    assert hw.probe(src, remeasure=True).memory_bandwidth_gbps == 26.0
+    object.__setattr__(src, "measure_bandwidth", lambda: 12.0)  # a busy machine measures low
+    assert hw.probe(src, remeasure=True).memory_bandwidth_gbps == 26.0
+    assert hw.probe(src, measure=False).memory_bandwidth_gbps == 26.0
