@@ -389,8 +389,10 @@ def _mutate(data: bytes, ops) -> bytes:
     return bytes(b)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+FUZZ_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=FUZZ_HEALTH)
 @given(seed=st.integers(0, 2), ops=st.lists(mutation, min_size=1, max_size=4))
 def test_fuzz_only_gguf_errors(seeds, seed, ops):
     data = _mutate(seeds[seed % len(seeds)], ops)
@@ -408,8 +410,7 @@ def test_fuzz_only_gguf_errors(seeds, seed, ops):
         pass
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=FUZZ_HEALTH)
 @given(ops=st.lists(mutation, min_size=1, max_size=3))
 def test_fuzz_demo_header(demo_header, ops):
     data, size = demo_header
