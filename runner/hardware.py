@@ -361,7 +361,7 @@ def cgroup_cpu_quota(src: ProbeSources) -> float | None:
 # NVML (the one place pynvml errors are met)
 
 _NVML_REASONS = {
-    12: "the NVIDIA driver library (libnvidia-ml) is not installed",
+    12: "the NVIDIA driver library libnvidia-ml is not installed",
     9: "the NVIDIA driver is not loaded",
     4: "no permission to query the GPU through NVML",
 }

@@ -252,7 +252,7 @@ def test_nvml_compute_capability_error_is_tolerated():
 
 
 @pytest.mark.parametrize("nvml, reason", [
-    (FakeNVML(init_error=12), "no NVIDIA GPU found (the NVIDIA driver library (libnvidia-ml) is not installed)"),
+    (FakeNVML(init_error=12), "no NVIDIA GPU found (the NVIDIA driver library libnvidia-ml is not installed)"),
     (FakeNVML(init_error=9), "no NVIDIA GPU found (the NVIDIA driver is not loaded)"),
     (FakeNVML(init_error=999), "no NVIDIA GPU found (NVML: Unknown Error)"),
     (FakeNVML(fail_on_memory=True), "no NVIDIA GPU found (NVML: Unknown Error)"),
