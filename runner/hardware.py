@@ -7,6 +7,7 @@ files and NVML are injected (`ProbeSources`) so tests run without hardware.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -161,6 +162,7 @@ class ProbeSources:
     nvml: Callable[[], Any] = _load_nvml                      # returns a pynvml-like module
     sysctl: Callable[[str], str | None] = _sysctl             # macOS
     measure_bandwidth: Callable[[], float] = measure_memory_bandwidth
+    env: Callable[[str], str | None] = os.environ.get          # CUDA_VISIBLE_DEVICES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,15 +369,17 @@ _NVML_REASONS = {
 }
 
 
-def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None]:
-    """(GPUs, None) or ((), reason) from NVML. Never raises for a missing library, driver or NVML error."""
+def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None, tuple[str, ...]]:
+    """(GPUs, reason when there are none, notes) from NVML, honouring CUDA_VISIBLE_DEVICES as llama.cpp's CUDA
+    backend will. Never raises for a missing library, driver or NVML error; a GPU NVML cannot read is skipped
+    with a note."""
     try:
         nvml = src.nvml()
     except ImportError:
-        return (), "nvidia-ml-py is not installed"
+        return (), "nvidia-ml-py is not installed", ()
     error = getattr(nvml, "NVMLError", None)
     if not (isinstance(error, type) and issubclass(error, BaseException)):
-        return (), "the NVML module has no NVMLError class"
+        return (), "the NVML module has no NVMLError class", ()
 
     def reason(e: BaseException) -> str:
         code = getattr(e, "value", None)
@@ -387,30 +391,68 @@ def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None]:
     try:
         nvml.nvmlInit()
     except error as e:
-        return (), reason(e)
-    gpus = []
+        return (), reason(e), ()
+    found: list[tuple[GPU, str | None]] = []  # (GPU, UUID) in NVML's (PCI bus) order
+    notes: list[str] = []
+    last_error = None
     try:
         driver = text(nvml.nvmlSystemGetDriverVersion())
-        for i in range(int(nvml.nvmlDeviceGetCount())):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        count = int(nvml.nvmlDeviceGetCount())
+        for i in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = text(nvml.nvmlDeviceGetName(handle))
+            except error as e:
+                last_error = reason(e)
+                notes.append(f"GPU {i} skipped: {last_error}")
+                continue
             try:
                 major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
                 cc: tuple[int, int] | None = (int(major), int(minor))
             except error:
                 cc = None
-            gpus.append(GPU(index=i, name=text(nvml.nvmlDeviceGetName(handle)), total_bytes=int(mem.total),
-                            free_bytes=int(mem.free), compute_capability=cc, driver=driver))
+            try:
+                uuid: str | None = text(nvml.nvmlDeviceGetUUID(handle))
+            except (error, AttributeError):
+                uuid = None
+            found.append((GPU(index=len(found), name=name, total_bytes=int(mem.total), free_bytes=int(mem.free),
+                              compute_capability=cc, driver=driver), uuid))
     except error as e:
-        return (), reason(e)
+        return (), reason(e), ()
     finally:
         try:
             nvml.nvmlShutdown()
         except error:
             pass
-    if not gpus:
-        return (), "NVML reports no devices"
-    return tuple(gpus), None
+    if not found:
+        return (), last_error or "NVML reports no devices", ()
+    visible = src.env("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return tuple(g for g, _ in found), None, tuple(notes)
+    chosen = cuda_visible(found, visible)
+    if not chosen:
+        return (), f"CUDA_VISIBLE_DEVICES={visible!r} hides all {len(found)} GPUs", tuple(notes)
+    if len(chosen) < len(found):
+        notes.append(f"CUDA_VISIBLE_DEVICES={visible!r}: using {len(chosen)} of {len(found)} GPUs")
+    return chosen, None, tuple(notes)
+
+
+def cuda_visible(found: list[tuple[GPU, str | None]], visible: str) -> tuple[GPU, ...]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves, renumbered from 0. Entries are indices (in PCI bus order, as with
+    CUDA_DEVICE_ORDER=PCI_BUS_ID) or UUID prefixes ("GPU-8f3a"); like CUDA, the list ends at the first entry
+    that names no device or one already named."""
+    chosen: list[GPU] = []
+    for token in (t.strip() for t in visible.split(",")):
+        if token.lstrip("-").isdigit():
+            i = int(token)
+            match = [found[i][0]] if 0 <= i < len(found) else []
+        else:
+            match = [g for g, uuid in found if token and uuid and uuid.startswith(token)]
+        if len(match) != 1 or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return tuple(dataclasses.replace(g, index=i) for i, g in enumerate(chosen))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,9 +534,10 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasur
         if cpu.quota_cores is not None and cpu.quota_cores < cpu.logical_cores:
             notes.append(f"CPU quota: {cpu.quota_cores:g} cores of {cpu.logical_cores}")
         unified = False
-        gpus, reason = nvidia_gpus(src)
+        gpus, reason, gpu_notes = nvidia_gpus(src)
         if reason:
             notes.append(f"no NVIDIA GPU found ({reason})")
+        notes.extend(gpu_notes)
     if src.system() == "Darwin" and not unified:
         notes.append("no NVIDIA GPU found (macOS has no NVIDIA driver)")
     if not total:
@@ -558,6 +601,7 @@ from runner.hardware_profiles import (  # noqa: E402
 __all__ = [
     "CPU", "GPU", "HardwareProfile", "ProbeSources", "probe", "measure_memory_bandwidth", "cached_memory_bandwidth",
     "parse_cpuinfo", "parse_meminfo", "cgroup_dirs", "cgroup_memory", "cgroup_cpu_quota", "nvidia_gpus",
+    "cuda_visible",
     "apple_gpu", "nearest_existing", "list_profiles", "load_profile", "profile_from_dict", "profile_to_dict",
     "save_profile", "with_overrides",
 ]
