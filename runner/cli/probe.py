@@ -102,9 +102,7 @@ def probe(hardware, gpus, ram, as_json, save_to, list_profiles, measure_bandwidt
         else:
             _render_profiles()
         return
-    if measure_bandwidth and not hardware:
-        hw.probe(remeasure=True)  # refreshes the cache that resolve_hardware's probe reads
-    profile = resolve_hardware(hardware, gpus, ram)
+    profile = resolve_hardware(hardware, gpus, ram, measure=True, remeasure=measure_bandwidth)
     if save_to:
         if profile.source == "probe":  # name the saved machine after its file, as --hardware NAME would
             import dataclasses
