@@ -54,6 +54,7 @@ def test_pull_list_rm(hub_catalog):
 
 
 def test_errors_are_clear(hub_catalog):
+    hub = hub_catalog[0]
     r = run("rm", "tiny:Q4_0")
     assert r.exit_code == 1 and "not in the local store" in r.output
     r = run("rm", "tinyy:Q4_0")
@@ -61,6 +62,8 @@ def test_errors_are_clear(hub_catalog):
     r = run("pull", "llama-2-7b-chat:Q4_K_M")
     assert r.exit_code == 1 and "Llama 2 Community License" in r.output and "--accept-license" in r.output
     assert "Traceback" not in r.output
+    r = run("pull", "llama-2-7b-chat:Q4_K_M", "--license", "open", "--accept-license")
+    assert r.exit_code == 2 and "not an OSI-approved" in r.output and not hub.requests
     r = run("pull", "llama-2-7b-chat:Q4_K_M", "--accept-license", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["verified"] is True
 
