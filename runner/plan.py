@@ -355,8 +355,7 @@ class _EntryPlanner:
         """The first configuration of the ladder that fits; with `allowed`, only those placements (the ones
         that could still rank above the best fit so far)."""
         ctxs = _contexts(self.entry, self.prefs)
-        placements = [p for p in _placements(self.entry, self.hardware)
-                      if self.possible(p) and (allowed is None or p in allowed)]
+        placements = [p for p in _placements(self.entry, self.hardware) if allowed is None or p in allowed]
         if self.layout.weights_bytes > self.capacity_total():
             # cannot fit anywhere: one estimate of the most frugal configuration gives the number to report
             c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
@@ -366,6 +365,11 @@ class _EntryPlanner:
                                                    f"{format_size(self.capacity_total())} in {where}")
             return None
         for placement in placements:
+            if not self.possible(placement):
+                # ruled out by the weights alone: one estimate of its most frugal form gives the number
+                kv, repack = self.kv_rungs()[-1]
+                self.evaluate(placement, self.settings(placement, ctxs[-1], kv, 1, repack))
+                continue
             for ctx in ctxs:
                 for kv, repack in self.kv_rungs():
                     if placement == "partial":
