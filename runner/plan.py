@@ -5,7 +5,8 @@ every device with the estimate's margin:
 
     full GPU offload → dense layers on GPU with MoE experts in RAM → partial offload (most layers that fit)
     → CPU only;   each at the model's training context (or exactly --ctx), then halving down to 2048,
-                  each with an f16 KV cache, then q8_0 (which needs flash attention)
+                  each with an f16 KV cache, then q8_0 (which needs flash attention), then both again without
+                  the CPU repack copy of the weights (when this CPU repacks them)
 
 Multi-GPU splits are proportional to free VRAM. Unified memory (Apple) counts the GPU and the host against the
 same RAM. Among the entries that fit, `prefer="quality"` takes the best placement class (full GPU, experts in
@@ -381,11 +382,11 @@ class _EntryPlanner:
         return None
 
     def kv_rungs(self) -> list[tuple[str, bool]]:
-        """(KV type, repack) in order: f16, q8_0, then q8_0 without the CPU repack copy of the weights (llama.cpp
-        --no-repack), when this CPU would repack some of this model's weights."""
+        """(KV type, repack) in order: f16, q8_0, then both again without the CPU repack copy of the weights
+        (llama.cpp --no-repack) when this CPU would repack some of this model's weights."""
         rungs = [(kv, True) for kv in KV_TYPES]
         if self.repacks:
-            rungs.append((KV_TYPES[-1], False))
+            rungs += [(kv, False) for kv in KV_TYPES]
         return rungs
 
 
