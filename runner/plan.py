@@ -227,6 +227,20 @@ class _Memo:
             self.layouts[key] = self.est.layout_from_recipe(entry.shape, entry.quant)
         return self.layouts[key]
 
+    def layout_facts(self, entry: CatalogEntry) -> tuple[int, int, int, bool]:
+        """(weight bytes, token embedding bytes, expert bytes, whether this CPU repacks any tensor) of an entry's
+        layout."""
+        key = ("facts", entry.shape, entry.quant)
+        if key not in self.layouts:
+            layout = self.layout(entry)
+            repackable = self.est.repacked_types(self.hardware.cpu.flags)
+            self.layouts[key] = (
+                layout.weights_bytes,
+                sum(t.n_bytes for t in layout.tensors if t.name.startswith("token_embd")),
+                sum(t.n_bytes for t in layout.tensors if "_exps" in t.name),
+                any(t.type_name in repackable for t in layout.tensors))
+        return self.layouts[key]
+
     def estimate(self, entry: CatalogEntry, settings: RunSettings) -> Any:
         key = (entry.shape, entry.quant, settings)
         if key not in self.estimates:
@@ -245,8 +259,7 @@ class _EntryPlanner:
         self.entry, self.hardware, self.prefs, self.specs, self.memo = entry, hardware, prefs, specs, memo
         self.layout = memo.layout(entry)
         self.tried: list[Candidate] = []
-        repackable = memo.est.repacked_types(hardware.cpu.flags)
-        self.repacks = any(t.type_name in repackable for t in self.layout.tensors)
+        self.weights, self.embd_bytes, self.expert_bytes, self.repacks = memo.layout_facts(entry)
 
     def settings(self, placement: str, ctx: int, kv: str, ngl: int | None = None, repack: bool = True) -> RunSettings:
         n_layer = self.entry.shape.n_layer
@@ -344,12 +357,10 @@ class _EntryPlanner:
     def possible(self, placement: str) -> bool:
         """Cheap lower bounds from the layout alone: can this placement fit at all?"""
         gpu_free = sum(g.free_bytes for g in self.hardware.gpus)
-        on_host = sum(t.n_bytes for t in self.layout.tensors if t.name.startswith("token_embd"))
         if placement == "gpu":
-            return self.layout.weights_bytes - on_host <= gpu_free
+            return self.weights - self.embd_bytes <= gpu_free
         if placement == "experts-in-ram":
-            experts = sum(t.n_bytes for t in self.layout.tensors if "_exps" in t.name)
-            return self.layout.weights_bytes - on_host - experts <= gpu_free
+            return self.weights - self.embd_bytes - self.expert_bytes <= gpu_free
         return True
 
     def first_fit(self, allowed: list[str] | None = None) -> Candidate | None:
