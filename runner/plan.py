@@ -368,7 +368,7 @@ class _EntryPlanner:
         that could still rank above the best fit so far)."""
         ctxs = _contexts(self.entry, self.prefs)
         placements = [p for p in _placements(self.entry, self.hardware) if allowed is None or p in allowed]
-        if self.layout.weights_bytes > self.capacity_total():
+        if self.weights > self.capacity_total():
             # cannot fit anywhere: one estimate of the most frugal configuration gives the number to report
             c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
             if self.hardware.gpus:
