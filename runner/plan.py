@@ -40,6 +40,7 @@ MIN_AUTO_CTX = 2048               # context is never reduced below this without 
 USABLE_DECODE_TPS = 3.0           # quality mode prefers candidates at least this fast, when any is
 QUALITY_FLOOR_QUANT = "Q4_0"      # speed mode keeps to quants at least this good, when any fits
 KV_TYPES = ("f16", "q8_0")
+SIZE_FLOOR_SHARE = 0.98           # the catalog's download size (rounded for some) bounds the weights from below
 NO_REPACK_PROMPT_FACTOR = 0.5     # CPU prompt speed without llama.cpp's repacked weight kernels
 
 PLACEMENTS = ("gpu", "experts-in-ram", "partial", "cpu")   # best first
@@ -141,6 +142,18 @@ def _devices(est: Any) -> tuple:
 
 def _device_dict(dev: Any) -> dict[str, int]:
     return {k: v for k, v in dev.as_dict().items() if k != "device"}
+
+
+def _capacity_total(hardware: HardwareProfile) -> int:
+    if hardware.unified_memory:
+        return hardware.ram_available_bytes
+    return sum(capacities(hardware).values())
+
+
+def _where(hardware: HardwareProfile) -> str:
+    if hardware.unified_memory:
+        return "of unified memory available"
+    return "in RAM and VRAM together" if hardware.gpus else "RAM available"
 
 
 def capacities(hardware: HardwareProfile) -> dict[str, int]:
@@ -523,6 +536,14 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
                                    f"download {_gb(entry.size_bytes)} > --max-download {_gb(prefs.max_download_bytes)}",
                                    "cpu", float("inf"), 0))
             continue
+        floor = int(entry.size_bytes * SIZE_FLOOR_SHARE)
+        if floor > _capacity_total(hardware):
+            # the download alone is more than every device together holds: no layout or estimate needed
+            tried.append(Candidate(entry, RunSettings(), None, None, False,
+                                   f"weights alone need {format_size(floor)}, "
+                                   f"{format_size(_capacity_total(hardware))} {_where(hardware)}",
+                                   "cpu", floor / max(_capacity_total(hardware), 1), floor))
+            continue
         allowed = _allowed(entry, best, hardware) if prefs.prefer == "quality" and not exhaustive else None
         if allowed is not None and not allowed:
             skipped.append(entry)
@@ -551,6 +572,8 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
                 best = fit
 
     chosen = _select(fitting, prefs, notes)
+    if chosen is None:
+        tried = _refine_smallest(tried, hardware, prefs, specs, memo)
     rejected = [_explain(c, chosen, prefs) for c in tried if c is not chosen]
     for entry in skipped:
         rejected.append(Candidate(entry, RunSettings(), None, None, False,
@@ -609,10 +632,31 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
 
 
 # ---------------------------------------------------------------------------------------------------------- refuse
+def _refine_smallest(tried: list[Candidate], hardware: HardwareProfile, prefs: Preferences,
+                     specs: dict[str, speedmod.DeviceSpec], memo: _Memo) -> list[Candidate]:
+    """Nothing fits: if the smallest requirement is a size-only lower bound, replace it by a real estimate of
+    that entry's most frugal configuration, so the refusal names the full figure."""
+    out = [c for c in tried if not c.fits and c.need_bytes > 0]
+    if not out:
+        return tried
+    small = min(out, key=lambda c: c.need_bytes)
+    if small.estimate is not None:
+        return tried
+    try:
+        planner = _EntryPlanner(small.entry, hardware, prefs, specs, memo)
+    except UsageError:
+        return tried
+    kv, repack = planner.kv_rungs()[-1]
+    c = planner.evaluate("cpu", planner.settings("cpu", _contexts(small.entry, prefs)[-1], kv, repack=repack))
+    c = replace(c, reason=f"needs {format_size(c.need_bytes)} at least, {format_size(_capacity_total(hardware))} "
+                          f"{_where(hardware)}")
+    return [c if x is small else x for x in tried]
+
+
 def smallest_requirement(result: PlanResult) -> Candidate | None:
     """The rejected candidate that needs the least memory in all (what any machine would need at minimum)."""
-    estimated = [c for c in result.rejected if c.estimate is not None and not c.fits]
-    return min(estimated, key=lambda c: c.need_bytes, default=None)
+    out = [c for c in result.rejected if not c.fits and c.need_bytes > 0]
+    return min(out, key=lambda c: c.need_bytes, default=None)
 
 
 def require_fit(result: PlanResult) -> Candidate:
@@ -631,17 +675,21 @@ def require_fit(result: PlanResult) -> Candidate:
         raise DoesNotFitError("nothing to plan: " + "; ".join(reasons[:3]),
                               hint="raise --max-download, or choose another --model/--family")
     ways = []
-    if small.n_ctx > 2048 or result.preferences.n_ctx:
+    if small.estimate is not None and (small.n_ctx > 2048 or result.preferences.n_ctx):
         ways.append("less context (--ctx 2048)")
     quants = [c.entry for c in result.rejected if c.entry.model == small.entry.model]
     if any(quant_rank(e.quant) < quant_rank(small.entry.quant) for e in quants):
         ways.append("a smaller quant")
     ways += ["more RAM or GPU memory",
              "more hosts (`llmrun worker` on each, then `llmrun plan --workers host:port,...`)"]
-    extras = "" if small.settings.repack else ", no repack"
+    if small.estimate is not None:
+        extras = "" if small.settings.repack else ", no repack"
+        what = (f"{small.name} ({PLACEMENT_LABEL[small.placement]}, {small.n_ctx} context, "
+                f"{small.settings.type_k} KV{extras}), needs")
+    else:
+        what = f"{small.name}, needs at least"
     raise DoesNotFitError(
-        f"nothing fits {hw.name}: the smallest option, {small.name} ({PLACEMENT_LABEL[small.placement]}, "
-        f"{small.n_ctx} context, {small.settings.type_k} KV{extras}), needs {format_size(small.need_bytes)} "
+        f"nothing fits {hw.name}: the smallest option, {what} {format_size(small.need_bytes)} "
         f"({_gb(small.need_bytes)}); {hw.name} has {have}",
         hint="ways out: " + "; ".join(ways))
 
