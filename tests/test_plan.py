@@ -231,7 +231,7 @@ def test_rejections_name_one_number(catalog):
              r"needs [0-9.]+ GiB at least, [0-9.]+ GiB RAM available")
     for x in r.rejected:
         assert any(re.fullmatch(f, x.reason) for f in forms), x.reason
-    r = _plan("laptop-16gb", catalog, model="llama-2-13b-chat:Q8_0", n_ctx=4096)
+    r = _plan("laptop-16gb", catalog, model="llama-2-13b-chat:Q6_K", n_ctx=4096)
     assert any(re.fullmatch(r"needs [0-9.]+ GiB RAM, [0-9.]+ GiB available", x.reason) for x in r.rejected)
 
 
