@@ -484,8 +484,8 @@ def _entries(catalog: Catalog, prefs: Preferences, notes: list[str]) -> list[Cat
             notes.append("--license open: left out models under " + ", ".join(closed)
                          + " (not OSI-approved open-source licences)")
         if not entries:
-            raise DoesNotFitError("no model under an OSI-approved licence matches",
-                                  hint="drop --license open, or choose an open family such as grok1")
+            raise UsageError("no model under an OSI-approved licence matches these options",
+                             hint="drop --license open, or choose an open family such as grok1")
     return entries
 
 

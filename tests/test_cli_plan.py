@@ -105,7 +105,7 @@ def test_probe_of_this_machine_does_not_measure(monkeypatch):
     seen = []
     real = hardware.cached_memory_bandwidth
 
-    def spy(cpu_model, measure):
+    def spy(cpu_model, measure, **kw):
         seen.append(measure)
         return real(cpu_model, None)
 
