@@ -509,6 +509,27 @@ def _allowed(entry: CatalogEntry, best: Candidate | None, hardware: HardwareProf
             if PLACEMENTS.index(p) < limit or (same_ok and PLACEMENTS.index(p) == limit)]
 
 
+def _calibration(bench: dict, fingerprint: str, catalog: Catalog, hardware: HardwareProfile, prefs: Preferences,
+                 specs: dict[str, speedmod.DeviceSpec], memo: _Memo) -> float | None:
+    """Median of measured / predicted decode speed over the bench results taken on this machine for catalog
+    entries (predicted for the configuration the planner gives that entry, as `llmrun bench` runs it)."""
+    ratios = []
+    for name, rec in bench.items():
+        if speedmod.bench_record(bench, (name,), fingerprint) is None or name not in catalog:
+            continue
+        entry = catalog.get(name)
+        try:
+            fit = _EntryPlanner(entry, hardware, replace(prefs, n_ctx=None), specs, memo).first_fit()
+        except UsageError:
+            continue
+        if fit is not None and fit.speed and fit.speed.decode_tps > 0:
+            ratios.append(float(rec["decode_tps"]) / fit.speed.decode_tps)
+    if not ratios:
+        return None
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
 def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | None = None, *,
               exhaustive: bool = False) -> PlanResult:
     """Choose the best configuration that fits `hardware`, and explain every configuration not chosen.
@@ -524,8 +545,11 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     specs = speedmod.device_specs(hardware)
     fingerprint = speedmod.hardware_fingerprint(hardware)
     bench = speedmod.load_bench()
-
     memo = _Memo(hardware)
+    calibration = _calibration(bench, fingerprint, catalog, hardware, prefs, specs, memo) if bench else None
+    if calibration:
+        notes.append(f"speeds calibrated by `llmrun bench` results on this machine (× {calibration:.2f})")
+
     tried: list[Candidate] = []
     fitting: list[Candidate] = []
     best: Candidate | None = None
@@ -560,8 +584,8 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
             continue
         if fit is not None and bench:
             record = speedmod.bench_record(bench, (entry.name, entry.local_file or ""), fingerprint)
-            if record:
-                fitted = replace(fit, speed=speedmod.apply_bench(fit.speed, record))
+            if record or calibration:
+                fitted = replace(fit, speed=speedmod.apply_bench(fit.speed, record, calibration=calibration))
                 planner.tried[planner.tried.index(fit)] = fitted
                 fit = fitted
         tried.extend(planner.tried)

@@ -277,3 +277,18 @@ def test_a_machine_without_enough_for_anything_gets_the_smallest_requirement(cat
     small = planmod.smallest_requirement(r)
     assert small.entry.model.startswith("llama-2-7b")
     assert "smaller quant" not in err.value.hint or quant_rank(small.entry.quant) > 0
+
+
+def test_bench_results_calibrate_other_models_on_the_same_machine(catalog, tmp_path, monkeypatch):
+    hw = load_profile("ci-2core-24gb")
+    base = require_fit(make_plan(hw, Preferences(model="llama-2-13b-chat:Q4_K_M"), catalog))
+    ref = require_fit(make_plan(hw, Preferences(model="llama-2-7b-chat:Q4_0"), catalog))
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    (tmp_path / "bench.json").write_text(json.dumps({
+        ref.name: {"decode_tps": ref.speed.decode_tps / 2, "fingerprint": hardware_fingerprint(hw)},
+        "llama-2-70b-chat:Q2_K": {"decode_tps": 99.0, "fingerprint": "some other machine"}}))
+    r = make_plan(hw, Preferences(model="llama-2-13b-chat:Q4_K_M"), catalog)
+    c = require_fit(r)
+    assert c.speed.basis == "calibrated"
+    assert c.speed.decode_tps == pytest.approx(base.speed.decode_tps / 2)
+    assert any("calibrated" in n for n in r.notes)
