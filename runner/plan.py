@@ -176,6 +176,42 @@ def _gb(n: int | float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def _ruled_out_by_size(entry: CatalogEntry, hardware: HardwareProfile, prefs: Preferences) -> Candidate | None:
+    """A rejection from the download size alone: over --max-download, or more than every device together holds."""
+    if prefs.max_download_bytes is not None and entry.size_bytes > prefs.max_download_bytes:
+        return Candidate(entry, RunSettings(), None, None, False,
+                         f"download {_gb(entry.size_bytes)} > --max-download {_gb(prefs.max_download_bytes)}",
+                         "cpu", float("inf"), 0)
+    floor = int(entry.size_bytes * SIZE_FLOOR_SHARE)
+    cap = capacity_total(hardware)
+    if floor > cap:
+        return Candidate(entry, RunSettings(), None, None, False,
+                         f"weights alone need {format_size(floor)}, {format_size(cap)} {where_label(hardware)}",
+                         "cpu", floor / max(cap, 1), floor)
+    return None
+
+
+def decode_bound(entry: CatalogEntry, hardware: HardwareProfile, specs: dict[str, speedmod.DeviceSpec]) -> float:
+    """An upper bound on decode tok/s for an entry on this machine, from its download size alone: every active
+    weight that can sit on the GPUs is read at the fastest GPU's speed, the rest at the host's, no KV read."""
+    shape = entry.shape
+    n_params = float(shape.n_params or entry.params_b * 1e9)
+    per_param = entry.size_bytes / n_params
+    active = entry.size_bytes - shape.n_vocab * shape.n_embd * per_param      # one embedding row per token
+    if shape.is_moe:
+        experts = 3 * shape.n_embd * shape.n_ff * shape.n_expert * shape.n_layer * per_param
+        active -= experts * (1 - shape.n_expert_used / shape.n_expert)
+    active = max(active, 1.0)
+    gpus = [sp for name, sp in specs.items() if name != "CPU"]
+    on_gpu = min(active, sum(g.free_bytes for g in hardware.gpus)) if gpus else 0.0
+    host = specs["CPU"]
+    t = (active - on_gpu) / (host.bandwidth_gbps * 1e9 * host.decode_efficiency)
+    if on_gpu:
+        fastest = max(gpus, key=lambda sp: sp.bandwidth_gbps * sp.decode_efficiency)
+        t += on_gpu / (fastest.bandwidth_gbps * 1e9 * fastest.decode_efficiency)
+    return 1.05 / t   # 5% slack: the catalog's rounded sizes
+
+
 def _entry_rank(e: CatalogEntry) -> tuple:
     return (e.params_b, quant_rank(e.quant), e.chat)
 
@@ -237,20 +273,25 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     fitting: list[Candidate] = []
     best: Candidate | None = None
     skipped: list[CatalogEntry] = []
-    for entry in entries:
-        if prefs.max_download_bytes is not None and entry.size_bytes > prefs.max_download_bytes:
-            tried.append(Candidate(entry, RunSettings(), None, None, False,
-                                   f"download {_gb(entry.size_bytes)} > --max-download {_gb(prefs.max_download_bytes)}",
-                                   "cpu", float("inf"), 0))
-            continue
-        floor = int(entry.size_bytes * SIZE_FLOOR_SHARE)
-        if floor > capacity_total(hardware):
-            # the download alone is more than every device together holds: no layout or estimate needed
-            tried.append(Candidate(entry, RunSettings(), None, None, False,
-                                   f"weights alone need {format_size(floor)}, "
-                                   f"{format_size(capacity_total(hardware))} {where_label(hardware)}",
-                                   "cpu", floor / max(capacity_total(hardware), 1), floor))
-            continue
+    slow: list[tuple[CatalogEntry, float]] = []
+    kept = []
+    for entry in entries:  # what rules an entry out without a layout or an estimate
+        ruled_out = _ruled_out_by_size(entry, hardware, prefs)
+        if ruled_out is not None:
+            tried.append(ruled_out)
+        else:
+            kept.append(entry)
+    entries = kept
+    if prefs.prefer == "quality" and not exhaustive:
+        # entries that cannot reach USABLE_DECODE_TPS here go last, and only if nothing usable fits
+        bounds = {e.name: decode_bound(e, hardware, specs) * (calibration or 1.0) for e in entries}
+        slow = [(e, bounds[e.name]) for e in entries if bounds[e.name] < USABLE_DECODE_TPS]
+        entries = [e for e in entries if bounds[e.name] >= USABLE_DECODE_TPS]
+    queue = list(entries)
+    while queue or (slow and best is None):
+        if not queue:
+            queue, slow = [e for e, _ in slow], []
+        entry = queue.pop(0)
         allowed = _allowed(entry, best, hardware) if prefs.prefer == "quality" and not exhaustive else None
         if allowed is not None and not allowed:
             skipped.append(entry)
@@ -279,6 +320,10 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
                     best is None or _quality_key(fit) > _quality_key(best)):
                 best = fit
 
+    for entry, bound in slow:  # a usable candidate was found: these could not have been chosen
+        tried.append(Candidate(entry, RunSettings(), None, None, False,
+                               f"too slow here: at most {bound:.1f} tok/s (< {USABLE_DECODE_TPS:g}), not estimated",
+                               "cpu", 0.0, 0))
     chosen = _select(fitting, prefs, notes)
     if chosen is None:
         tried = _refine_smallest(tried, hardware, prefs, specs, memo)
