@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = [
+    ("baseline: `llmrun --help` (no plan)", None),
     ("this machine (probe)", []),
     ("ci-2core-24gb", ["--hardware", "ci-2core-24gb"]),
     ("rtx4090-24gb", ["--hardware", "rtx4090-24gb"]),
@@ -26,15 +28,20 @@ CASES = [
 ]
 
 
-def wall(args: list[str], runs: int) -> list[float]:
+def wall(args: list[str], runs: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, user+sys CPU seconds) of each run: on a busy machine the CPU time is the steadier figure."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
-    out = []
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "runner", "plan", *args], env=env, cwd=REPO,
+        cmd = ["--help"] if args is None else ["plan", *args]
+        subprocess.run([sys.executable, "-m", "runner", *cmd], env=env, cwd=REPO,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out.append(time.perf_counter() - t)
-    return out
+        walls.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return walls, cpus
 
 
 def in_process(args: list[str], runs: int) -> list[float]:
@@ -59,12 +66,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     n = ap.parse_args().runs
-    print(f"| case | `llmrun plan` wall, median of {n} (min) | make_plan alone, median (min) |")
-    print("|---|---|---|")
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    print(f"| case | `llmrun plan` wall, median of {n} (min) | its CPU time (user+sys), median | "
+          "make_plan alone, median (min) |")
+    print("|---|---|---|---|")
     for label, args in CASES:
-        w, p = wall(args, n), in_process(args, n)
+        (w, c), p = wall(args, n), (in_process(args, n) if args is not None else [0.0])
         print(f"| {label} | {statistics.median(w) * 1000:.0f} ms ({min(w) * 1000:.0f}) | "
-              f"{statistics.median(p) * 1000:.1f} ms ({min(p) * 1000:.1f}) |")
+              f"{statistics.median(c) * 1000:.0f} ms | {statistics.median(p) * 1000:.1f} ms ({min(p) * 1000:.1f}) |")
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
