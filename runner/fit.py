@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from runner import estimate as estimator
 from runner import speed as speedmod
 from runner.catalog import CatalogEntry
 from runner.estimate import RunSettings
@@ -72,7 +73,6 @@ class Candidate:
                           "at_tokens": self.speed.at_tokens, "bottleneck": self.speed.bottleneck,
                           "basis": self.speed.basis}
         return d
-
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
@@ -169,9 +169,7 @@ class Memo:
     quant, so they cost one estimate. Keyed by values, so it is only valid for one hardware profile."""
 
     def __init__(self, hardware: HardwareProfile):
-        from runner import estimate as est
-
-        self.est, self.hardware = est, hardware
+        self.est, self.hardware = estimator, hardware
         self.layouts: dict[tuple, Any] = {}
         self.estimates: dict[tuple, Any] = {}
         self.gpu_free = tuple(g.free_bytes for g in hardware.gpus)
