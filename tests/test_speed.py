@@ -78,9 +78,21 @@ def test_decode_slows_with_context_read_and_is_bandwidth_proportional():
     assert long.decode_tps < short.decode_tps
     # 2 GiB of f16 KV read at 4096 tokens on top of ≈3.9 GB of weights
     assert long.bytes_per_token - short.bytes_per_token == pytest.approx(2 * GiB * (4096 - 16) / 4096, rel=0.01)
-    fast = _cpu_only(52.0)
-    assert speed.predict(_flows(entry, RunSettings(), fast, 16)[0], fast, at_tokens=16).decode_tps == \
-        pytest.approx(2 * short.decode_tps, rel=1e-6)
+    cpu16 = CPU("test cpu", "x86_64", 16, 32, 32.0, frozenset({"avx2", "fma"}))
+    slow16 = HardwareProfile("t", cpu16, 24 * GiB, 22 * GiB, memory_bandwidth_gbps=26.0)
+    fast16 = HardwareProfile("t", cpu16, 24 * GiB, 22 * GiB, memory_bandwidth_gbps=52.0)
+    a = speed.predict(_flows(entry, RunSettings(), slow16, 16)[0], slow16, at_tokens=16).decode_tps
+    b = speed.predict(_flows(entry, RunSettings(), fast16, 16)[0], fast16, at_tokens=16).decode_tps
+    assert b == pytest.approx(2 * a, rel=1e-6)
+
+
+def test_a_two_core_cpu_is_compute_bound_with_enough_bandwidth():
+    entry = load_catalog().get("llama-2-7b-chat:Q4_K_M")
+    hw = _cpu_only(500.0)
+    pred = speed.predict(_flows(entry, RunSettings(), hw, 16)[0], hw, at_tokens=16)
+    flops_bound = speed.cpu_gflops(CPU2) * 1e9 / (2 * entry.shape.n_params)
+    assert pred.decode_tps <= flops_bound * 1.03   # the embedding rows are not multiplied
+    assert pred.decode_tps == pytest.approx(flops_bound, rel=0.05)
 
 
 def test_moe_reads_only_the_used_experts():
