@@ -114,13 +114,23 @@ def measure_case(case: Case, n_ctxs: tuple[int, ...] = N_CTX, *, flags: frozense
         logged.update(ctx["buffers"])
         measured = {comp: logged.get(key, 0) for comp, key in COMPONENTS}
         measured["rss"] = max(ctx["hwm"], ctx["rss"])
-        host = estimate_case(case, n_ctx, flags).host
-        estimated = {comp: getattr(host, comp) for comp, _ in COMPONENTS}
-        estimated["rss"] = host.total
-        rows.append(Row(case.label, n_ctx, measured, estimated,
-                        {"load_s": result["load_s"], "ctx_s": ctx["ctx_s"], "decode_s": ctx["decode_s"],
-                         "decoded": ctx["decoded"]}))
+        timings = {"load_s": result["load_s"], "ctx_s": ctx["ctx_s"], "decode_s": ctx["decode_s"],
+                   "decoded": ctx["decoded"]}
+        rows.append(row_from_measurement(case, n_ctx, measured, flags, timings))
     return rows
+
+
+def row_from_measurement(case: Case, n_ctx: int, measured: dict[str, int], flags: frozenset[str],
+                         timings: dict | None = None) -> Row:
+    """Pair a measurement with the current estimate. When only one token was decoded, the compute buffer is
+    barely touched, so the RSS is compared with the estimate's total less its committed compute pages (the
+    compute term itself is checked against llama.cpp's log, and its residency on filled contexts)."""
+    host = estimate_case(case, n_ctx, flags).host
+    estimated = {comp: getattr(host, comp) for comp, _ in COMPONENTS}
+    filled = bool(timings) and timings.get("decoded", 1) >= n_ctx
+    committed = host.compute if host.compute_committed is None else host.compute_committed
+    estimated["rss"] = host.total if filled else host.total - committed
+    return Row(case.label, n_ctx, measured, estimated, dict(timings or {}))
 
 
 def markdown_table(rows: list[Row]) -> str:
