@@ -134,7 +134,6 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
     Sizes are bytes."""
-    import ctypes
     import os
     import time
 
@@ -200,7 +199,6 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
                 result["contexts"].append(entry)
         finally:
             llama_cpp.llama_model_free(model)
-    del ctypes
     return result
 
 
