@@ -253,8 +253,16 @@ def kv_cache_bytes(shape: ModelShape, settings: RunSettings) -> int:
     return kv_layer_bytes(shape, settings) * shape.n_layer
 
 
-def flash_attn_effective(settings: RunSettings) -> bool:
-    """llama.cpp needs flash attention for a quantized V cache and turns it on (auto) when asked to."""
+# architectures whose graph llama.cpp runs without flash attention whatever is asked ("flash_attn is not
+# compatible with Grok - forcing off")
+NO_FLASH_ATTN_ARCHS = frozenset({"grok"})
+
+
+def flash_attn_effective(settings: RunSettings, shape: ModelShape | None = None) -> bool:
+    """Whether llama.cpp will run flash attention: off for architectures that do not support it; on when asked,
+    or when the V cache is quantized (llama.cpp needs it then and turns it on)."""
+    if shape is not None and shape.arch in NO_FLASH_ATTN_ARCHS:
+        return False
     return settings.flash_attn or settings.type_v.lower() not in ("f16", "f32", "bf16")
 
 
@@ -267,19 +275,19 @@ def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_outpu
       U = min(n_ubatch, n_ctx), K = KV cells per stream, E = n_embd, KV = n_head_kv*head_dim, F = n_ff
       mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention
       attention    = 4*U*K*n_head (KQ scores, absent with flash attention) + 4*U*(5E + 2KV)
-      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention)
+      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used
       output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then)
     """
     u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
     cells, _streams = kv_cells(settings)
     k = cells
     e, kv, f, h = shape.n_embd, shape.n_embd_k_gqa, shape.n_ff, shape.n_head
-    fa = flash_attn_effective(settings)
+    fa = flash_attn_effective(settings, shape)
     if shape.is_moe:
         f = shape.n_ff * max(shape.n_expert_used, 1)
     mask = u * k * (2 if fa else 4)
     attention = 4 * u * (5 * e + 2 * kv) + (0 if fa else 4 * u * k * h)
-    ffn = 12 * u * f + 16 * u * e + (0 if fa else 4 * u * e)
+    ffn = 12 * u * f + 16 * u * e + (0 if fa or shape.is_moe else 4 * u * e)
     phases = [mask + attention + _SMALL_INPUTS, mask + ffn + _SMALL_INPUTS]
     if with_output:
         n_out = u if n_outputs is None else max(1, min(n_outputs, u))
@@ -305,7 +313,7 @@ def compute_committed_bytes(shape: ModelShape, settings: RunSettings, *, with_ou
 def cpu_work_buffer_bytes(shape: ModelShape, settings: RunSettings) -> int:
     """The CPU backend's matmul work buffer (not logged by llama.cpp): without flash attention the softmaxed
     KQ scores are converted to f16 for the KQV product, 2 * U * K * n_head bytes at a full context."""
-    if flash_attn_effective(settings):
+    if flash_attn_effective(settings, shape):
         return 0
     u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
     cells, _streams = kv_cells(settings)
@@ -398,7 +406,11 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
 
     if ngl and not offloaded:
         notes.append("n_gpu_layers > 0 but no GPU: everything runs on the CPU")
-    if settings.type_v.lower() not in ("f16", "f32", "bf16") and not settings.flash_attn:
+    quantized_v = settings.type_v.lower() not in ("f16", "f32", "bf16")
+    if shape.arch in NO_FLASH_ATTN_ARCHS and (settings.flash_attn or quantized_v):
+        notes.append(f"llama.cpp runs {shape.arch} without flash attention"
+                     + ("; a quantized V cache needs it, so use an f16 V cache" if quantized_v else ""))
+    elif quantized_v and not settings.flash_attn:
         notes.append("a quantized V cache makes llama.cpp turn flash attention on")
     if unified:
         notes.append("unified memory: GPU buffers are in host RAM as well")

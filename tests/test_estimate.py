@@ -24,6 +24,8 @@ L13 = ModelShape("llama", 40, 5120, 40, 40, 13824, 32000, 4096)
 L70 = ModelShape("llama", 80, 8192, 64, 8, 28672, 32000, 4096)
 GROK = ModelShape("grok", 64, 6144, 48, 8, 32768, 131072, 8192, n_expert=8, n_expert_used=2)
 SMOL = ModelShape("llama", 30, 576, 9, 3, 1536, 49152, 8192)
+TINY_GROK = ModelShape("grok", 2, 2048, 16, 8, 2048, 8000, 8192, n_expert=8, n_expert_used=2)
+TINY_GROK_F2 = ModelShape("grok", 2, 2048, 16, 8, 4096, 8000, 8192, n_expert=8, n_expert_used=2)
 AVX2 = frozenset({"avx", "avx2", "fma", "f16c"})
 KiB = 1024
 
@@ -178,6 +180,9 @@ LOGGED_COMPUTE = [
     (L13, 512, 512, True, 121.51), (L13, 4096, 512, True, 125.01),
     (L70, 2048, 512, False, 344.01), (L70, 4096, 512, False, 604.01), (L70, 4096, 512, True, 236.01),
     (SMOL, 512, 512, False, 98.25), (SMOL, 2048, 512, False, 99.38),
+    # Grok-architecture (MoE, 8 experts, 2 used; flash attention is forced off for grok)
+    (TINY_GROK, 512, 512, True, 41.04), (TINY_GROK, 4096, 512, False, 160.01),
+    (TINY_GROK_F2, 512, 512, False, 65.04), (TINY_GROK_F2, 2048, 512, True, 92.01),
 ]
 
 
