@@ -105,3 +105,32 @@ def test_synthetic_model_accuracy(name, quant):
     rows = accuracy.measure_case(accuracy.synthetic_case(name, quant))
     assert len(rows) == len(accuracy.N_CTX)
     assert _check(rows) == [], accuracy.markdown_table(rows)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch, quant", [("llama", "Q4_0"), ("llama", "Q4_K_M"), ("grok", "Q4_K_M"),
+                                         ("grok", "Q2_K")])
+def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch, arch, quant):
+    """Cheap real check of weights, repack (incl. 3-D expert tensors), KV and compute on tiny synthetic files."""
+    pytest.importorskip("llama_cpp")
+    from runner.engine.buffers import measure_in_subprocess
+    from runner.estimate import RunSettings, estimate, layout_from_recipe
+    from runner.shapes import ModelShape
+    from runner.synth import ensure_synth
+
+    monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
+    if arch == "grok":
+        shape = ModelShape("grok", 2, 2048, 16, 8, 2048, 8000, 8192, n_expert=8, n_expert_used=2)
+    else:
+        shape = ModelShape("llama", 2, 2048, 16, 8, 5504, 8000, 4096)
+    path = ensure_synth(shape, quant)
+    result = measure_in_subprocess(str(path), [{"n_ctx": 1024}])
+    logged = dict(result["load_buffers"], **result["contexts"][0]["buffers"])
+    host = estimate(shape, layout_from_recipe(shape, quant), RunSettings(n_ctx=1024),
+                    cpu_flags=accuracy.cpu_flags()).host
+    tol = 10 * 1024
+    assert abs(host.weights - logged["CPU_Mapped model"]) < tol
+    assert abs(host.repack - logged.get("CPU_REPACK model", 0)) < tol
+    assert abs(host.kv_cache - logged["CPU KV"]) < tol
+    assert abs(host.compute - logged["CPU compute"]) <= 0.03 * logged["CPU compute"]
+    assert abs(host.output - logged["CPU output"]) < tol
