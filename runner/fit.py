@@ -220,9 +220,12 @@ class EntryPlanner:
         n_gpu_layers = {"gpu": n_layer + 1, "experts-in-ram": n_layer + 1, "cpu": 0}.get(placement, ngl or 0)
         if not self.hardware.gpus:
             n_gpu_layers = 0
+        # a quantized V cache needs flash attention; architectures llama.cpp runs without it quantize K only
+        no_fa = self.entry.shape.arch in getattr(estimator, "NO_FLASH_ATTN_ARCHS", frozenset())
+        type_v = "f16" if no_fa else kv
         return RunSettings(
             n_ctx=ctx * self.n_parallel, n_parallel=self.n_parallel,
-            type_k=kv, type_v=kv, flash_attn=kv != "f16",
+            type_k=kv, type_v=type_v, flash_attn=type_v != "f16",
             n_gpu_layers=n_gpu_layers,
             tensor_split=_tensor_split(self.hardware) if n_gpu_layers else (),
             experts_on_cpu=placement == "experts-in-ram",

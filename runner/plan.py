@@ -369,7 +369,9 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
         notes.append(f"--ctx {prefs.n_ctx} is beyond {c.entry.model}'s training context ({train}); "
                      "quality degrades past it")
     if c.settings.type_k != "f16":
-        notes.append(f"KV cache quantized to {c.settings.type_k} (with flash attention) to fit")
+        notes.append(f"KV cache quantized to {c.settings.type_k} to fit" + (
+            " (with flash attention)" if c.settings.flash_attn else
+            f" (K only: llama.cpp runs {c.entry.shape.arch} without flash attention, which a quantized V needs)"))
     if not c.settings.repack:
         notes.append("weights are not repacked for this CPU (llama.cpp --no-repack) to fit: prompts run slower")
     layout_bytes = sum(d.weights for d in c.estimate.devices) if c.estimate is not None else 0

@@ -292,3 +292,15 @@ def test_bench_results_calibrate_other_models_on_the_same_machine(catalog, tmp_p
     assert c.speed.basis == "calibrated"
     assert c.speed.decode_tps == pytest.approx(base.speed.decode_tps / 2)
     assert any("calibrated" in n for n in r.notes)
+
+
+def test_grok_quantizes_only_the_k_cache(catalog):
+    """llama.cpp runs grok without flash attention, and a quantized V cache needs it: q8_0 applies to K only."""
+    r = make_plan(load_profile("a100-80gb"), Preferences(family="grok1"), catalog, exhaustive=True)
+    grok_q8 = [c for c in (r.chosen, *r.rejected) if c and c.estimate is not None and c.settings.type_k == "q8_0"]
+    assert grok_q8
+    assert all(c.settings.type_v == "f16" and not c.settings.flash_attn for c in grok_q8)
+    llama = require_fit(make_plan(replace(load_profile("ci-2core-24gb"), ram_available_bytes=15 * GiB),
+                                  Preferences(model="llama-2-13b-chat:Q8_0"), catalog))
+    if llama.settings.type_k == "q8_0":
+        assert llama.settings.type_v == "q8_0" and llama.settings.flash_attn

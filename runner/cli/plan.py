@@ -72,6 +72,10 @@ def _tps(x: float) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
+def _kv(s) -> str:
+    return s.type_k if s.type_k == s.type_v else f"K {s.type_k} / V {s.type_v}"
+
+
 def _config(c) -> str:
     """One line: placement, layers, context, KV."""
     from runner.plan import PLACEMENT_LABEL
@@ -82,7 +86,7 @@ def _config(c) -> str:
     if c.placement == "partial":
         parts[0] += f" ({s.n_gpu_layers}/{n_layer + 1} layers on GPU)"
     parts.append(f"ctx {c.n_ctx}" + (f" ×{s.n_parallel}" if s.n_parallel > 1 else ""))
-    parts.append(f"KV {s.type_k}")
+    parts.append(f"KV {_kv(s)}")
     if not s.repack:
         parts.append("no repack")
     return ", ".join(parts)
@@ -153,7 +157,7 @@ def render(result, *, show_all: bool = False) -> None:
             f", split {' / '.join(f'{x:.0%}' for x in s.tensor_split)}" if s.tensor_split else ""))
         table.add_row("n_gpu_layers", f"{s.n_gpu_layers} of {c.entry.shape.n_layer + 1} (output layer counts as one)")
         table.add_row("context", f"{c.n_ctx} tokens" + (f" × {s.n_parallel} sequences" if s.n_parallel > 1 else ""))
-        table.add_row("KV cache", f"{s.type_k}" + (" with flash attention" if s.flash_attn else "")
+        table.add_row("KV cache", _kv(s) + (" with flash attention" if s.flash_attn else "")
                       + ("" if s.repack else "; weights not repacked (--no-repack)"))
         if c.entry.shape.is_moe:
             table.add_row("experts", ("in host RAM" if s.experts_on_cpu else "with their layers") +
