@@ -121,10 +121,14 @@ def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
             best = max(fit, key=lambda c: quant_rank(c.entry.quant))
             more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
             rows.append((best.name + more, _config(best), best.reason, True))
-        if skipped:
-            qs = sorted((c.entry.quant for c in skipped), key=quant_rank, reverse=True)
-            rows.append((f"{model}: {qs[0]}…{qs[-1]}" if len(qs) > 1 else f"{model}:{qs[0]}", "—",
-                         skipped[0].reason, True))
+        groups: dict[str, list] = {}
+        for c in skipped:  # "too slow here: …" and "ranked below …" are listed apart
+            groups.setdefault(" ".join(c.reason.split()[:2]), []).append(c)
+        for group in groups.values():
+            group.sort(key=lambda c: quant_rank(c.entry.quant), reverse=True)
+            first, last = group[0].entry.quant, group[-1].entry.quant
+            rows.append((f"{model}: {first}…{last}" if len(group) > 1 else f"{model}:{first}", "—",
+                         group[0].reason, True))
     return rows
 
 
