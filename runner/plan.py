@@ -52,6 +52,7 @@ Prefer = Literal["quality", "speed"]
 DEFAULT_FAMILIES = ("llama2", "grok1")
 USABLE_DECODE_TPS = 3.0           # quality mode prefers candidates at least this fast, when any is
 QUALITY_FLOOR_QUANT = "Q4_0"      # speed mode keeps to quants at least this good, when any fits
+NEAR_FASTEST = 0.8                # when nothing is usable: the best quality within this share of the top speed
 SIZE_FLOOR_SHARE = 0.98           # the catalog's download size (rounded for some) bounds the weights from below
 
 
@@ -126,9 +127,17 @@ def _select(fitting: list[Candidate], prefs: Preferences, notes: list[str]) -> C
         return max(pool, key=_speed_key)
     usable = [c for c in fitting if c.speed and c.speed.decode_tps >= USABLE_DECODE_TPS]
     if not usable:
-        best = max(fitting, key=_quality_key)
-        notes.append(f"nothing that fits decodes at {USABLE_DECODE_TPS:g} tok/s or more here; "
-                     f"{best.name} is the best quality that fits")
+        # nothing is comfortable: the best quality among the near-fastest (≥ NEAR_FASTEST of the top speed),
+        # keeping to the quality floor where possible
+        floor = quant_rank(QUALITY_FLOOR_QUANT)
+        pool = [c for c in fitting if quant_rank(c.entry.quant) >= floor] or fitting
+        top = max((c.speed.decode_tps for c in pool if c.speed), default=0.0)
+        near = [c for c in pool if c.speed and c.speed.decode_tps >= NEAR_FASTEST * top] or pool
+        best = max(near, key=_quality_key)
+        richest = max(fitting, key=_quality_key)
+        notes.append(f"nothing that fits decodes at {USABLE_DECODE_TPS:g} tok/s or more here: chose among the "
+                     f"fastest; the best quality that fits is {richest.name} at about "
+                     f"{richest.speed.decode_tps:.1f} tok/s (--model {richest.name})")
         return best
     best = max(usable, key=_quality_key)
     better = [c for c in fitting if _quality_key(c) > _quality_key(best)]
@@ -381,6 +390,9 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
     if hardware.disk_free_bytes is not None and c.entry.size_bytes > hardware.disk_free_bytes:
         notes.append(f"download {_gb(c.entry.size_bytes)} is more than the {_gb(hardware.disk_free_bytes)} "
                      "free disk (unless already pulled)")
+    if c.estimate is not None:
+        notes.extend(getattr(c.estimate, "notes", ()))
+    notes.extend(hardware.notes)
     if not c.entry.size_exact:
         notes.append(f"{c.name}: size is the model card's rounded figure; the real size is checked at pull time")
     return notes
@@ -428,8 +440,13 @@ def require_fit(result: PlanResult) -> Candidate:
     small = smallest_requirement(result)
     if small is None:
         reasons = sorted({c.reason for c in result.rejected}) or ["no candidate"]
-        raise DoesNotFitError("nothing to plan: " + "; ".join(reasons[:3]),
-                              hint="raise --max-download, or choose another --model/--family")
+        hints = []
+        if any(r.startswith("download") for r in reasons):
+            hints.append("raise --max-download")
+        if any(r.startswith("cannot estimate") for r in reasons):
+            hints.append("the memory estimate does not cover this model yet")
+        hints.append("choose another --model or --family")
+        raise DoesNotFitError("nothing to plan: " + "; ".join(reasons[:3]), hint="; ".join(hints))
     ways = []
     if small.estimate is not None and (small.n_ctx > 2048 or result.preferences.n_ctx):
         ways.append("less context (--ctx 2048)")

@@ -304,3 +304,17 @@ def test_grok_quantizes_only_the_k_cache(catalog):
                                   Preferences(model="llama-2-13b-chat:Q8_0"), catalog))
     if llama.settings.type_k == "q8_0":
         assert llama.settings.type_v == "q8_0" and llama.settings.flash_attn
+
+
+def test_when_nothing_is_usable_the_choice_stays_near_the_fastest(catalog):
+    slow = replace(load_profile("ci-2core-24gb"), memory_bandwidth_gbps=8.0)
+    r = make_plan(slow, Preferences(), catalog)
+    c = require_fit(r)
+    assert c.speed.decode_tps < planmod.USABLE_DECODE_TPS
+    assert quant_rank(c.entry.quant) >= quant_rank(planmod.QUALITY_FLOOR_QUANT)
+    full = make_plan(slow, Preferences(), catalog, exhaustive=True)
+    fastest = max(x.speed.decode_tps for x in (full.chosen, *full.rejected) if x.fits and x.speed
+                  and quant_rank(x.entry.quant) >= quant_rank(planmod.QUALITY_FLOOR_QUANT))
+    assert c.speed.decode_tps >= planmod.NEAR_FASTEST * fastest
+    assert (full.chosen.name, full.chosen.settings) == (c.name, c.settings)
+    assert any("best quality that fits is" in n for n in r.notes)
