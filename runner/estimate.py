@@ -9,8 +9,8 @@ Public API
     kv_cache_bytes(shape, settings)  the KV cache alone (all layers, all devices)
     layer_devices(n_layer, settings, gpus, gpu_free)  where each layer and the output layer go
 
-Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), then
-"RPC0", ... for RPC workers (which take part in the layer split after the local GPUs).
+Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), and
+"RPC0", ... for RPC workers, which llama.cpp puts first in its device list (and in tensor_split).
 
 Model of llama.cpp (ggml-org/llama.cpp as vendored by llama-cpp-python 0.3.36), all checked against its logs:
 - placement: i_gpu_start = max(n_layer + 1 - ngl, 0); layers i >= i_gpu_start go to the GPUs, split in
@@ -163,13 +163,16 @@ class MemoryEstimate:
 
 
 def _offload_devices(gpus: int, rpc: int) -> list[str]:
-    return [f"GPU{i}" for i in range(gpus)] + [f"RPC{i}" for i in range(rpc)]
+    """llama.cpp's device order: RPC servers first ("to minimize network transfers"), then the local GPUs."""
+    return [f"RPC{i}" for i in range(rpc)] + [f"GPU{i}" for i in range(gpus)]
 
 
 def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
                   gpu_free: tuple[int, ...] = ()) -> tuple[list[str], str, int]:
     """(device of each repeating layer, device of the output layer, effective ngl), as llama.cpp places them.
-    RPC workers count as devices after the local GPUs."""
+    RPC workers come first in llama.cpp's device list (and in tensor_split), then the local GPUs; without a
+    tensor_split the layers follow each GPU's free memory (an RPC worker, whose memory we do not know here,
+    counts as the average GPU, or 1:1 when no free memory is given)."""
     devices = _offload_devices(gpus, len(settings.rpc_servers))
     if not devices:
         return ["CPU"] * n_layer, "CPU", 0
@@ -182,8 +185,10 @@ def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
     if shares and len(shares) < len(devices):
         shares += [0.0] * (len(devices) - len(shares))
     if not shares or sum(shares[: len(devices)]) <= 0:
+        n_rpc = len(devices) - gpus
         if gpu_free and len(gpu_free) >= gpus and gpus and sum(gpu_free[:gpus]) > 0:
-            shares = [float(f) for f in gpu_free[:gpus]] + [1.0] * (len(devices) - gpus)
+            free = [float(f) for f in gpu_free[:gpus]]
+            shares = [sum(free) / len(free)] * n_rpc + free
         else:
             shares = [1.0] * len(devices)
     shares = shares[: len(devices)]

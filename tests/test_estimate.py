@@ -79,8 +79,11 @@ def test_layers_split_across_gpus_by_tensor_split_or_free_memory():
     assert layers.count("GPU0") == 31 and layers.count("GPU1") == 9
     layers, _, _ = layer_devices(40, RunSettings(n_gpu_layers=-1), gpus=2, gpu_free=(24 << 30, 8 << 30))
     assert layers.count("GPU0") == 31
-    layers, _, _ = layer_devices(40, RunSettings(n_gpu_layers=-1, rpc_servers=("10.0.0.2:50052",)), gpus=1)
-    assert set(layers) == {"GPU0", "RPC0"}
+    # RPC workers come first in llama.cpp's device order: the first layers go to them, the output stays local
+    layers, out, _ = layer_devices(40, RunSettings(n_gpu_layers=-1, rpc_servers=("10.0.0.2:50052",)), gpus=1)
+    assert layers[0] == "RPC0" and layers[-1] == "GPU0" and out == "GPU0"
+    layers, out, _ = layer_devices(40, RunSettings(n_gpu_layers=-1, rpc_servers=("a:1", "b:2")), gpus=0)
+    assert layers.count("RPC0") == 21 and layers.count("RPC1") == 19 and out == "RPC1"
 
 
 def test_moe_experts_stay_in_host_ram_when_asked():
