@@ -272,7 +272,8 @@ def known_quants() -> tuple[str, ...]:
 
 def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = None) -> WeightsLayout:
     """The tensors llama.cpp's `llama-quantize` writes for `shape` and `quant` (e.g. "Q4_K_M"), in converter order,
-    with offsets aligned to 32 bytes. `n_layer` overrides the layer count (small shape-true test files)."""
+    with offsets aligned to 32 bytes. `n_layer` keeps only the first n layers (small shape-true test files),
+    each with the type it has in the full model."""
     name = QUANT_ALIASES.get(quant.upper(), quant.upper())
     recipe = RECIPES.get(name)
     if recipe is None:
@@ -285,11 +286,12 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     specs: list[tuple[str, tuple[int, ...], str]] = []
     for tname, role, fshape in head:
         specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, -1, n, shape)))
+    full = shape.n_layer           # a truncated file keeps the real model's per-layer types
     for i in range(n):
         for tname, role, fshape in block:
-            specs.append((f"blk.{i}.{tname}.weight", fshape(shape), _pick(recipe, role, i, n, shape)))
+            specs.append((f"blk.{i}.{tname}.weight", fshape(shape), _pick(recipe, role, i, full, shape)))
     for tname, role, fshape in tail:
-        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, n, n, shape)))
+        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, full, full, shape)))
     tensors = []
     offset = 0
     for tname, tshape, type_name in specs:

@@ -3,7 +3,8 @@ and compute, calibrated by `llmrun bench` results when there are some.
 
 Decode of one sequence reads every active weight once per token, plus the KV cache written so far. A token
 passes through the devices one after the other (llama.cpp splits by layers), so the time per token is the sum
-over devices of (bytes read there) / (bandwidth there × efficiency). Mixture-of-experts models read only
+over devices of (bytes read there) / (bandwidth there × efficiency); on the CPU it is at least the time of the
+2 FLOPs per active parameter at the CPU's matrix throughput (a two-core machine can be compute bound). Mixture-of-experts models read only
 n_expert_used of n_expert expert weights per token. Prompt processing is compute bound: about 2 FLOPs per
 active parameter per token.
 
@@ -267,11 +268,14 @@ def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, 
         spec = specs.get(f.device) or specs["CPU"]
         bw = spec.bandwidth_gbps * 1e9 * spec.decode_efficiency
         wt, kt = f.weight_bytes / bw, f.kv_bytes / bw
+        flops = 2.0 * f.params
+        t = flops / (spec.tflops * 1e12)
+        if f.device == "CPU":
+            # a CPU with few cores can be compute bound even in decode (matrix-vector products)
+            wt = max(wt, t)
         decode_time[f.device] = wt + kt
         weight_time += wt
         kv_time += kt
-        flops = 2.0 * f.params
-        t = flops / (spec.tflops * 1e12)
         if f.device == "CPU" and has_gpu and not hardware.unified_memory:
             # llama.cpp runs large prompt batches of CPU-resident layers on the GPU, copying weights over PCIe
             fastest = max((s.tflops for n, s in specs.items() if n != "CPU"), default=spec.tflops)

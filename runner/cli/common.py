@@ -31,12 +31,14 @@ def hardware_options(f):
     return f
 
 
-def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
-    """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides."""
+def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None, *,
+                     measure: bool = False, remeasure: bool = False):
+    """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides.
+    Probing is instant unless `measure` (bandwidth once, then cached) or `remeasure` is asked for."""
     from runner import hardware as hw
     from runner.units import parse_size
 
-    profile = hw.load_profile(hardware) if hardware else hw.probe()
+    profile = hw.load_profile(hardware) if hardware else hw.probe(measure=measure, remeasure=remeasure)
     if gpus or ram:
         profile = hw.with_overrides(
             profile,

@@ -73,6 +73,10 @@ def _tps(x: float) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
+def _kv(s) -> str:
+    return s.type_k if s.type_k == s.type_v else f"K {s.type_k} / V {s.type_v}"
+
+
 def _config(c) -> str:
     """One line: placement, layers, context, KV."""
     from runner.plan import PLACEMENT_LABEL
@@ -83,7 +87,7 @@ def _config(c) -> str:
     if c.placement == "partial":
         parts[0] += f" ({s.n_gpu_layers}/{n_layer + 1} layers on GPU)"
     parts.append(f"ctx {c.n_ctx}" + (f" ×{s.n_parallel}" if s.n_parallel > 1 else ""))
-    parts.append(f"KV {s.type_k}")
+    parts.append(f"KV {_kv(s)}")
     if not s.repack:
         parts.append("no repack")
     return ", ".join(parts)
@@ -118,10 +122,14 @@ def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
             best = max(fit, key=lambda c: quant_rank(c.entry.quant))
             more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
             rows.append((best.name + more, _config(best), best.reason, True))
-        if skipped:
-            qs = sorted((c.entry.quant for c in skipped), key=quant_rank, reverse=True)
-            rows.append((f"{model}: {qs[0]}…{qs[-1]}" if len(qs) > 1 else f"{model}:{qs[0]}", "—",
-                         skipped[0].reason, True))
+        groups: dict[str, list] = {}
+        for c in skipped:  # "too slow here: …" and "ranked below …" are listed apart
+            groups.setdefault(" ".join(c.reason.split()[:2]), []).append(c)
+        for group in groups.values():
+            group.sort(key=lambda c: quant_rank(c.entry.quant), reverse=True)
+            first, last = group[0].entry.quant, group[-1].entry.quant
+            rows.append((f"{model}: {first}…{last}" if len(group) > 1 else f"{model}:{first}", "—",
+                         group[0].reason, True))
     return rows
 
 
@@ -159,7 +167,7 @@ def render(result, *, show_all: bool = False) -> None:
             f", split {' / '.join(f'{x:.0%}' for x in s.tensor_split)}" if s.tensor_split else ""))
         table.add_row("n_gpu_layers", f"{s.n_gpu_layers} of {c.entry.shape.n_layer + 1} (output layer counts as one)")
         table.add_row("context", f"{c.n_ctx} tokens" + (f" × {s.n_parallel} sequences" if s.n_parallel > 1 else ""))
-        table.add_row("KV cache", f"{s.type_k}" + (" with flash attention" if s.flash_attn else "")
+        table.add_row("KV cache", _kv(s) + (" with flash attention" if s.flash_attn else "")
                       + ("" if s.repack else "; weights not repacked (--no-repack)"))
         if c.entry.shape.is_moe:
             table.add_row("experts", ("in host RAM" if s.experts_on_cpu else "with their layers") +
