@@ -286,16 +286,23 @@ class IsolatedEngine:
         threading.Thread(target=self._recover, name="llmrun-cluster-recover", daemon=True).start()
 
     def _recover(self) -> None:
+        delay = self._retry_s
         while not self._closing:
-            time.sleep(self._retry_s)
+            time.sleep(delay)
             try:
                 self._start()
-                self.restarts += 1
-                return
-            except ClusterError as e:
+            except LlmrunError as e:     # a worker still down (ClusterError), or the reload itself failed
                 with self._lock:
                     self._down = ClusterError(self._down.message if self._down else e.message,
                                               hint=f"waiting for the workers: {e.message}")
+                if not isinstance(e, ClusterError):
+                    delay = min(delay * 2, 30.0)    # a failing load is retried less and less often
+                continue
+            if self._closing:                 # closed while we were reloading: do not leave the child behind
+                self._proc.kill()
+                return
+            self.restarts += 1
+            return
 
     def _watchdog(self) -> None:
         while not self._closing:
