@@ -201,7 +201,7 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("Q2_K", "Q2_K", (
         ("attn_v", _MOE8 + (("always", "Q4_K"),)),
         ("attn_k", _MOE8),
-        ("ffn_down", (("always", "Q4_K"),)),
+        ("ffn_down", (("8_experts", "Q3_K"), ("always", "Q4_K"))),   # MoE files are 2024+: today's Q3_K
         ("attn_output", (("8_experts", "Q5_K"), ("always", "Q3_K"))),
     )),
 )}
