@@ -79,6 +79,7 @@ GPU_MARGIN_BYTES = 512 * MiB           # kept free per GPU for fragmentation and
 RPC_OVERHEAD_BYTES = 64 * MiB          # rpc-server process on the worker, beyond its buffers
 HOST_OVERHEAD_BYTES = 42 * MiB         # the Python interpreter with llama_cpp imported, before a model (measured RSS)
 HOST_BYTES_PER_TOKEN = 384             # llama.cpp's vocabulary tables per token (measured: 7B 6.6 MiB, demo 18 MiB)
+CUDA_HOST_BYTES = 256 * MiB            # host RAM the CUDA runtime and cuBLAS take once GPUs are used (unverified)
 _SMALL_INPUTS = 10 * 1024              # token ids, positions, output ids: a few KiB in every graph
 
 # Which weight types the CPU repacks, by instruction set (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type)
@@ -398,7 +399,8 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
             devices.append(DeviceMemory(
                 device="CPU", weights=weights["CPU"], kv_cache=kv["CPU"], compute=compute,
                 output=output_buffer_bytes(shape, settings), repack=repack["CPU"],
-                overhead=HOST_OVERHEAD_BYTES + HOST_BYTES_PER_TOKEN * shape.n_vocab, margin=0, n_layers=n_layers["CPU"], compute_committed=committed))
+                overhead=HOST_OVERHEAD_BYTES + HOST_BYTES_PER_TOKEN * shape.n_vocab
+                + (CUDA_HOST_BYTES if gpus else 0), margin=0, n_layers=n_layers["CPU"], compute_committed=committed))
             continue
         if name not in offloaded:
             continue

@@ -134,3 +134,21 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
     assert abs(host.kv_cache - logged["CPU KV"]) < tol
     assert abs(host.compute - logged["CPU compute"]) <= 0.03 * logged["CPU compute"]
     assert abs(host.output - logged["CPU output"]) < tol
+
+
+@pytest.mark.llama
+def test_captures_nest_and_give_the_log_back(demo_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from runner.engine.buffers import capture_llama_logs
+
+    def load_and_free():
+        model = llama_cpp.llama_model_load_from_file(str(demo_gguf).encode(), llama_cpp.llama_model_default_params())
+        assert model
+        llama_cpp.llama_model_free(model)
+
+    with capture_llama_logs() as outer:
+        with capture_llama_logs() as inner:
+            load_and_free()
+        assert "CPU_Mapped model" in inner.buffers() and outer.chunks == []
+        load_and_free()
+    assert "CPU_Mapped model" in outer.buffers()
