@@ -134,6 +134,7 @@ _CONDITIONS = {
     "first_4": lambda i, n, s: i < 4,
     "gqa4": lambda i, n, s: s.n_head // max(s.n_head_kv, 1) >= 4,
     "8_experts": lambda i, n, s: s.n_expert == 8,
+    "middle": lambda i, n, s: n // 8 <= i < 7 * n // 8,
 }
 
 
@@ -195,6 +196,20 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
         ("attn_k", _MOE8),
         ("ffn_down", (("always", "Q5_K"),)),
         ("attn_output", (("always", "Q5_K"),)),
+    )),
+    QuantRecipe("IQ4_XS", "IQ4_XS", (
+        ("attn_v", _MOE8 + (("gqa4", "Q5_K"),)),
+        ("attn_k", _MOE8),
+        ("ffn_down", (("first_eighth", "Q5_K"),)),
+        ("attn_output", (("8_experts", "Q5_K"),)),
+    )),
+    QuantRecipe("IQ3_XS", "IQ3_S", (
+        ("attn_v", _MOE8 + (("gqa4", "Q4_K"),)),
+        ("attn_k", _MOE8 + (("always", "IQ3_XXS"),)),
+        ("attn_q", (("always", "IQ3_XXS"),)),
+        ("ffn_gate", (("middle", "IQ3_XXS"),)),
+        ("ffn_up", (("middle", "IQ3_XXS"),)),
+        ("attn_output", (("8_experts", "Q5_K"),)),
     )),
     # Q2_K as TheBloke's 2023 files have it (llama.cpp of that time): attn_v and ffn_down Q4_K. Today's
     # llama-quant uses Q3_K there (Q4_K for attn_v with GQA); the published files are what users download.

@@ -221,6 +221,7 @@ def test_gpus_carry_context_overhead_and_margin():
 
 def test_grok_sizes_are_close_to_the_published_shards():
     # Arki05/Grok-1-GGUF totals (GB); Q2_K is 116.3 GB in mradermacher's newer quantization, which ours follows
-    for quant, gb, tol in (("Q6_K", 259.8, 0.005), ("Q4_K", 186.0, 0.04), ("Q2_K", 112.4, 0.04)):
+    for quant, gb, tol in (("Q6_K", 259.8, 0.005), ("Q4_K", 186.0, 0.04), ("Q2_K", 112.4, 0.04),
+                           ("IQ3_XS", 125.4, 0.04)):
         size = layout_from_recipe(GROK, quant).file_bytes / 1e9
         assert abs(size - gb) / gb < tol, (quant, size)
