@@ -390,9 +390,10 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
             else:
                 compute = 0
             if offloaded:
-                # the host buffer only stages inputs for the GPUs (llama.cpp "CUDA_Host compute buffer")
-                compute = max(compute, 4 * settings.n_ubatch * shape.n_embd + 4 * settings.n_ubatch * shape.n_vocab
-                              if runs_output else 4 * settings.n_ubatch * shape.n_embd)
+                # with GPUs the host buffer at least stages a ubatch of embeddings (and of logits when the output
+                # layer stays on the host): llama.cpp's "CUDA_Host compute buffer" (unverified here)
+                staging = 4 * settings.n_ubatch * (shape.n_embd + (shape.n_vocab if runs_output else 0))
+                compute = max(compute, staging)
             committed = compute
             if n_layers["CPU"] and not offloaded:
                 committed = compute_committed_bytes(shape, settings, with_output=runs_output)
