@@ -2,7 +2,8 @@
 
 Targets (issue 3, CPU): every component within 3% of the logged buffer, the host total within 5% of the
 measured RSS. The slow matrix loads Llama-2-7B/13B-shaped synthetic models (minutes, up to ~17 GB RSS), each
-(model, quant) once, one context per n_ctx. CI runs the demo model, 7B x {Q4_0, Q4_K_M, Q8_0} and 13B Q4_K_M;
+(model, quant) once, one context per n_ctx. CI runs the demo model, 7B x {Q4_0, Q4_K_M, Q8_0}, 13B Q4_K_M and
+SmolLM2-shaped synthetic files (GQA, row-size fallbacks: seconds);
 LLMRUN_ACCURACY_FULL=1 adds 13B Q4_0 and Q8_0 (scripts/measure_memory.py measures everything for the docs).
 """
 
@@ -83,7 +84,8 @@ def _check(rows: list[accuracy.Row]) -> list[str]:
     return bad
 
 
-CI_SYNTH = [("llama-2-7b", "Q4_0"), ("llama-2-7b", "Q4_K_M"), ("llama-2-7b", "Q8_0"), ("llama-2-13b", "Q4_K_M")]
+CI_SYNTH = [("llama-2-7b", "Q4_0"), ("llama-2-7b", "Q4_K_M"), ("llama-2-7b", "Q8_0"), ("llama-2-13b", "Q4_K_M"),
+            ("smollm2-135m", "Q4_0"), ("smollm2-135m", "Q4_K_M"), ("smollm2-135m", "Q8_0")]
 FULL_SYNTH = [("llama-2-13b", "Q4_0"), ("llama-2-13b", "Q8_0")]
 SYNTH = CI_SYNTH + (FULL_SYNTH if os.environ.get("LLMRUN_ACCURACY_FULL") else [])
 
