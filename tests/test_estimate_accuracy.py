@@ -139,7 +139,7 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
 
 
 @pytest.mark.llama
-def test_captures_nest_and_give_the_log_back(demo_gguf):
+def test_captures_nest_and_llama_cpp_is_silent_after_them(demo_gguf, capfd):
     llama_cpp = pytest.importorskip("llama_cpp")
     from runner.engine.buffers import capture_llama_logs
 
@@ -154,3 +154,8 @@ def test_captures_nest_and_give_the_log_back(demo_gguf):
         assert "CPU_Mapped model" in inner.buffers() and outer.chunks == []
         load_and_free()
     assert "CPU_Mapped model" in outer.buffers()
+    seen = len(outer.chunks) + len(inner.chunks)
+    capfd.readouterr()
+    load_and_free()                  # after the outermost capture llama.cpp is silent, and nothing is captured
+    assert len(outer.chunks) + len(inner.chunks) == seen
+    assert "llama_model_loader" not in capfd.readouterr().err

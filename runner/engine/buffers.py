@@ -61,9 +61,9 @@ class LogCapture:
 @contextlib.contextmanager
 def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
     """Route llama.cpp's log (all levels) into a LogCapture while the block runs; optionally echo to stderr.
-    On exit the callback that was installed before (llama-cpp-python's own, or another capture's) is put back.
-    Every ctypes callback handed to llama.cpp stays referenced (module-level list) for as long as llama.cpp may
-    call it: a collected callback would crash the process."""
+    Captures nest: on exit an enclosing capture gets the log back; after the outermost one llama.cpp is silenced
+    (llama-cpp-python's own callback would print everything to the terminal). Every ctypes callback handed to
+    llama.cpp stays referenced (module-level list): a collected callback would crash the process."""
     import ctypes
     import sys
 
@@ -78,20 +78,35 @@ def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
         if echo:
             sys.stderr.write(piece)
 
-    previous = llama_cpp.llama_log_callback()
-    previous_data = ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
     _KEEP_ALIVE.append(_callback)
+    _ACTIVE.append(_callback)
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
     try:
         yield capture
     finally:
-        llama_cpp.llama_log_set(previous, previous_data)
-        # keep `_callback` referenced: a message llama.cpp's worker threads are printing right now may still
-        # reach it (one small object per capture)
+        _ACTIVE.remove(_callback)
+        # keep `_callback` itself referenced: a message a llama.cpp thread is printing right now may still reach it
+        llama_cpp.llama_log_set(_ACTIVE[-1] if _ACTIVE else _silent_callback(), ctypes.c_void_p(0))
 
 
 _KEEP_ALIVE: list = []
+_ACTIVE: list = []
+_SILENT: list = []
+
+
+def _silent_callback():
+    """A callback that drops every message (created once, kept alive forever)."""
+    if not _SILENT:
+        import ctypes
+
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            return None
+
+        _SILENT.append(_drop)
+    return _SILENT[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
