@@ -49,6 +49,8 @@ class Completion:
     time_to_first_token_s: float
     decode_tokens_per_s: float
     error: str | None = None
+    notice: str | None = None         # e.g. "context full: dropped the 2 oldest messages" (chat only)
+    dropped_messages: int = 0         # messages left out of the prompt to fit the context
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""A submitted request as its caller sees it (`Generation`: sync and async iteration over text deltas, result,
+cancel), and the per-request text pipeline the engine thread runs: UTF-8-safe incremental detokenizing and
+stop strings that never leak a partial match."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+import time
+from typing import AsyncIterator, Callable, Iterator
+
+from runner.engine.types import Completion, FinishReason, Usage
+
+
+class StopText:
+    """Turns a stream of byte pieces into text deltas, holding back what could be the start of a stop string.
+    `feed()` returns (delta, stopped)."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.text = ""          # everything emitted so far
+
+    def _emit(self, s: str) -> str:
+        self.text += s
+        return s
+
+    def feed(self, piece: bytes) -> tuple[str, bool]:
+        held = self._held + self._decoder.decode(piece)
+        if not self.stops:
+            self._held = ""
+            return self._emit(held), False
+        first = None
+        for stop in self.stops:
+            i = held.find(stop)
+            if i >= 0 and (first is None or i < first):
+                first = i
+        if first is not None:
+            self._held = ""
+            return self._emit(held[:first]), True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(held)), 0, -1):
+                if held.endswith(stop[:k]):
+                    keep = max(keep, k)
+                    break
+        self._held = held[len(held) - keep:] if keep else ""
+        return self._emit(held[:len(held) - keep]), False
+
+    def flush(self) -> str:
+        """At the end (no stop string matched): what was held back, and any incomplete UTF-8 as U+FFFD."""
+        rest = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return self._emit(rest)
+
+
+class GenerationHandle:
+    """Implements runner.engine.types.Generation. The engine thread pushes deltas and finishes it; callers
+    iterate from any thread or event loop."""
+
+    def __init__(self, on_cancel: Callable[["GenerationHandle"], None], *, notice: str | None = None,
+                 dropped_messages: int = 0):
+        self._cond = threading.Condition()
+        self._chunks: list[str] = []
+        self._completion: Completion | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._on_cancel = on_cancel
+        self.cancelled = False
+        self.notice = notice                    # e.g. "context full: dropped the 2 oldest messages"
+        self.dropped_messages = dropped_messages
+        self.submitted_at = time.perf_counter()
+
+    # ---- engine side
+    def _wake(self) -> None:
+        for loop, event in self._waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    def push(self, delta: str) -> None:
+        if not delta:
+            return
+        with self._cond:
+            self._chunks.append(delta)
+            self._cond.notify_all()
+            self._wake()
+
+    def finish(self, completion: Completion) -> None:
+        with self._cond:
+            if self._completion is None:
+                self._completion = completion
+            self._cond.notify_all()
+            self._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._completion is not None
+
+    # ---- caller side
+    def __iter__(self) -> Iterator[str]:
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._chunks) and self._completion is None:
+                    self._cond.wait()
+                chunks = self._chunks[i:]
+                finished = self._completion is not None
+            i += len(chunks)
+            yield from chunks
+            if finished and i >= len(self._chunks):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, event))
+        try:
+            i = 0
+            while True:
+                event.clear()
+                with self._cond:
+                    chunks = self._chunks[i:]
+                    finished = self._completion is not None
+                i += len(chunks)
+                for c in chunks:
+                    yield c
+                if finished and not chunks:
+                    with self._cond:
+                        if i >= len(self._chunks):
+                            return
+                    continue
+                if not chunks:
+                    await event.wait()
+        finally:
+            with self._cond:
+                self._waiters = [w for w in self._waiters if w[1] is not event]
+
+    def cancel(self) -> None:
+        if self._completion is None and not self.cancelled:
+            self.cancelled = True
+            self._on_cancel(self)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._completion is not None, timeout):
+                raise TimeoutError(f"the generation did not finish within {timeout} s")
+            return self._completion
+
+
+def completion(text: str, reason: FinishReason, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+               ttft: float, decode_tps: float, error: str | None = None, notice: str | None = None,
+               dropped_messages: int = 0) -> Completion:
+    return Completion(text=text, finish_reason=reason,
+                      usage=Usage(prompt_tokens, completion_tokens, cached_tokens),
+                      time_to_first_token_s=ttft, decode_tokens_per_s=decode_tps, error=error,
+                      notice=notice, dropped_messages=dropped_messages)

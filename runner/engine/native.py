@@ -1,0 +1,311 @@
+"""The boundary with llama.cpp (llama-cpp-python's low-level ctypes API): loading a model and a context with
+llmrun's RunSettings, tokenizing, detokenizing, sampler chains, RPC devices and the log sink. llama.cpp
+failures (NULL model or context, bad grammar, decode errors) become EngineError here, once.
+
+Import this module only where a model is really loaded: it imports llama_cpp."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+
+from runner.errors import EngineError, GGUFError, UsageError
+from runner.estimate import RunSettings
+
+KV_TYPES = {"f32": 0, "f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0, "q4_0": lc.GGML_TYPE_Q4_0,
+            "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
+EXPERT_PATTERN = rb"ffn_.*_exps"
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+_LIB_DIR = Path(lc.__file__).resolve().parent / "lib"
+
+
+# ---------------------------------------------------------------------------------------------------- logs
+
+_backend_ready = False
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def llama_logs():
+    """llama.cpp's log lines while the block runs (nothing reaches the user's terminal unless LLMRUN_LLAMA_LOG is
+    set; llama.cpp stays silent afterwards). The backend is initialised once, inside the first capture."""
+    global _backend_ready
+    from runner.engine.buffers import capture_llama_logs
+
+    with capture_llama_logs(echo=bool(os.environ.get("LLMRUN_LLAMA_LOG"))) as cap:
+        with _init_lock:
+            if not _backend_ready:
+                lc.llama_backend_init()
+                _backend_ready = True
+        yield cap
+
+
+def _last_error(lines: list[str]) -> str:
+    """The most telling lines llama.cpp logged before failing."""
+    keep = [ln.strip() for ln in lines if any(w in ln.lower() for w in ("error", "failed", "invalid", "unable"))]
+    return "; ".join(keep[-3:])
+
+
+# ---------------------------------------------------------------------------------------------------- ggml
+
+def _ggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_LIB_DIR / "libggml.so"))
+    base = ctypes.CDLL(str(_LIB_DIR / "libggml-base.so"))
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_register.restype = None
+    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.base = base
+    return lib
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def experts_on_cpu_overrides():
+    """A NULL-terminated llama_model_tensor_buft_override array keeping MoE expert tensors in host memory."""
+    g = _ggml()
+    cpu = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    if not cpu:
+        raise EngineError("llama.cpp has no CPU device to keep the expert tensors on")
+    arr = (_BuftOverride * 2)()
+    arr[0].pattern = EXPERT_PATTERN
+    arr[0].buft = g.base.ggml_backend_dev_buffer_type(cpu)
+    return arr
+
+
+def register_rpc_servers(servers: tuple[str, ...]) -> None:
+    """Make llama.cpp RPC workers ("host:port") devices of this process, before a model is loaded (as
+    llama.cpp's own `--rpc` does). Delegates to runner.engine.rpc (cluster): it probes every worker first
+    (llama.cpp aborts the process on an unreachable one) and registers into the registry of the libggml.so.0
+    that libllama uses: `libggml.so` in the wheel is a separate copy with its own, unused registry."""
+    from runner.engine import rpc
+
+    rpc.register_servers(tuple(servers))
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def check_model_file(path: Path) -> None:
+    """Refuse files llama.cpp would abort the whole process on, with a clear error, before it sees them."""
+    if not path.exists():
+        raise EngineError(f"model file {path} does not exist", hint="give the path of a .gguf file, or a catalog name")
+    if not path.is_file():
+        raise EngineError(f"{path} is not a file", hint="give the path of a .gguf file")
+    try:
+        from runner.gguf import read_header  # the full header check, where available
+    except ImportError:
+        read_header = None
+    if read_header is not None:
+        try:
+            read_header(path)
+        except GGUFError as e:
+            raise EngineError(f"{path} is not a usable GGUF file: {e.message}", hint=e.hint) from e
+        return
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise EngineError(f"cannot read model file {path}: {e.strerror}") from e
+    if magic != b"GGUF":
+        raise EngineError(f"{path} is not a GGUF file (it does not start with the GGUF magic)",
+                          hint="llmrun runs GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py")
+
+
+@dataclass
+class Loaded:
+    """A loaded model and context with what the engine needs to know about them."""
+
+    model: object
+    ctx: object
+    vocab: object
+    n_ctx: int            # whole context
+    n_ctx_seq: int        # per sequence
+    n_seq: int
+    n_batch: int
+    n_ubatch: int
+    n_vocab: int
+    n_threads: int
+    log_lines: list[str]
+
+    def free(self) -> None:
+        if self.ctx:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lc.llama_model_free(self.model)
+            self.model = None
+
+
+def kv_type(name: str) -> int:
+    try:
+        return KV_TYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown KV cache type {name!r}", hint="use one of: f16, q8_0, q4_0") from None
+
+
+def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv_unified: bool = False) -> Loaded:
+    """Load the model and create a context with n_parallel sequences."""
+    check_model_file(path)
+    if settings.rpc_servers:
+        register_rpc_servers(tuple(settings.rpc_servers))
+    keep = []  # ctypes objects that must live until the load is done
+    with llama_logs() as cap:
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = settings.n_gpu_layers
+        mp.main_gpu = settings.main_gpu
+        if not settings.use_mmap:
+            mp.load_mode = lc.LLAMA_LOAD_MODE_NONE
+        if settings.tensor_split:
+            n = lc.llama_max_devices()
+            if len(settings.tensor_split) > n:
+                raise UsageError(f"tensor split has {len(settings.tensor_split)} parts; llama.cpp supports {n}")
+            split = (ctypes.c_float * n)(*settings.tensor_split)
+            keep.append(split)
+            mp.tensor_split = split
+        mp.use_extra_bufts = settings.repack
+        if settings.experts_on_cpu:
+            overrides = experts_on_cpu_overrides()
+            keep.append(overrides)
+            mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {path}: {_last_error(cap.lines) or 'no reason given'}",
+                              hint="check the file is a complete GGUF download (`llmrun pull` verifies it)")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = settings.n_ctx
+        cp.n_batch = settings.n_batch
+        cp.n_ubatch = min(settings.n_ubatch, settings.n_batch)
+        cp.n_seq_max = n_parallel
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.type_k = kv_type(settings.type_k)
+        cp.type_v = kv_type(settings.type_v)
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.kv_unified = kv_unified or settings.kv_unified
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not create a context (n_ctx {settings.n_ctx}, {n_parallel} sequences, "
+                              f"KV {settings.type_k}/{settings.type_v}): {_last_error(cap.lines) or 'no reason given'}",
+                              hint="a smaller --ctx or KV type q8_0 needs less memory")
+        vocab = lc.llama_model_get_vocab(model)
+        loaded = Loaded(model=model, ctx=ctx, vocab=vocab, n_ctx=lc.llama_n_ctx(ctx), n_ctx_seq=lc.llama_n_ctx_seq(ctx),
+                        n_seq=lc.llama_n_seq_max(ctx), n_batch=lc.llama_n_batch(ctx), n_ubatch=lc.llama_n_ubatch(ctx),
+                        n_vocab=lc.llama_vocab_n_tokens(vocab), n_threads=threads, log_lines=cap.lines)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------------- tokens
+
+def meta_str(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def chat_template(model) -> str | None:
+    t = lc.llama_model_chat_template(model, None)
+    return t.decode("utf-8", errors="replace") if t else None
+
+
+def token_text(vocab, token: int) -> str:
+    if token < 0:
+        return ""
+    t = lc.llama_vocab_get_text(vocab, token)
+    return t.decode("utf-8", errors="replace") if t else ""
+
+
+def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (lc.llama_token * n_max)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        buf = (lc.llama_token * -n)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, -n, add_special, parse_special)
+        if n < 0:
+            raise EngineError("llama.cpp could not tokenize the text")
+    return list(buf[:n])
+
+
+class Detokenizer:
+    """Token ids -> bytes (llama_token_to_piece, control tokens not rendered)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self._buf = ctypes.create_string_buffer(256)
+
+    def piece(self, token: int) -> bytes:
+        n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            self._buf = ctypes.create_string_buffer(-n + 16)
+            n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        return self._buf.raw[:max(n, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def sampler_chain(vocab, n_vocab: int, params) -> object:
+    """A llama.cpp sampler chain for one request; the caller frees it with free_sampler()."""
+    sp = lc.llama_sampler_chain_default_params()
+    sp.no_perf = True
+    chain = lc.llama_sampler_chain_init(sp)
+    add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+    try:
+        if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+            add(lc.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.grammar:
+            g = lc.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not g:
+                raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
+                                 hint="see llama.cpp's grammars/README.md; the start rule must be named root")
+            add(g)
+        if params.temperature <= 0:
+            add(lc.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(lc.llama_sampler_init_top_k(params.top_k))
+            if 0 < params.top_p < 1:
+                add(lc.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                add(lc.llama_sampler_init_min_p(params.min_p, 1))
+            add(lc.llama_sampler_init_temp(params.temperature))
+            seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            add(lc.llama_sampler_init_dist(seed))
+    except BaseException:
+        lc.llama_sampler_free(chain)
+        raise
+    return chain
+
+
+def free_sampler(chain) -> None:
+    if chain:
+        lc.llama_sampler_free(chain)
+
+
+
+def parse_buffer_lines(lines: list[str]) -> dict:
+    """llama.cpp's logged buffer sizes {"CPU_Mapped model": bytes, "CPU KV": bytes, ...}."""
+    from runner.engine.buffers import parse_buffers
+
+    return parse_buffers(lines)
