@@ -10,6 +10,7 @@ LLMRUN_ACCURACY_FULL=1 adds 13B Q4_0 and Q8_0 (scripts/measure_memory.py measure
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,66 @@ def test_captures_nest_and_llama_cpp_is_silent_after_them(demo_gguf, capfd):
     load_and_free()                  # after the outermost capture llama.cpp is silent, and nothing is captured
     assert len(outer.chunks) + len(inner.chunks) == seen
     assert "llama_model_loader" not in capfd.readouterr().err
+
+
+@pytest.fixture
+def rpc_worker():
+    """A llama.cpp RPC worker (CPU backend) on a free loopback port, stopped after the test."""
+    pytest.importorskip("llama_cpp")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from runner.engine.rpc import probe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.Popen([sys.executable, "-m", "runner.engine.rpc", endpoint, "1", "-"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                probe(endpoint, timeout=0.5)
+                break
+            except Exception:  # noqa: BLE001  (not listening yet)
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.llama
+def test_offloading_to_an_rpc_device_places_what_the_estimate_says(rpc_worker, demo_gguf, tmp_path, monkeypatch):
+    """An RPC worker is an offload device like a GPU: ngl semantics (output layer first, tied embeddings copied),
+    per-device weights and KV, the host's mapped span and repack, and both compute buffers, against the log."""
+    from runner.engine.buffers import measure_in_subprocess
+    from runner.estimate import RunSettings, estimate, layout_from_header, layout_from_recipe
+    from runner.gguf import read_header
+    from runner.shapes import ModelShape
+    from runner.synth import ensure_synth
+
+    monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
+    tiny = ModelShape("llama", 8, 1024, 8, 8, 2816, 8000, 4096)
+    header = read_header(demo_gguf)
+    cases = [(str(demo_gguf), header.shape, layout_from_header(header), ngl) for ngl in (1, 10, 31)]
+    path = ensure_synth(tiny, "Q4_0")
+    cases += [(str(path), tiny, layout_from_recipe(tiny, "Q4_0"), ngl) for ngl in (4, 9)]
+    bad = []
+    for model, shape, layout, ngl in cases:
+        result = measure_in_subprocess(model, [{"n_ctx": 2048}], n_gpu_layers=ngl, rpc_servers=(rpc_worker,))
+        logged = dict(result["load_buffers"], **result["contexts"][0]["buffers"])
+        logged = {k.replace(f"[{rpc_worker}]", ""): v for k, v in logged.items()}
+        est = estimate(shape, layout, RunSettings(n_ctx=2048, n_gpu_layers=ngl, rpc_servers=(rpc_worker,)),
+                       cpu_flags=accuracy.cpu_flags())
+        want = {"CPU_Mapped model": est.host.weights, "CPU_REPACK model": est.host.repack,
+                "CPU KV": est.host.kv_cache, "CPU compute": est.host.compute, "CPU output": est.host.output}
+        rpc = next(d for d in est.devices if d.device == "RPC0")
+        want.update({"RPC0 model": rpc.weights, "RPC0 KV": rpc.kv_cache, "RPC0 compute": rpc.compute})
+        for key, e in want.items():
+            m = logged.get(key, 0)
+            if abs(e - m) > max(0.03 * m, 10 * 1024):
+                bad.append(f"{Path(model).name} ngl={ngl} {key}: logged {m}, estimated {e}")
+    assert bad == [], "\n".join(bad)

@@ -132,11 +132,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None) -> dict:
+def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None,
+                     n_gpu_layers: int = 0, rpc_servers: tuple[str, ...] = ()) -> dict:
     """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
     flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
-    Sizes are bytes."""
+    Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.engine.rpc`), so
+    `n_gpu_layers` offloads to them as it would to GPUs."""
     import os
     import time
 
@@ -145,12 +147,16 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     from runner.errors import EngineError
 
     llama_cpp.llama_backend_init()
+    if rpc_servers:
+        from runner.engine.rpc import register_servers
+
+        register_servers(tuple(rpc_servers))
     ggml_types = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
     result: dict = {"model": model_path, "rss_start": _status_kib("VmRSS") * 1024, "contexts": []}
     with capture_llama_logs() as cap:
         t0 = time.monotonic()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
         if not model:
             raise EngineError(f"llama.cpp could not load {model_path}", hint=cap.text[-2000:])
@@ -205,7 +211,8 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     return result
 
 
-def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: float = 900) -> dict:
+def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: float = 900, n_gpu_layers: int = 0,
+                          rpc_servers: tuple[str, ...] = ()) -> dict:
     """measure_contexts in a fresh Python process (clean RSS baseline; memory returned to the OS after)."""
     import json
     import subprocess
@@ -218,8 +225,9 @@ def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: flo
     # glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; a fixed 1 MiB threshold returns
     # every buffer of a freed context to the OS, so each context is measured as if in a fresh process.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    proc = subprocess.run([sys.executable, "-m", "runner.engine.buffers", model_path, json.dumps(contexts)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    options = {"n_gpu_layers": n_gpu_layers, "rpc_servers": list(rpc_servers)}
+    proc = subprocess.run([sys.executable, "-m", "runner.engine.buffers", model_path, json.dumps(contexts),
+                           json.dumps(options)], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise EngineError(f"measuring {model_path} failed (exit {proc.returncode})", hint=proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -229,5 +237,7 @@ if __name__ == "__main__":
     import json as _json
     import sys as _sys
 
-    _out = measure_contexts(_sys.argv[1], _json.loads(_sys.argv[2]))
+    _opts = _json.loads(_sys.argv[3]) if len(_sys.argv) > 3 else {}
+    _out = measure_contexts(_sys.argv[1], _json.loads(_sys.argv[2]), n_gpu_layers=_opts.get("n_gpu_layers", 0),
+                            rpc_servers=tuple(_opts.get("rpc_servers", ())))
     print(_json.dumps(_out))
