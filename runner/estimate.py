@@ -3,7 +3,8 @@ terms llama.cpp really allocates. A pure function; see docs/estimation.md for th
 
 Public API
     RunSettings                      how llama.cpp is asked to run a model (planner -> engine)
-    WeightsLayout, layout_from_header, layout_from_recipe   (defined in runner.layout, re-exported here)
+    WeightsLayout, layout_from_header, layout_from_headers (shards), layout_from_recipe
+                                     (defined in runner.layout, re-exported here)
     DeviceMemory, MemoryEstimate     the result
     estimate(shape, layout, settings, *, gpus, gpu_free, cpu_flags, unified) -> MemoryEstimate
     kv_cache_bytes(shape, settings)  the KV cache alone (all layers, all devices)
@@ -38,6 +39,7 @@ from runner.layout import (  # noqa: F401  (re-exported API)
     TYPE_SIZES,
     WeightsLayout,
     layout_from_header,
+    layout_from_headers,
     layout_from_recipe,
     tensor_bytes,
 )

@@ -74,6 +74,24 @@ def layout_from_header(header: GGUFHeader) -> WeightsLayout:
     return WeightsLayout(tensors=tuple(header.tensors), header_bytes=header.data_offset)
 
 
+def layout_from_headers(headers: list[GGUFHeader] | tuple[GGUFHeader, ...]) -> WeightsLayout:
+    """One layout for a model split in llama.cpp shards (grok-1-...-0000N-of-00009.gguf), in shard order. Offsets
+    are made to run on across the shards, as if they were one file: the host's mapped span (llama.cpp maps each
+    shard on its own) is then at most the gaps between shards too large."""
+    if not headers:
+        raise UsageError("no GGUF header given")
+    tensors: list[TensorInfo] = []
+    base = 0
+    for h in headers:
+        end = 0
+        for t in h.tensors:
+            tensors.append(TensorInfo(name=t.name, shape=t.shape, type_name=t.type_name, offset=base + t.offset,
+                                      n_bytes=t.n_bytes))
+            end = max(end, t.offset + t.n_bytes)
+        base += -(-end // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+    return WeightsLayout(tensors=tuple(tensors), header_bytes=sum(h.data_offset for h in headers))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape.
 
