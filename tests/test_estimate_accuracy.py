@@ -223,3 +223,23 @@ def test_offloading_to_an_rpc_device_places_what_the_estimate_says(rpc_worker, d
             if abs(e - m) > max(0.03 * m, 10 * 1024):
                 bad.append(f"{Path(model).name} ngl={ngl} {key}: logged {m}, estimated {e}")
     assert bad == [], "\n".join(bad)
+
+
+def test_the_published_measurements_still_hold_for_the_current_estimate():
+    """docs/estimation-measurements.json holds llama.cpp's logged buffers and RSS for the whole matrix (written by
+    scripts/measure_memory.py); any change to the estimate must keep every row within the targets."""
+    import json
+
+    raw = json.loads((Path(__file__).resolve().parent.parent / "docs" / "estimation-measurements.json").read_text())
+    assert {"llama-2-7b Q4_0", "llama-2-13b Q8_0", "demo"} <= set(raw)
+    flags = frozenset({"avx2", "avx512f"})        # the machine the table was measured on
+    rows = []
+    for label, entry in raw.items():
+        if label == "demo":
+            continue                               # needs the demo file's own layout: checked by the slow test
+        name, quant = label.split()
+        case = accuracy.Case(label, Path("/nonexistent"), accuracy.SHAPES[name], quant)
+        for r in entry["rows"]:
+            rows.append(accuracy.row_from_measurement(case, r["n_ctx"], r["measured"], flags, r.get("timings")))
+    assert len(rows) >= 27
+    assert _check(rows) == [], accuracy.markdown_table(rows)
