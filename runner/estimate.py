@@ -3,7 +3,8 @@ terms llama.cpp really allocates. A pure function; see docs/estimation.md for th
 
 Public API
     RunSettings                      how llama.cpp is asked to run a model (planner -> engine)
-    WeightsLayout, layout_from_header, layout_from_recipe   (defined in runner.layout, re-exported here)
+    WeightsLayout, layout_from_header, layout_from_headers (shards), layout_from_recipe
+                                     (defined in runner.layout, re-exported here)
     DeviceMemory, MemoryEstimate     the result
     estimate(shape, layout, settings, *, gpus, gpu_free, cpu_flags, unified) -> MemoryEstimate
     kv_cache_bytes(shape, settings)  the KV cache alone (all layers, all devices)
@@ -38,6 +39,7 @@ from runner.layout import (  # noqa: F401  (re-exported API)
     TYPE_SIZES,
     WeightsLayout,
     layout_from_header,
+    layout_from_headers,
     layout_from_recipe,
     tensor_bytes,
 )
@@ -79,6 +81,7 @@ GPU_MARGIN_BYTES = 512 * MiB           # kept free per GPU for fragmentation and
 RPC_OVERHEAD_BYTES = 64 * MiB          # rpc-server process on the worker, beyond its buffers
 HOST_OVERHEAD_BYTES = 42 * MiB         # the Python interpreter with llama_cpp imported, before a model (measured RSS)
 HOST_BYTES_PER_TOKEN = 384             # llama.cpp's vocabulary tables per token (measured: 7B 6.6 MiB, demo 18 MiB)
+CUDA_HOST_BYTES = 256 * MiB            # host RAM the CUDA runtime and cuBLAS take once GPUs are used (unverified)
 _SMALL_INPUTS = 10 * 1024              # token ids, positions, output ids: a few KiB in every graph
 
 # Which weight types the CPU repacks, by instruction set (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type)
@@ -115,6 +118,14 @@ class DeviceMemory:
     margin: int = 0
     n_layers: int = 0                 # repeating layers placed here (the output layer not counted)
     compute_committed: int | None = None  # host only: compute-buffer pages that become resident (None = all)
+    reclaimable: int = 0              # host only, part of `weights`: file pages read once at load (repacked or
+                                      # offloaded tensors inside the mapped span); clean page cache the kernel
+                                      # can drop under memory pressure without slowing inference
+
+    @property
+    def needed(self) -> int:
+        """What must fit: `total` less the reclaimable file pages (peak RSS shows them while RAM is free)."""
+        return self.total - self.reclaimable
 
     @property
     def total(self) -> int:
@@ -125,7 +136,8 @@ class DeviceMemory:
     def as_dict(self) -> dict:
         return {"device": self.device, "weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
                 "output": self.output, "repack": self.repack, "overhead": self.overhead, "margin": self.margin,
-                "n_layers": self.n_layers, "compute_committed": self.compute_committed, "total": self.total}
+                "n_layers": self.n_layers, "compute_committed": self.compute_committed,
+                "reclaimable": self.reclaimable, "total": self.total, "needed": self.needed}
 
 
 @dataclass(frozen=True)
@@ -272,16 +284,17 @@ def flash_attn_effective(settings: RunSettings, shape: ModelShape | None = None)
 
 
 def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True,
-                         n_outputs: int | None = None) -> int:
+                         n_outputs: int | None = None, host: bool = True) -> int:
     """The compute buffer of a device that runs the whole graph (CPU-only): graph inputs + the largest of the
     attention, feed-forward and output phases, for the worst-case ubatch llama.cpp reserves for.
 
     Fitted to llama.cpp's logged sizes on llama-shaped models (docs/estimation.md):
       U = min(n_ubatch, n_ctx), K = KV cells per stream, E = n_embd, KV = n_head_kv*head_dim, F = n_ff
-      mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention
+      mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention or on an offload device
       attention    = 4*U*K*n_head (KQ scores, absent with flash attention) + 4*U*(5E + 2KV)
       feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used
-      output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then)
+      output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then; 4*U*E instead of 8 on an offload device)
+    `host=False`: the buffer of an offload device (checked with an RPC device; a GPU's is unverified).
     """
     u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
     cells, _streams = kv_cells(settings)
@@ -290,13 +303,13 @@ def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_outpu
     fa = flash_attn_effective(settings, shape)
     if shape.is_moe:
         f = shape.n_ff * max(shape.n_expert_used, 1)
-    mask = u * k * (2 if fa else 4)
+    mask = u * k * (2 if fa or not host else 4)     # an offload device gets it as f16
     attention = 4 * u * (5 * e + 2 * kv) + (0 if fa else 4 * u * k * h)
     ffn = 12 * u * f + 16 * u * e + (0 if fa or shape.is_moe else 4 * u * e)
     phases = [mask + attention + _SMALL_INPUTS, mask + ffn + _SMALL_INPUTS]
     if with_output:
         n_out = u if n_outputs is None else max(1, min(n_outputs, u))
-        phases.append(4 * n_out * shape.n_vocab + 8 * n_out * e)
+        phases.append(4 * n_out * shape.n_vocab + (8 if host else 4) * n_out * e)
     return max(phases)
 
 
@@ -352,6 +365,7 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
     repackable = repacked_types(cpu_flags) if settings.repack else frozenset()
     notes: list[str] = []
 
+    mapped: list[TensorInfo] = []     # host tensors llama.cpp serves straight from the mmap'd file
     for t in layout.tensors:
         il = _tensor_layer(t.name)
         if il == -1:
@@ -363,8 +377,19 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
         if settings.experts_on_cpu and _is_expert(t.name):
             dev = "CPU"
         weights[dev] += t.n_bytes
-        if dev == "CPU" and _is_repacked(t, repackable):
-            repack["CPU"] += t.n_bytes
+        if dev == "CPU":
+            if _is_repacked(t, repackable):
+                repack["CPU"] += t.n_bytes
+            else:
+                mapped.append(t)
+    reclaimable = 0
+    if settings.use_mmap and mapped:
+        # llama.cpp maps one span of the file, from the first to the last host tensor it serves from the mapping
+        # (its CPU_Mapped buffer), reads every page in it during the load (repacked and offloaded tensors in the
+        # span too) and unmaps the rest: the span is what stays resident. Only the mapped tensors are read again.
+        span = max(t.offset + t.n_bytes for t in mapped) - min(t.offset for t in mapped)
+        reclaimable = max(0, span - sum(t.n_bytes for t in mapped))
+        weights["CPU"] = span
     if out_dev != "CPU" and not any(_tensor_layer(t.name) is None and t.name.startswith("output.")
                                     for t in layout.tensors):
         # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
@@ -389,20 +414,28 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
             else:
                 compute = 0
             if offloaded:
-                # the host buffer only stages inputs for the GPUs (llama.cpp "CUDA_Host compute buffer")
-                compute = max(compute, 4 * settings.n_ubatch * shape.n_embd + 4 * settings.n_ubatch * shape.n_vocab
-                              if runs_output else 4 * settings.n_ubatch * shape.n_embd)
+                # with every layer offloaded the host still holds the graph inputs (the attention mask among
+                # them) and stages activations for the devices: mask + 4*U*(2E + 2KV), measured with an RPC
+                # device (SmolLM2 U=512: 5.01 MiB at n_ctx 1024, 11.01 at 4096; an 8-layer 1024-wide llama 12.01)
+                u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
+                cells, _streams = kv_cells(settings)
+                mask = u * cells * (2 if flash_attn_effective(settings, shape) else 4)
+                staging = (mask + 4 * u * (2 * shape.n_embd + 2 * shape.n_embd_k_gqa)
+                           + 4 * u * (shape.n_vocab if runs_output else 0))
+                compute = max(compute, staging + _SMALL_INPUTS)
             committed = compute
             if n_layers["CPU"] and not offloaded:
                 committed = compute_committed_bytes(shape, settings, with_output=runs_output)
             devices.append(DeviceMemory(
                 device="CPU", weights=weights["CPU"], kv_cache=kv["CPU"], compute=compute,
                 output=output_buffer_bytes(shape, settings), repack=repack["CPU"],
-                overhead=HOST_OVERHEAD_BYTES + HOST_BYTES_PER_TOKEN * shape.n_vocab, margin=0, n_layers=n_layers["CPU"], compute_committed=committed))
+                overhead=HOST_OVERHEAD_BYTES + HOST_BYTES_PER_TOKEN * shape.n_vocab
+                + (CUDA_HOST_BYTES if gpus else 0), margin=0, n_layers=n_layers["CPU"], compute_committed=committed,
+                reclaimable=reclaimable))
             continue
         if name not in offloaded:
             continue
-        compute = compute_buffer_bytes(shape, settings, with_output=(name == out_dev))
+        compute = compute_buffer_bytes(shape, settings, with_output=(name == out_dev), host=False)
         is_rpc = name.startswith("RPC")
         devices.append(DeviceMemory(
             device=name, weights=weights[name], kv_cache=kv[name], compute=compute, output=0, repack=0,

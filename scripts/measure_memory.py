@@ -27,7 +27,7 @@ from runner import accuracy  # noqa: E402
 RAW = REPO / "docs" / "estimation-measurements.json"
 DOC = REPO / "docs" / "estimation.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
-SYNTH = [(name, quant) for name in ("llama-2-7b", "llama-2-13b") for quant in accuracy.QUANTS]
+SYNTH = [(name, quant) for name in ("llama-2-7b", "llama-2-13b", "smollm2-135m") for quant in accuracy.QUANTS]
 
 
 def _demo_path() -> Path:

@@ -106,3 +106,22 @@ def test_cli_refuses_unknown_models_and_quants(tmp_path):
     assert result.exit_code != 0 and "no-such-model" in result.output
     result = runner.invoke(cli, ["synth", "llama-2-7b-chat", "--layers", "99", "-o", str(tmp_path / "x.gguf")])
     assert result.exit_code != 0 and "--layers" in result.output
+
+
+def test_layout_from_sharded_headers_runs_the_offsets_on(tmp_path):
+    from runner.estimate import layout_from_header, layout_from_headers
+
+    a = read_header(write_synth_path(tmp_path / "a.gguf", "Q8_0"))
+    b = read_header(write_synth_path(tmp_path / "b.gguf", "Q4_0"))
+    joined = layout_from_headers([a, b])
+    assert len(joined.tensors) == len(a.tensors) + len(b.tensors)
+    assert joined.weights_bytes == layout_from_header(a).weights_bytes + layout_from_header(b).weights_bytes
+    offsets = [t.offset for t in joined.tensors]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+    with pytest.raises(UsageError):
+        layout_from_headers([])
+
+
+def write_synth_path(path, quant):
+    write_synth(TINY, quant, path)
+    return path

@@ -61,9 +61,9 @@ class LogCapture:
 @contextlib.contextmanager
 def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
     """Route llama.cpp's log (all levels) into a LogCapture while the block runs; optionally echo to stderr.
-    On exit llama.cpp's log is silenced again (llama-cpp-python's default when verbose=False is to print it,
-    which a caller that captures does not want). The ctypes callback is kept referenced for as long as
-    llama.cpp may call it (module-level list), since a collected callback would crash the process."""
+    Captures nest: on exit an enclosing capture gets the log back; after the outermost one llama.cpp is silenced
+    (llama-cpp-python's own callback would print everything to the terminal). Every ctypes callback handed to
+    llama.cpp stays referenced (module-level list): a collected callback would crash the process."""
     import ctypes
     import sys
 
@@ -79,15 +79,18 @@ def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
             sys.stderr.write(piece)
 
     _KEEP_ALIVE.append(_callback)
+    _ACTIVE.append(_callback)
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
     try:
         yield capture
     finally:
-        llama_cpp.llama_log_set(_silent_callback(), ctypes.c_void_p(0))
-        _KEEP_ALIVE.remove(_callback)
+        _ACTIVE.remove(_callback)
+        # keep `_callback` itself referenced: a message a llama.cpp thread is printing right now may still reach it
+        llama_cpp.llama_log_set(_ACTIVE[-1] if _ACTIVE else _silent_callback(), ctypes.c_void_p(0))
 
 
 _KEEP_ALIVE: list = []
+_ACTIVE: list = []
 _SILENT: list = []
 
 
@@ -129,11 +132,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None) -> dict:
+def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None,
+                     n_gpu_layers: int = 0, rpc_servers: tuple[str, ...] = ()) -> dict:
     """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
     flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
-    Sizes are bytes."""
+    Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.engine.rpc`), so
+    `n_gpu_layers` offloads to them as it would to GPUs."""
     import os
     import time
 
@@ -142,12 +147,16 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     from runner.errors import EngineError
 
     llama_cpp.llama_backend_init()
+    if rpc_servers:
+        from runner.engine.rpc import register_servers
+
+        register_servers(tuple(rpc_servers))
     ggml_types = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
     result: dict = {"model": model_path, "rss_start": _status_kib("VmRSS") * 1024, "contexts": []}
     with capture_llama_logs() as cap:
         t0 = time.monotonic()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = n_gpu_layers
         model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
         if not model:
             raise EngineError(f"llama.cpp could not load {model_path}", hint=cap.text[-2000:])
@@ -202,7 +211,8 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     return result
 
 
-def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: float = 900) -> dict:
+def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: float = 900, n_gpu_layers: int = 0,
+                          rpc_servers: tuple[str, ...] = ()) -> dict:
     """measure_contexts in a fresh Python process (clean RSS baseline; memory returned to the OS after)."""
     import json
     import subprocess
@@ -215,8 +225,9 @@ def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: flo
     # glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; a fixed 1 MiB threshold returns
     # every buffer of a freed context to the OS, so each context is measured as if in a fresh process.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    proc = subprocess.run([sys.executable, "-m", "runner.engine.buffers", model_path, json.dumps(contexts)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    options = {"n_gpu_layers": n_gpu_layers, "rpc_servers": list(rpc_servers)}
+    proc = subprocess.run([sys.executable, "-m", "runner.engine.buffers", model_path, json.dumps(contexts),
+                           json.dumps(options)], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise EngineError(f"measuring {model_path} failed (exit {proc.returncode})", hint=proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -226,5 +237,7 @@ if __name__ == "__main__":
     import json as _json
     import sys as _sys
 
-    _out = measure_contexts(_sys.argv[1], _json.loads(_sys.argv[2]))
+    _opts = _json.loads(_sys.argv[3]) if len(_sys.argv) > 3 else {}
+    _out = measure_contexts(_sys.argv[1], _json.loads(_sys.argv[2]), n_gpu_layers=_opts.get("n_gpu_layers", 0),
+                            rpc_servers=tuple(_opts.get("rpc_servers", ())))
     print(_json.dumps(_out))
