@@ -205,3 +205,8 @@ def test_buffers_compared_with_the_estimate():
     assert not rows[("CPU", "compute")].warn and not rows[("CPU", "output")].warn   # under 1 MiB apart
     (w,) = report.warnings(list(rows.values()))
     assert w.startswith("CPU kv_cache: llama.cpp allocated 80") and "+25%" in w
+
+
+def test_ignore_eos_generates_exactly_max_tokens(engine):
+    r = engine.chat(ask("What is 2+2?"), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)).result()
+    assert r.finish_reason == "length" and r.usage.completion_tokens == 60

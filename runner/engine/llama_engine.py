@@ -98,6 +98,7 @@ class LlamaEngine:
         self._tokens_out = 0
         self._closing = False
         self._dead: str | None = None
+        self._eog: tuple[int, ...] | None = None
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -190,7 +191,9 @@ class LlamaEngine:
             raise EngineError("the engine is closed")
         if self._dead:
             raise EngineError(f"the engine stopped after an internal error: {self._dead}")
-        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params)
+        if params.ignore_eos and self._eog is None:
+            self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
+        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or ())
         handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
         req = _Request(handle=handle, prompt=tokens, params=params, chain=chain, stop=StopText(params.stop))
         self._inbox.put(req)
