@@ -21,7 +21,7 @@ from runner.engine import native
 from runner.engine.generation import GenerationHandle, StopText, completion
 from runner.engine.template import ChatFormat
 from runner.engine.types import ChatMessage, EngineStats, SamplingParams
-from runner.errors import ContextOverflowError, EngineError, UsageError
+from runner.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.estimate import RunSettings
 
 _WAKE = object()
@@ -366,14 +366,16 @@ class LlamaEngine:
 
 
 def default_threads() -> int:
-    """Usable physical cores: the CPU affinity mask, capped at the physical core count."""
-    import os
+    """Threads llama.cpp should use: usable physical cores (affinity and cgroup CPU quota respected), from the
+    hardware probe (runner.hardware.CPU.threads)."""
+    from runner import hardware as hw
 
-    import psutil
+    try:
+        return hw.probe(measure=False).cpu.threads
+    except LlmrunError:
+        import os
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False) or usable
-    return max(1, min(usable, physical))
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def load_engine(model_path: str | Path, settings: RunSettings | None = None, *, model_name: str | None = None,
