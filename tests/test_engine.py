@@ -239,3 +239,26 @@ def test_long_prompt_is_chunked_and_interleaved_with_decoding(demo_gguf, monkeyp
     assert len(mixed) >= 5                                            # prompt chunks rode along with decoding
     assert all(min(s.values()) == 1 for s in mixed)                   # ... one decode token for the short one
     assert r_short.usage.completion_tokens == 40
+
+
+def test_experts_on_cpu_override_loads(demo_gguf):
+    e = load_engine(demo_gguf, RunSettings(n_ctx=512, experts_on_cpu=True), model_name="x")
+    try:
+        assert e.stats().buffers["CPU KV"] > 0
+        assert e.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=3)).result().text
+    finally:
+        e.close()
+
+
+def test_unreachable_rpc_worker_is_a_cluster_error_not_an_abort(demo_gguf):
+    import socket
+
+    from runner.errors import ClusterError
+
+    with socket.socket() as s:              # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ClusterError, match="unreachable"):
+        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
+    with pytest.raises(UsageError, match="host:port"):
+        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=("nowhere",)))

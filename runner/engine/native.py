@@ -111,12 +111,27 @@ def register_rpc_servers(servers: tuple[str, ...]) -> None:
         host, _, port = server.rpartition(":")
         if not host or not port.isdigit():
             raise UsageError(f"bad RPC server {server!r}", hint="write RPC workers as host:port, e.g. 10.0.0.2:50052")
+        _check_reachable(server, host.strip("[]"), int(port))  # llama.cpp aborts the process on a dead endpoint
         server_reg = add_server(server.encode())
         if not server_reg:
             raise ClusterError(f"RPC worker {server} is unreachable or incompatible",
                                hint="start it with `llmrun worker` (rpc-server) and check host and port")
         g.ggml_backend_register(server_reg)
         _rpc_registered.add(server)
+
+
+def _check_reachable(server: str, host: str, port: int, timeout: float = 5.0) -> None:
+    import socket
+
+    from runner.errors import ClusterError
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterError(f"RPC worker {server} is unreachable: {e.strerror or e}",
+                           hint="start it with `llmrun worker` (llama.cpp rpc-server) and check host, port and "
+                                "firewall") from e
 
 
 # ---------------------------------------------------------------------------------------------------- loading
