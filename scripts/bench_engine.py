@@ -28,8 +28,9 @@ from runner.estimate import RunSettings  # noqa: E402
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 
 
-def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int) -> float:
-    """Decode tok/s of the plainest low-level loop: llama_decode of one token, greedy sampler, repeat."""
+def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int) -> tuple[float, float]:
+    """(decode tok/s, CPU seconds for prompt + n tokens) of the plainest low-level loop: llama_decode of one
+    token, greedy sampler, repeat."""
     import llama_cpp as lc
 
     from runner.engine import native
@@ -49,6 +50,7 @@ def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx
             if lc.llama_decode(loaded.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
 
+        c0 = time.process_time()
         decode(prompt_tokens, 0)
         pos = len(prompt_tokens)
         tok = lc.llama_sampler_sample(smpl, loaded.ctx, -1)
@@ -58,19 +60,23 @@ def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx
             pos += 1
             tok = lc.llama_sampler_sample(smpl, loaded.ctx, -1)
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         lc.llama_sampler_free(smpl)
         lc.llama_batch_free(batch)
-        return (n - 1) / dt
+        return (n - 1) / dt, cpu
     finally:
         loaded.free()
 
 
-def engine_single(engine, n: int) -> float:
+def engine_single(engine, prompt_tokens: list[int], n: int) -> tuple[float, float]:
+    """(decode tok/s, CPU seconds of the whole process for prompt + n tokens) of one request through the engine."""
     p = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True)
-    tokens = engine.render_chat([__import__("runner.engine", fromlist=["ChatMessage"]).ChatMessage("user", PROMPT)])
-    c = engine.generate(tokens, p).result()
-    assert c.usage.completion_tokens == n, c
-    return c.decode_tokens_per_s
+    engine.generate(prompt_tokens[:3], SamplingParams(temperature=0, max_tokens=1)).result()  # no prefix to reuse
+    c0 = time.process_time()
+    c = engine.generate(prompt_tokens, p).result()
+    cpu = time.process_time() - c0
+    assert c.usage.completion_tokens == n and c.usage.cached_tokens <= 3, c
+    return c.decode_tokens_per_s, cpu
 
 
 def engine_aggregate(engine, n_seq: int, n: int) -> tuple[float, float]:
@@ -110,12 +116,16 @@ def main() -> int:
     from runner.engine import ChatMessage
 
     prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
-    engine_tps, plain_tps = [], []
+    engine_tps, plain_tps, engine_cpu, plain_cpu = [], [], [], []
     for _ in range(a.repeats):
-        engine_tps.append(engine_single(eng1, a.tokens))
-        plain_tps.append(plain_loop(path, prompt_tokens, a.tokens, threads, n_ctx))
-        print(f"  single stream: engine {engine_tps[-1]:.1f} tok/s, plain loop {plain_tps[-1]:.1f} tok/s",
-              file=sys.stderr)
+        x, c = engine_single(eng1, prompt_tokens, a.tokens)
+        engine_tps.append(x)
+        engine_cpu.append(c)
+        x, c = plain_loop(path, prompt_tokens, a.tokens, threads, n_ctx)
+        plain_tps.append(x)
+        plain_cpu.append(c)
+        print(f"  single stream: engine {engine_tps[-1]:.1f} tok/s ({engine_cpu[-1]:.2f} s CPU), plain loop "
+              f"{plain_tps[-1]:.1f} tok/s ({plain_cpu[-1]:.2f} s CPU)", file=sys.stderr)
     eng1.close()
 
     eng8 = load_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
@@ -132,6 +142,8 @@ def main() -> int:
     res = {"model": path.name, "threads": threads, "tokens": a.tokens, "repeats": a.repeats,
            "engine_single_tps": m(engine_tps), "plain_loop_tps": m(plain_tps),
            "engine_vs_plain": m(engine_tps) / m(plain_tps) - 1,
+           "engine_cpu_ms_per_token": 1000 * m(engine_cpu) / a.tokens, "plain_cpu_ms_per_token": 1000 * m(plain_cpu) / a.tokens,
+           "engine_vs_plain_cpu": m(engine_cpu) / m(plain_cpu) - 1,
            "aggregate_1_tps": m(agg1), "aggregate_8_tps": m(agg8), "per_sequence_at_8_tps": m(per8),
            "multiplier_8_vs_1": m(agg8) / m(agg1)}
     print(f"""
@@ -139,6 +151,7 @@ def main() -> int:
 |---|---|
 | plain llama-cpp-python loop (llama_decode 1 token + greedy sampler) | {res['plain_loop_tps']:.1f} |
 | LlamaEngine, one stream | {res['engine_single_tps']:.1f} ({res['engine_vs_plain']:+.1%}) |
+| CPU time per token (prompt + decode), plain loop → engine | {res['plain_cpu_ms_per_token']:.2f} ms → {res['engine_cpu_ms_per_token']:.2f} ms ({res['engine_vs_plain_cpu']:+.1%}) |
 | LlamaEngine, 1 sequence, wall time incl. prompt | {res['aggregate_1_tps']:.1f} |
 | LlamaEngine, 8 sequences together, aggregate wall time incl. prompts | {res['aggregate_8_tps']:.1f} (x{res['multiplier_8_vs_1']:.2f}) |
 | LlamaEngine, 8 sequences together, per sequence | {res['per_sequence_at_8_tps']:.1f} |""")
