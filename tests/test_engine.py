@@ -205,3 +205,60 @@ def test_buffers_compared_with_the_estimate():
     assert not rows[("CPU", "compute")].warn and not rows[("CPU", "output")].warn   # under 1 MiB apart
     (w,) = report.warnings(list(rows.values()))
     assert w.startswith("CPU kv_cache: llama.cpp allocated 80") and "+25%" in w
+
+
+def test_ignore_eos_generates_exactly_max_tokens(engine):
+    r = engine.chat(ask("What is 2+2?"), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)).result()
+    assert r.finish_reason == "length" and r.usage.completion_tokens == 60
+
+
+def test_long_prompt_is_chunked_and_interleaved_with_decoding(demo_gguf, monkeypatch):
+    import llama_cpp as lc
+
+    steps = []
+    real = lc.llama_decode
+
+    def recording(ctx, batch):
+        seqs = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+        steps.append({s: seqs.count(s) for s in set(seqs)})
+        return real(ctx, batch)
+
+    e = load_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=2, n_batch=64, n_ubatch=64), model_name="chunks")
+    try:
+        short = e.chat(ask("Count from one to fifty."), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        next(iter(short))                                   # the short one is decoding
+        monkeypatch.setattr(lc, "llama_decode", recording)
+        long_prompt = "Here is a list of words: " + " ".join(f"word{i}" for i in range(120)) + ". Summarise."
+        long = e.chat(ask(long_prompt), SamplingParams(temperature=0, max_tokens=4))
+        r_long, r_short = long.result(), short.result()
+    finally:
+        e.close()
+    assert r_long.usage.prompt_tokens > 5 * 64
+    assert all(sum(s.values()) <= 64 for s in steps)                 # never more than one ubatch per step
+    mixed = [s for s in steps if len(s) == 2]
+    assert len(mixed) >= 5                                            # prompt chunks rode along with decoding
+    assert all(min(s.values()) == 1 for s in mixed)                   # ... one decode token for the short one
+    assert r_short.usage.completion_tokens == 40
+
+
+def test_experts_on_cpu_override_loads(demo_gguf):
+    e = load_engine(demo_gguf, RunSettings(n_ctx=512, experts_on_cpu=True), model_name="x")
+    try:
+        assert e.stats().buffers["CPU KV"] > 0
+        assert e.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=3)).result().text
+    finally:
+        e.close()
+
+
+def test_unreachable_rpc_worker_is_a_cluster_error_not_an_abort(demo_gguf):
+    import socket
+
+    from runner.errors import ClusterError
+
+    with socket.socket() as s:              # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ClusterError, match="unreachable"):
+        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
+    with pytest.raises(UsageError, match="bad RPC server"):
+        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=("nowhere",)))

@@ -62,7 +62,8 @@ class GenerationHandle:
 
     def __init__(self, on_cancel: Callable[["GenerationHandle"], None], *, notice: str | None = None,
                  dropped_messages: int = 0):
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()      # wakes sync iterators on each delta
+        self._finished = threading.Event()      # wakes result() once, at the end (not on every delta)
         self._chunks: list[str] = []
         self._completion: Completion | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -94,6 +95,7 @@ class GenerationHandle:
                 self._completion = completion
             self._cond.notify_all()
             self._wake()
+        self._finished.set()
 
     @property
     def done(self) -> bool:
@@ -145,10 +147,9 @@ class GenerationHandle:
             self._on_cancel(self)
 
     def result(self, timeout: float | None = None) -> Completion:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._completion is not None, timeout):
-                raise TimeoutError(f"the generation did not finish within {timeout} s")
-            return self._completion
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"the generation did not finish within {timeout} s")
+        return self._completion
 
 
 def completion(text: str, reason: FinishReason, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int,

@@ -21,7 +21,7 @@ from runner.engine import native
 from runner.engine.generation import GenerationHandle, StopText, completion
 from runner.engine.template import ChatFormat
 from runner.engine.types import ChatMessage, EngineStats, SamplingParams
-from runner.errors import ContextOverflowError, EngineError, UsageError
+from runner.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.estimate import RunSettings
 
 _WAKE = object()
@@ -98,6 +98,7 @@ class LlamaEngine:
         self._tokens_out = 0
         self._closing = False
         self._dead: str | None = None
+        self._eog: tuple[int, ...] | None = None
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -190,7 +191,9 @@ class LlamaEngine:
             raise EngineError("the engine is closed")
         if self._dead:
             raise EngineError(f"the engine stopped after an internal error: {self._dead}")
-        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params)
+        if params.ignore_eos and self._eog is None:
+            self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
+        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or ())
         handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
         req = _Request(handle=handle, prompt=tokens, params=params, chain=chain, stop=StopText(params.stop))
         self._inbox.put(req)
@@ -363,14 +366,16 @@ class LlamaEngine:
 
 
 def default_threads() -> int:
-    """Usable physical cores: the CPU affinity mask, capped at the physical core count."""
-    import os
+    """Threads llama.cpp should use: usable physical cores (affinity and cgroup CPU quota respected), from the
+    hardware probe (runner.hardware.CPU.threads)."""
+    from runner import hardware as hw
 
-    import psutil
+    try:
+        return hw.probe(measure=False).cpu.threads
+    except LlmrunError:
+        import os
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False) or usable
-    return max(1, min(usable, physical))
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def load_engine(model_path: str | Path, settings: RunSettings | None = None, *, model_name: str | None = None,

@@ -265,13 +265,22 @@ class Detokenizer:
 
 # ---------------------------------------------------------------------------------------------------- sampling
 
-def sampler_chain(vocab, n_vocab: int, params) -> object:
-    """A llama.cpp sampler chain for one request; the caller frees it with free_sampler()."""
+def eog_tokens(vocab, n_vocab: int) -> tuple[int, ...]:
+    """Every end-of-generation token of the vocabulary (EOS, EOT, <|im_end|>, ...)."""
+    return tuple(t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t))
+
+
+def sampler_chain(vocab, n_vocab: int, params, *, eog: tuple[int, ...] = ()) -> object:
+    """A llama.cpp sampler chain for one request; the caller frees it with free_sampler(). With
+    params.ignore_eos, `eog` tokens get a -inf logit bias."""
     sp = lc.llama_sampler_chain_default_params()
     sp.no_perf = True
     chain = lc.llama_sampler_chain_init(sp)
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
     try:
+        if getattr(params, "ignore_eos", False) and eog:
+            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+            add(lc.llama_sampler_init_logit_bias(n_vocab, len(eog), biases))
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             add(lc.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.grammar:

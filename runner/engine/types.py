@@ -19,6 +19,7 @@ class SamplingParams:
     max_tokens: int | None = None     # None = until end of generation or context end
     stop: tuple[str, ...] = ()
     grammar: str | None = None        # GBNF text (JSON mode / json_schema are compiled to this)
+    ignore_eos: bool = False          # never sample end-of-generation tokens (benchmarks: fixed lengths)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Engine overhead and batching gain, measured in one run on the same model (default: the demo model).
+
+1. Single-stream decode: LlamaEngine (queue, engine thread, batch building, per-sequence sampler chain, incremental
+   detokenizing, stop handling, streaming) vs a plain llama-cpp-python loop on the low-level API (decode one token,
+   greedy sample, repeat) on the same context settings. Runs are interleaved (engine, plain, engine, ...) so a
+   machine shared with other work affects both alike; medians over the repeats. Target: engine within 3%.
+2. Aggregate decode: 8 sequences decoding together vs 1 (the continuous-batching multiplier).
+
+    PYTHONPATH=. python scripts/bench_engine.py [MODEL.gguf] [--tokens 128] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runner.engine import SamplingParams  # noqa: E402
+from runner.engine.llama_engine import load_engine  # noqa: E402
+from runner.estimate import RunSettings  # noqa: E402
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+
+
+def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int) -> tuple[float, float]:
+    """(decode tok/s, CPU seconds for prompt + n tokens) of the plainest low-level loop: llama_decode of one
+    token, greedy sampler, repeat."""
+    import llama_cpp as lc
+
+    from runner.engine import native
+
+    loaded = native.load(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
+    try:
+        batch = lc.llama_batch_init(512, 0, 1)
+        smpl = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(smpl, lc.llama_sampler_init_greedy())
+
+        def decode(tokens, start):
+            for i, t in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == len(tokens) - 1
+            batch.n_tokens = len(tokens)
+            if lc.llama_decode(loaded.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+        c0 = time.process_time()
+        decode(prompt_tokens, 0)
+        pos = len(prompt_tokens)
+        tok = lc.llama_sampler_sample(smpl, loaded.ctx, -1)
+        t0 = time.perf_counter()
+        for _ in range(n - 1):   # n sampled tokens, n-1 decodes between the first and the last (as the engine counts)
+            decode([tok], pos)
+            pos += 1
+            tok = lc.llama_sampler_sample(smpl, loaded.ctx, -1)
+        dt = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        lc.llama_sampler_free(smpl)
+        lc.llama_batch_free(batch)
+        return (n - 1) / dt, cpu
+    finally:
+        loaded.free()
+
+
+def engine_single(engine, prompt_tokens: list[int], n: int) -> tuple[float, float]:
+    """(decode tok/s, CPU seconds of the whole process for prompt + n tokens) of one request through the engine."""
+    p = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True)
+    engine.generate(prompt_tokens[:3], SamplingParams(temperature=0, max_tokens=1)).result()  # no prefix to reuse
+    c0 = time.process_time()
+    c = engine.generate(prompt_tokens, p).result()
+    cpu = time.process_time() - c0
+    assert c.usage.completion_tokens == n and c.usage.cached_tokens <= 3, c
+    return c.decode_tokens_per_s, cpu
+
+
+def engine_aggregate(engine, n_seq: int, n: int) -> tuple[float, float]:
+    """(aggregate tok/s over the decode phase, per-sequence median tok/s) for n_seq sequences started together."""
+    from runner.engine import ChatMessage
+
+    p = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True)
+    prompts = [engine.render_chat([ChatMessage("user", f"{PROMPT} Story number {i}.")]) for i in range(n_seq)]
+    t0 = time.perf_counter()
+    gens = [engine.generate(t, p) for t in prompts]
+    results = [g.result() for g in gens]
+    wall = time.perf_counter() - t0
+    total = sum(r.usage.completion_tokens for r in results)
+    return total / wall, statistics.median(r.decode_tokens_per_s for r in results)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", help="GGUF file (default: the demo model)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", dest="json_out")
+    a = ap.parse_args()
+    if a.model:
+        path = Path(a.model)
+    else:
+        from runner.fetch import demo_model_path
+
+        path = demo_model_path()
+    from runner.engine.llama_engine import default_threads
+
+    threads = a.threads or default_threads()
+    n_ctx = 2048
+
+    eng1 = load_engine(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
+    from runner.engine import ChatMessage
+
+    prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
+    engine_tps, plain_tps, engine_cpu, plain_cpu = [], [], [], []
+    for _ in range(a.repeats):
+        x, c = engine_single(eng1, prompt_tokens, a.tokens)
+        engine_tps.append(x)
+        engine_cpu.append(c)
+        x, c = plain_loop(path, prompt_tokens, a.tokens, threads, n_ctx)
+        plain_tps.append(x)
+        plain_cpu.append(c)
+        print(f"  single stream: engine {engine_tps[-1]:.1f} tok/s ({engine_cpu[-1]:.2f} s CPU), plain loop "
+              f"{plain_tps[-1]:.1f} tok/s ({plain_cpu[-1]:.2f} s CPU)", file=sys.stderr)
+    eng1.close()
+
+    eng8 = load_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
+    agg1, agg8, per8 = [], [], []
+    for _ in range(a.repeats):
+        agg1.append(engine_aggregate(eng8, 1, a.tokens)[0])
+        x, y = engine_aggregate(eng8, 8, a.tokens)
+        agg8.append(x)
+        per8.append(y)
+        print(f"  aggregate: 1 seq {agg1[-1]:.1f} tok/s, 8 seqs {agg8[-1]:.1f} tok/s", file=sys.stderr)
+    eng8.close()
+
+    m = statistics.median
+    res = {"model": path.name, "threads": threads, "tokens": a.tokens, "repeats": a.repeats,
+           "engine_single_tps": m(engine_tps), "plain_loop_tps": m(plain_tps),
+           "engine_vs_plain": m(engine_tps) / m(plain_tps) - 1,
+           "engine_cpu_ms_per_token": 1000 * m(engine_cpu) / a.tokens, "plain_cpu_ms_per_token": 1000 * m(plain_cpu) / a.tokens,
+           "engine_vs_plain_cpu": m(engine_cpu) / m(plain_cpu) - 1,
+           "aggregate_1_tps": m(agg1), "aggregate_8_tps": m(agg8), "per_sequence_at_8_tps": m(per8),
+           "multiplier_8_vs_1": m(agg8) / m(agg1)}
+    print(f"""
+| measurement ({res['model']}, {threads} threads, {a.tokens} tokens, median of {a.repeats}) | tok/s |
+|---|---|
+| plain llama-cpp-python loop (llama_decode 1 token + greedy sampler) | {res['plain_loop_tps']:.1f} |
+| LlamaEngine, one stream | {res['engine_single_tps']:.1f} ({res['engine_vs_plain']:+.1%}) |
+| CPU time per token (prompt + decode), plain loop → engine | {res['plain_cpu_ms_per_token']:.2f} ms → {res['engine_cpu_ms_per_token']:.2f} ms ({res['engine_vs_plain_cpu']:+.1%}) |
+| LlamaEngine, 1 sequence, wall time incl. prompt | {res['aggregate_1_tps']:.1f} |
+| LlamaEngine, 8 sequences together, aggregate wall time incl. prompts | {res['aggregate_8_tps']:.1f} (x{res['multiplier_8_vs_1']:.2f}) |
+| LlamaEngine, 8 sequences together, per sequence | {res['per_sequence_at_8_tps']:.1f} |""")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
