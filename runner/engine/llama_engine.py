@@ -259,7 +259,10 @@ class LlamaEngine:
                 return
             req = self._waiting.pop(0)
             best = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
-            common = min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - 1)  # the last token gives logits
+            # Re-evaluate at least 2 prompt tokens: the last one must give logits, and llama.cpp's one-row matmul
+            # kernels round differently from its multi-row ones (up to ~0.8 logits measured on the demo model),
+            # so a 2-row tail keeps a reused prefix bit-identical to a fresh evaluation (seeds stay reproducible).
+            common = max(0, min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - 2))
             if common < len(best.tokens) and not lc.llama_memory_seq_rm(self._mem, best.seq, common, -1):
                 lc.llama_memory_seq_rm(self._mem, best.seq, -1, -1)
                 common = 0

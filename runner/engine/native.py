@@ -27,51 +27,23 @@ _LIB_DIR = Path(lc.__file__).resolve().parent / "lib"
 
 # ---------------------------------------------------------------------------------------------------- logs
 
-class _LogSink:
-    """Receives every llama.cpp/ggml log line, so nothing is printed over the user's terminal. While a
-    `capture()` is open the lines are kept (load errors quote them; buffer sizes are parsed from them)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._captures: list[list[str]] = []
-        self._partial = ""
-        self._callback = lc.llama_log_callback(self._on_log)  # kept alive as long as the sink
-        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes, user_data) -> None:
-        s = self._partial + (text or b"").decode("utf-8", errors="replace")
-        lines = s.split("\n")
-        self._partial = lines.pop()
-        if os.environ.get("LLMRUN_LLAMA_LOG"):
-            print(s[: len(s) - len(self._partial)], end="", file=__import__("sys").stderr)
-        with self._lock:
-            for cap in self._captures:
-                cap.extend(lines)
-
-    @contextlib.contextmanager
-    def capture(self):
-        lines: list[str] = []
-        with self._lock:
-            self._captures.append(lines)
-        try:
-            yield lines
-        finally:
-            with self._lock:
-                self._captures.remove(lines)
-
-
-_sink: _LogSink | None = None
+_backend_ready = False
 _init_lock = threading.Lock()
 
 
-def log_sink() -> _LogSink:
-    """Initialise the llama.cpp backend once and route its logs to our sink."""
-    global _sink
-    with _init_lock:
-        if _sink is None:
-            _sink = _LogSink()
-            lc.llama_backend_init()
-        return _sink
+@contextlib.contextmanager
+def llama_logs():
+    """llama.cpp's log lines while the block runs (nothing reaches the user's terminal unless LLMRUN_LLAMA_LOG is
+    set; llama.cpp stays silent afterwards). The backend is initialised once, inside the first capture."""
+    global _backend_ready
+    from runner.engine.buffers import capture_llama_logs
+
+    with capture_llama_logs(echo=bool(os.environ.get("LLMRUN_LLAMA_LOG"))) as cap:
+        with _init_lock:
+            if not _backend_ready:
+                lc.llama_backend_init()
+                _backend_ready = True
+        yield cap
 
 
 def _last_error(lines: list[str]) -> str:
@@ -210,11 +182,10 @@ def kv_type(name: str) -> int:
 def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv_unified: bool = False) -> Loaded:
     """Load the model and create a context with n_parallel sequences."""
     check_model_file(path)
-    sink = log_sink()
     if settings.rpc_servers:
         register_rpc_servers(tuple(settings.rpc_servers))
     keep = []  # ctypes objects that must live until the load is done
-    with sink.capture() as lines:
+    with llama_logs() as cap:
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = settings.n_gpu_layers
         mp.main_gpu = settings.main_gpu
@@ -227,13 +198,14 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
             split = (ctypes.c_float * n)(*settings.tensor_split)
             keep.append(split)
             mp.tensor_split = split
+        mp.use_extra_bufts = settings.repack
         if settings.experts_on_cpu:
             overrides = experts_on_cpu_overrides()
             keep.append(overrides)
             mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         model = lc.llama_model_load_from_file(str(path).encode(), mp)
         if not model:
-            raise EngineError(f"llama.cpp could not load {path}: {_last_error(lines) or 'no reason given'}",
+            raise EngineError(f"llama.cpp could not load {path}: {_last_error(cap.lines) or 'no reason given'}",
                               hint="check the file is a complete GGUF download (`llmrun pull` verifies it)")
         cp = lc.llama_context_default_params()
         cp.n_ctx = settings.n_ctx
@@ -245,18 +217,18 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
         cp.type_k = kv_type(settings.type_k)
         cp.type_v = kv_type(settings.type_v)
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cp.kv_unified = kv_unified
+        cp.kv_unified = kv_unified or settings.kv_unified
         cp.no_perf = True
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
             lc.llama_model_free(model)
             raise EngineError(f"llama.cpp could not create a context (n_ctx {settings.n_ctx}, {n_parallel} sequences, "
-                              f"KV {settings.type_k}/{settings.type_v}): {_last_error(lines) or 'no reason given'}",
+                              f"KV {settings.type_k}/{settings.type_v}): {_last_error(cap.lines) or 'no reason given'}",
                               hint="a smaller --ctx or KV type q8_0 needs less memory")
         vocab = lc.llama_model_get_vocab(model)
         loaded = Loaded(model=model, ctx=ctx, vocab=vocab, n_ctx=lc.llama_n_ctx(ctx), n_ctx_seq=lc.llama_n_ctx_seq(ctx),
                         n_seq=lc.llama_n_seq_max(ctx), n_batch=lc.llama_n_batch(ctx), n_ubatch=lc.llama_n_ubatch(ctx),
-                        n_vocab=lc.llama_vocab_n_tokens(vocab), n_threads=threads, log_lines=list(lines))
+                        n_vocab=lc.llama_vocab_n_tokens(vocab), n_threads=threads, log_lines=cap.lines)
     return loaded
 
 
@@ -353,11 +325,9 @@ def free_sampler(chain) -> None:
         lc.llama_sampler_free(chain)
 
 
+
 def parse_buffer_lines(lines: list[str]) -> dict:
-    """llama.cpp's logged buffer sizes (model, KV, compute, repack...) from the load's log lines, parsed by
-    runner.engine.buffers (the `estimate` branch) where it is available."""
-    try:
-        from runner.engine.buffers import parse_buffers
-    except ImportError:
-        return {}
+    """llama.cpp's logged buffer sizes {"CPU_Mapped model": bytes, "CPU KV": bytes, ...}."""
+    from runner.engine.buffers import parse_buffers
+
     return parse_buffers(lines)

@@ -1,0 +1,207 @@
+"""The engine on the real demo model (SmolLM2-135M, ChatML): batching equals decoding alone, sampling, stops,
+limits, cancellation, prefix reuse, context limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from runner.engine import ChatMessage, SamplingParams, load_engine
+from runner.errors import ContextOverflowError, EngineError, UsageError
+from runner.estimate import RunSettings
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40)
+SYSTEM = ChatMessage("system", "You are a helpful assistant.")
+
+
+def ask(q: str) -> list[ChatMessage]:
+    return [SYSTEM, ChatMessage("user", q)]
+
+
+@pytest.fixture(scope="module")
+def engine(demo_gguf):
+    e = load_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=4), model_name="demo")
+    yield e
+    e.close()
+
+
+def test_batched_greedy_equals_alone(engine):
+    questions = ["What is the capital of France?", "Write a short poem about the sea.", "List three fruits.",
+                 "Explain what a computer is.", "How do birds fly?", "Why is the sky blue?"]
+    alone = []
+    for q in questions:
+        alone.append(engine.chat(ask(q), GREEDY).result().text)
+    gens = [engine.chat(ask(q), GREEDY) for q in questions]   # 6 requests on 4 slots: some join mid-way
+    together = [g.result().text for g in gens]
+    assert len(set(alone)) == len(alone)                      # the prompts really differ
+    assert together == alone
+
+
+def test_answers_paris_and_reports_usage(engine):
+    r = engine.chat(ask("What is the capital of France?"), GREEDY).result()
+    assert "Paris" in r.text
+    assert r.finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(engine.render_chat(ask("What is the capital of France?")))
+    assert r.usage.completion_tokens > 0
+
+
+def test_streamed_deltas_join_to_the_result(engine):
+    g = engine.chat(ask("List three fruits."), GREEDY)
+    deltas = list(g)
+    assert len(deltas) > 3
+    assert "".join(deltas) == g.result().text
+
+
+def test_async_iteration(engine):
+    async def collect():
+        g = engine.chat(ask("List three fruits."), GREEDY)
+        return [d async for d in g], g
+
+    deltas, g = asyncio.run(collect())
+    assert "".join(deltas) == g.result().text and deltas
+
+
+def test_stop_string_cuts_before_it(engine):
+    r = engine.chat(ask("What is the capital of France?"), SamplingParams(temperature=0, stop=("Paris",))).result()
+    assert r.finish_reason == "stop"
+    assert r.text == "The capital of France is "
+
+
+def test_max_tokens_gives_length(engine):
+    r = engine.chat(ask("Write a long story about a dragon."), SamplingParams(temperature=0, max_tokens=7)).result()
+    assert r.finish_reason == "length"
+    assert r.usage.completion_tokens == 7
+
+
+def test_seed_reproducible(engine):
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234, max_tokens=24)
+    a = engine.chat(ask("Tell me a story."), p).result().text
+    b = engine.chat(ask("Tell me a story."), p).result().text
+    c = engine.chat(ask("Tell me a story."), SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                                           seed=99, max_tokens=24)).result().text
+    assert a == b
+    assert a != c
+
+
+def test_grammar_constrains_output(engine):
+    p = SamplingParams(temperature=0, max_tokens=8, grammar='root ::= "yes" | "no"')
+    r = engine.chat(ask("Is the sky blue? Answer yes or no."), p).result()
+    assert r.text in ("yes", "no")
+
+
+def test_bad_grammar_and_params_are_usage_errors(engine):
+    with pytest.raises(UsageError, match="GBNF"):
+        engine.chat(ask("hi"), SamplingParams(grammar="root ::= ("))
+    with pytest.raises(UsageError, match="temperature"):
+        engine.chat(ask("hi"), SamplingParams(temperature=-1))
+    with pytest.raises(UsageError, match="max_tokens"):
+        engine.chat(ask("hi"), SamplingParams(max_tokens=0))
+
+
+def test_cancel_frees_the_slot_and_its_kv(engine):
+    import llama_cpp as lc
+
+    g = engine.chat(ask("Write a very long story about a dragon and a knight."),
+                    SamplingParams(temperature=0, max_tokens=500))
+    it = iter(g)
+    for _ in range(3):
+        next(it)
+    g.cancel()
+    r = g.result(timeout=10)
+    assert r.finish_reason == "cancelled"
+    assert 0 < r.usage.completion_tokens < 500
+    deadline = time.time() + 5
+    while engine.stats().busy_slots and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().busy_slots == 0
+    for slot in engine._slots:  # no sequence keeps the cancelled request's cells
+        if not slot.tokens:
+            assert lc.llama_memory_seq_pos_max(engine._mem, slot.seq) == -1
+    # the engine still works afterwards
+    assert "Paris" in engine.chat(ask("What is the capital of France?"), GREEDY).result().text
+
+
+def test_follow_up_turn_reuses_the_kv_prefix(engine):
+    first = ask("Name a famous painter.")
+    r1 = engine.chat(first, GREEDY).result()
+    history = first + [ChatMessage("assistant", r1.text), ChatMessage("user", "When was he born?")]
+    r2 = engine.chat(history, GREEDY).result()
+    assert r2.usage.cached_tokens >= r1.usage.prompt_tokens - 1
+    assert r2.usage.cached_tokens < r2.usage.prompt_tokens
+
+
+def test_prompt_longer_than_context_names_both_numbers(engine):
+    prompt = "hello " * 3000
+    n = len(engine.prompt_tokens(prompt))
+    with pytest.raises(ContextOverflowError) as e:
+        engine.complete(prompt, GREEDY)
+    assert str(n) in e.value.message and str(engine.n_ctx) in e.value.message
+
+
+@pytest.fixture(scope="module")
+def small(demo_gguf):
+    e = load_engine(demo_gguf, RunSettings(n_ctx=512, n_parallel=1), model_name="small")
+    yield e
+    e.close()
+
+
+def test_full_context_drops_oldest_turns_keeps_system(small):
+    engine = small
+    long = "Tell me about the history of bread. " * 8            # ~70 tokens per turn
+    msgs = [ChatMessage("system", "You are a baker.")]
+    for i in range(6):
+        msgs += [ChatMessage("user", f"{i}: {long}"), ChatMessage("assistant", "Bread is old. " * 5)]
+    msgs.append(ChatMessage("user", "Summarise."))
+    tokens, dropped = engine.fit_chat(msgs, GREEDY)
+    assert dropped > 0
+    assert len(tokens) < engine.n_ctx
+    g = engine.chat(msgs, SamplingParams(temperature=0, max_tokens=5))
+    assert g.notice and "context full" in g.notice
+    r = g.result()
+    assert r.dropped_messages == dropped and r.notice == g.notice
+    text = engine.chat_format.render(msgs[:1] + msgs[1 + dropped:])
+    assert text.startswith("<|im_start|>system\nYou are a baker.")
+    assert len(engine.prompt_tokens(text)) == len(tokens)
+
+
+def test_stats_count_tokens(engine):
+    before = engine.stats()
+    r = engine.chat(ask("What is 2+2?"), GREEDY).result()
+    after = engine.stats()
+    assert after.tokens_out - before.tokens_out == r.usage.completion_tokens
+    assert after.tokens_in - before.tokens_in == r.usage.prompt_tokens - r.usage.cached_tokens
+    assert after.n_parallel == 4 and after.n_ctx == 1024 and after.model == "demo"
+
+
+def test_missing_and_non_gguf_files(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        load_engine(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all" * 10)
+    with pytest.raises(EngineError, match="GGUF"):
+        load_engine(bad)
+
+
+def test_real_buffer_sizes_are_reported(engine):
+    b = engine.stats().buffers
+    # 30 layers x 3 KV heads x 64 dims x (K+V) x 4096 cells x f16 = 94371840 bytes, as llama.cpp logs it
+    assert b["CPU KV"] == 2 * 30 * 3 * 64 * 4096 * 2
+    assert any(k.endswith(" model") for k in b) and b.get("CPU compute", 0) > 0
+
+
+def test_buffers_compared_with_the_estimate():
+    from runner.engine import report
+    from runner.estimate import DeviceMemory, MemoryEstimate
+
+    est = MemoryEstimate(devices=(DeviceMemory("CPU", weights=100 << 20, kv_cache=64 << 20, compute=10 << 20,
+                                               repack=50 << 20),), n_gpu_layers_effective=0)
+    buffers = {"CPU_Mapped model": 100 << 20, "CPU_REPACK model": 50 << 20, "CPU KV": 80 << 20,
+               "CPU compute": (10 << 20) + 4096, "CPU output": 200_000}
+    rows = {(r.device, r.term): r for r in report.compare(buffers, est)}
+    assert rows[("CPU", "repack")].actual == 50 << 20 and not rows[("CPU", "repack")].warn
+    assert rows[("CPU", "kv_cache")].warn and abs(rows[("CPU", "kv_cache")].off - 0.25) < 1e-9
+    assert not rows[("CPU", "compute")].warn and not rows[("CPU", "output")].warn   # under 1 MiB apart
+    (w,) = report.warnings(list(rows.values()))
+    assert w.startswith("CPU kv_cache: llama.cpp allocated 80") and "+25%" in w
