@@ -132,6 +132,7 @@ def bench(args) -> tuple[list[dict], dict]:
     levels = [int(x) for x in args.clients.split(",")]
     py = sys.executable
     rows = []
+    load_before = os.getloadavg()[0]
     port_l, port_b = free_port(), free_port()
     llmrun_cmd = [py, "-m", "runner", "serve", "--model", str(model), "--name", "bench", "--port", str(port_l),
                   "--threads", str(args.threads), "--parallel", str(max(levels)), "--ctx", str(args.ctx),
@@ -139,23 +140,30 @@ def bench(args) -> tuple[list[dict], dict]:
     baseline_cmd = [py, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", "bench", "--port",
                     str(port_b), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                     "--n_ctx", str(args.ctx), "--interrupt_requests", "False", "--verbose", "False"]
-    for name, cmd, port in (("llama_cpp.server", baseline_cmd, port_b), ("llmrun serve", llmrun_cmd, port_l)):
-        proc = start(cmd, port, env={"PYTHONPATH": str(REPO)})
-        base = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_load(base, "bench", 1, 1, 8))          # warm-up
-            for c in levels:
+    # both servers up at once (an idle one uses no CPU); each level runs on both back to back, alternating which
+    # goes first, so a change in background load hits both alike
+    servers = [("llama_cpp.server", start(baseline_cmd, port_b, env={"PYTHONPATH": str(REPO)}), port_b),
+               ("llmrun serve", start(llmrun_cmd, port_l, env={"PYTHONPATH": str(REPO)}), port_l)]
+    try:
+        for _, _, port in servers:
+            asyncio.run(run_load(f"http://127.0.0.1:{port}", "bench", 1, 1, 8))          # warm-up
+        for i, c in enumerate(levels):
+            order = servers if i % 2 == 0 else servers[::-1]
+            for name, _, port in order:
                 per_client = max(1, args.requests // c)
-                results, wall = asyncio.run(run_load(base, "bench", c, per_client, args.tokens))
-                row = {"server": name, "clients": c, **summarize(results, wall)}
+                results, wall = asyncio.run(run_load(f"http://127.0.0.1:{port}", "bench", c, per_client, args.tokens))
+                row = {"server": name, "clients": c, **summarize(results, wall), "load": os.getloadavg()[0]}
                 rows.append(row)
                 print(f"{name:18s} clients={c:2d}  {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:.3f}s "
-                      f"p95 {row['ttft_p95']:.3f}s  ({row['requests']} req, {row['errors']} errors)", flush=True)
-        finally:
+                      f"p95 {row['ttft_p95']:.3f}s  ({row['requests']} req, {row['errors']} errors, load "
+                      f"{row['load']:.1f})", flush=True)
+    finally:
+        for _, proc, _ in servers:
             stop(proc)
     env = {"model": model.name, "threads": args.threads, "tokens": args.tokens, "ctx": args.ctx,
            "parallel": max(levels), "cpu": platform.processor() or platform.machine(),
-           "cores": psutil.cpu_count(logical=True), "load_before": os.getloadavg()[0]}
+           "cores": psutil.cpu_count(logical=True), "load_before": load_before,
+           "load_after": os.getloadavg()[0], "requests": args.requests}
     return rows, env
 
 
@@ -199,17 +207,68 @@ def soak(args) -> dict:
     return out
 
 
+def decode_scaling(args, batches=(1, 8)) -> dict:
+    """Time llama_decode per engine step with 1 and 8 sequences decoding (the engine's own continuous batching,
+    no HTTP): shows whether decode on this machine is compute-bound (time grows with the batch) or
+    memory-bound (batching is nearly free)."""
+    import threading
+
+    import llama_cpp as lc
+
+    from runner.engine import load_engine
+    from runner.engine.types import ChatMessage, SamplingParams
+    from runner.estimate import RunSettings
+
+    steps: list[tuple[int, float]] = []      # (tokens in the batch, seconds)
+    real = lc.llama_decode
+
+    def timed(ctx, batch):
+        t = time.perf_counter()
+        try:
+            return real(ctx, batch)
+        finally:
+            steps.append((batch.n_tokens, time.perf_counter() - t))
+
+    lc.llama_decode = timed
+    out = {}
+    try:
+        engine = load_engine(args.model, RunSettings(n_ctx=1024 * max(batches), n_parallel=max(batches)),
+                             n_parallel=max(batches), threads=args.threads)
+        try:
+            def one(i):
+                engine.chat([ChatMessage("user", PROMPTS[i % len(PROMPTS)])],
+                            SamplingParams(max_tokens=64, seed=i)).result()
+            one(0)
+            for b in batches:
+                steps.clear()
+                ts = [threading.Thread(target=one, args=(i,)) for i in range(b)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                pure = [dt for n, dt in steps if n == b]       # steps decoding exactly one token per sequence
+                out[b] = 1000 * statistics.median(pure) if pure else float("nan")
+        finally:
+            engine.close()
+    finally:
+        lc.llama_decode = real
+    print("llama_decode ms per decode step (median):", {k: round(v, 1) for k, v in out.items()}, flush=True)
+    return out
+
+
 def markdown(rows: list[dict], env: dict, soak_result: dict | None) -> str:
     by = {(r["server"], r["clients"]): r for r in rows}
     levels = sorted({r["clients"] for r in rows})
     lines = ["## Serving", "",
              f"`python scripts/bench_serve.py` — {env['model']}, {env['threads']} threads, streaming chat requests of "
              f"up to {env['tokens']} tokens (temperature 0.8, one token per streamed chunk counted), "
-             f"{env['cores']} logical cores, load average before the run {env['load_before']:.2f}. "
+             f"{env['requests']} requests per level, {env['cores']} logical cores, 1-minute load average "
+             f"{env['load_before']:.2f} before and {env['load_after']:.2f} after the run (other work on the machine). "
              f"`llmrun serve --parallel {env['parallel']} --ctx {env['ctx']}` vs `python -m llama_cpp.server "
              f"--n_ctx {env['ctx']} --interrupt_requests False` (llama-cpp-python 0.3.36; its server needs "
              "`pip install sse-starlette starlette-context pydantic-settings`, installed into the venv only for "
-             "this benchmark). Both run in the same session, one after the other.", "",
+             "this benchmark). Both servers are up during the whole run; each level runs on both back to back, "
+             "alternating which goes first.", "",
              "| clients | llama_cpp.server tok/s | llmrun tok/s | ratio | TTFT p50 / p95 llama_cpp.server (s) | "
              "TTFT p50 / p95 llmrun (s) | errors |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -221,6 +280,14 @@ def markdown(rows: list[dict], env: dict, soak_result: dict | None) -> str:
         lines.append(f"| {c} | {b['tok_s']:.1f} | {l['tok_s']:.1f} | {ratio:.2f}x | {b['ttft_p50']:.3f} / "
                      f"{b['ttft_p95']:.3f} | {l['ttft_p50']:.3f} / {l['ttft_p95']:.3f} | "
                      f"{b['errors']} / {l['errors']} |")
+    scaling = env.get("decode_ms")
+    if scaling:
+        b = sorted(scaling, key=int)
+        lines += ["", f"Decode scaling on this machine (`--decode-scaling`, the engine alone, median of steps that decode "
+                      "one token per sequence): llama_decode takes "
+                      + ", ".join(f"{scaling[k]:.0f} ms per step with {k} sequence{'s' if int(k) > 1 else ''}"
+                                  for k in b)
+                      + f" ({scaling[b[-1]] / scaling[b[0]]:.1f}x the time for {b[-1]}x the tokens)."]
     if soak_result:
         s = soak_result
         lines += ["", f"Soak (`--soak`): {s['requests']} streaming requests at 16 concurrency against llmrun "
@@ -253,10 +320,27 @@ def main() -> None:
     ap.add_argument("--soak-requests", type=int, default=1000)
     ap.add_argument("--soak-tokens", type=int, default=16)
     ap.add_argument("--soak-warmup", type=int, default=200)
+    ap.add_argument("--soak-result", metavar="FILE", help="include a soak result saved earlier (JSON) in the docs")
+    ap.add_argument("--save", metavar="FILE", help="also save the raw results as JSON")
+    ap.add_argument("--decode-scaling", action="store_true", help="also time llama_decode at 1 and 8 sequences")
+    ap.add_argument("--from-saved", metavar="FILE", help="only render a --save file as markdown")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
+    if args.from_saved:
+        saved = json.loads(Path(args.from_saved).read_text())
+        md = markdown(saved["rows"], saved["env"], saved["soak"])
+        print(md)
+        if args.write_docs:
+            write_docs(md)
+        return
     rows, env = ([], None) if args.soak_only else bench(args)
+    if env is not None and args.decode_scaling:
+        env["decode_ms"] = {str(k): v for k, v in decode_scaling(args).items()}
     soak_result = soak(args) if (args.soak or args.soak_only) else None
+    if soak_result is None and args.soak_result:
+        soak_result = json.loads(Path(args.soak_result).read_text())
+    if args.save:
+        Path(args.save).write_text(json.dumps({"rows": rows, "env": env, "soak": soak_result}, indent=2))
     if env is not None:
         md = markdown(rows, env, soak_result)
         print(md)
