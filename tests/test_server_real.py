@@ -27,7 +27,7 @@ def cli_server(model: Path, *args: str, timeout: float = 120.0):
     """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--model", str(model), "--name", "demo",
-                             "--port", "0", "--threads", "2", "--log-level", "warning", *args],
+                             "--port", "0", "--threads", "1", "--log-level", "warning", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     lines: list[str] = []
     port = None
