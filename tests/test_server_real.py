@@ -27,7 +27,7 @@ def cli_server(model: Path, *args: str, timeout: float = 120.0):
     """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--model", str(model), "--name", "demo",
-                             "--port", "0", "--threads", "2", "--log-level", "warning", *args],
+                             "--port", "0", "--threads", "1", "--log-level", "warning", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     lines: list[str] = []
     port = None
@@ -174,7 +174,7 @@ def _stream_text(base: str, i: int) -> tuple[str, str, int]:
     text, finish, usage = "", None, None
     with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=120, json={
             "model": "demo", "messages": [{"role": "user", "content": f"Tell me fact number {i} about space."}],
-            "max_tokens": 32, "temperature": 0.7, "seed": i, "stream": True,
+            "max_tokens": 16, "temperature": 0.7, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -198,7 +198,7 @@ def test_eight_concurrent_streaming_clients(server):
         t.join(120)
     assert sorted(results) == list(range(8))
     for text, finish, usage in results.values():
-        assert text and finish in ("stop", "length") and 0 < usage <= 32
+        assert text and finish in ("stop", "length") and 0 < usage <= 16
     metrics = httpx.get(f"{server}/metrics").text
     assert "llmrun_busy_slots 0" in metrics
 

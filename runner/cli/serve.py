@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import click
 
-from runner.cli.common import apply_workers, hardware_options, resolve_hardware, workers_options
-from runner.errors import UsageError
+from runner.cli.common import apply_workers, hardware_options, workers_options
 
-QUANT_RE = re.compile(r"(?i)\b(IQ\d_[A-Z0-9_]+|Q\d_K(?:_[SML])?|Q\d_\d|Q\d_K|F16|BF16|F32|Q8_0)\b")
+QUANT_RE = re.compile(r"(?i)(IQ\d_[A-Z0-9]+(?:_[SML])?|Q\d_K(?:_[SML])?|Q\d_\d|BF16|F16|F32)")
+CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "general.file_type",
+             "general.parameter_count", "general.license")
 
 
 def model_card(path: Path, name: str):
+    """What /api/show, /api/tags and /v1/models say: file facts plus a few GGUF metadata keys."""
+    from runner.errors import GGUFError
     from runner.server import ModelCard
 
     stat = path.stat()
-    m = QUANT_RE.search(path.name.replace(".", " ").replace("-", " "))
-    return ModelCard(name=name, path=str(path), size_bytes=stat.st_size, modified_at=stat.st_mtime,
-                     quantization=m.group(1).upper() if m else "")
-
-
-def resolve_model_path(model: str | None, hardware, gpus, ram) -> tuple[Path, str]:
-    """A GGUF path and the name clients use for it. A path is used as is; names go through the launcher's
-    resolution (probe, plan, pull; demo model when the hub is unreachable) once it is available."""
-    if model and (model.endswith(".gguf") or os.sep in model or Path(model).expanduser().is_file()):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise UsageError(f"--model {model}: no such file", hint="give the path of a .gguf file or a model name")
-        return path.resolve(), path.stem
+    meta: dict = {}
     try:
-        from runner.launch import resolve_model  # written by the engine/chat side: probe, plan, pull
-    except ImportError as e:
-        raise UsageError(f"--model {model or '(none)'}: resolving model names is not available in this build",
-                         hint="pass the path of a GGUF file: llmrun serve --model path/to/model.gguf") from e
-    resolved = resolve_model(model, hardware=hardware, gpus=gpus, ram=ram)
-    return Path(resolved.path), resolved.name
+        from runner.gguf import read_header
+
+        meta = read_header(path).metadata
+    except (GGUFError, OSError):
+        meta = {}
+    arch = str(meta.get("general.architecture", ""))
+    m = QUANT_RE.search(path.name)
+    extra = {k: meta[k] for k in CARD_KEYS if k in meta and isinstance(meta[k], (str, int, float))}
+    if arch and f"{arch}.context_length" in meta:
+        extra[f"{arch}.context_length"] = meta[f"{arch}.context_length"]
+    return ModelCard(name=name, path=str(path), size_bytes=stat.st_size, modified_at=stat.st_mtime, family=arch,
+                     parameter_size=str(meta.get("general.size_label", "")),
+                     quantization=m.group(1).upper() if m else "",
+                     chat_template=str(meta.get("tokenizer.chat_template", "")), extra=extra)
 
 
 @click.command()
@@ -50,8 +48,9 @@ def resolve_model_path(model: str | None, hardware, gpus, ram) -> tuple[Path, st
               help="Requests decoded at once (continuous batching slots).")
 @click.option("--queue", default=64, show_default=True, type=click.IntRange(0, 100000),
               help="Requests that may wait for a slot; more get 429 with Retry-After.")
-@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(128, 1 << 20),
-              help="Context per request in tokens (the KV cache holds --ctx x --parallel).")
+@click.option("--ctx", type=click.IntRange(128, 1 << 20), default=None,
+              help="Context per request in tokens (default: the plan's; 4096 for a GGUF path). The KV cache holds "
+                   "--ctx x --parallel.")
 @click.option("--threads", "-t", type=click.IntRange(1, 1024), help="CPU threads (default: the physical cores).")
 @click.option("--api-key", envvar="LLMRUN_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' (also from $LLMRUN_API_KEY).")
@@ -67,7 +66,8 @@ def resolve_model_path(model: str | None, hardware, gpus, ram) -> tuple[Path, st
 def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, grace, log_level,
           hardware, gpus, ram, workers, network):
     """Serve a model over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API."""
-    from runner.estimate import RunSettings
+    from runner.cli.common import resolve_hardware
+    from runner.launch import resolve_model
     from runner.server import ServerConfig
     from runner.server.lifecycle import bind, exposure_warning, serve as run_server
     from runner.units import parse_size
@@ -78,29 +78,36 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
     if workers:  # cluster: plan over local devices + RPC workers; the engine then runs in a child process
         from runner.cluster import launch_with_workers
 
-        launched = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
-                                       n_ctx=ctx, n_parallel=parallel, n_threads=threads)
-        path, default_name, settings = Path(launched.path), launched.name, launched.settings
-        click.echo(launched.summary, err=True)
+        launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
+                                     n_ctx=ctx, n_parallel=parallel)
     else:
-        path, default_name = resolve_model_path(model, hardware, gpus, ram)
-        settings = RunSettings(n_ctx=ctx * parallel, n_parallel=parallel, n_threads=threads)
-    served_name = name or default_name
+        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
+                               n_parallel=parallel)
+    if launch.notice:
+        click.echo(launch.notice, err=True)
+    click.echo(launch.summary, err=True)
+    served_name = name or launch.name
+    slot_ctx = launch.settings.n_ctx // max(launch.settings.n_parallel, 1)
 
     def loader():
         from runner.cluster import load_engine  # in process, or isolated from llama.cpp's abort with workers
+        from runner.engine import report
 
-        engine = load_engine(path, settings, model_name=served_name, n_parallel=parallel, threads=threads)
-        return engine, model_card(path, served_name)
+        engine = load_engine(launch.path, launch.settings, model_name=served_name, n_parallel=parallel,
+                             threads=threads)
+        if launch.estimate is not None and engine.buffers:
+            for w in report.warnings(report.compare(engine.buffers, launch.estimate)):
+                click.secho(f"warning: {w}", fg="yellow", err=True)
+        return engine, model_card(Path(launch.path), served_name)
 
     warning = exposure_warning(config)
     if warning:
         click.secho(warning, fg="red", bold=True, err=True)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"llmrun serve: {served_name} ({path}) on http://{shown}:{sock.getsockname()[1]}  "
+    click.echo(f"llmrun serve: {served_name} on http://{shown}:{sock.getsockname()[1]}  "
                f"OpenAI: /v1  Ollama: /api  health: /health  metrics: /metrics  "
-               f"({parallel} slots x {ctx} tokens, queue {queue})", err=True)
+               f"({parallel} slots x {slot_ctx} tokens, queue {queue})", err=True)
     run_server(config, loader, sock=sock, log_level=log_level)
 
 

@@ -190,7 +190,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                                     slots=stats.n_parallel if stats else 0, ready=engine is not None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/", methods=["GET", "HEAD"], tags=["server"], response_class=PlainTextResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root():
         return PlainTextResponse("llmrun is running (OpenAI API under /v1, Ollama API under /api)\n")
 

@@ -89,7 +89,7 @@ def validation_error(errors: list[dict]) -> ApiError:
     if err.get("type") == "extra_forbidden":
         msg = "unrecognized request argument (not supported by this server)"
     elif err.get("type") == "missing":
-        msg = "this field is required"
+        msg = "this field is required" if param else "the request body is empty; send a JSON object"
     elif err.get("type") == "model_attributes_type" and not param:
         msg = "the request body must be a JSON object"
     text = f"{param}: {msg}" if param else msg
