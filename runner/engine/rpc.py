@@ -38,7 +38,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.errors import ClusterError
+from runner.errors import ClusterError, UsageError
 
 PROTO_MAJOR = 7                      # RPC_PROTO_MAJOR_VERSION of the pinned llama.cpp
 # ggml versions whose ggml-rpc.h we read and whose bindings the tests exercise: version -> commit prefix
@@ -57,17 +57,18 @@ _DEV_TYPE_CPU = 0                    # enum ggml_backend_dev_type
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); the form llama.cpp accepts (it splits at the first ':')."""
+    """'host:port' -> (host, port); the form llama.cpp accepts (it splits at the first ':'). UsageError if not."""
     host, sep, port_text = text.strip().partition(":")
     if not sep or not host or ":" in port_text:
-        raise ClusterError(f"bad worker address {text!r}", hint="write it as HOST:PORT, e.g. 192.168.1.20:50052 "
-                           "(IPv6 literals are not understood by llama.cpp's RPC client)")
+        raise UsageError(f"bad RPC server (worker) address {text!r}", hint="write it as HOST:PORT, e.g. "
+                         "192.168.1.20:50052 (IPv6 literals are not understood by llama.cpp's RPC client)")
     try:
         port = int(port_text)
     except ValueError:
         port = -1
     if not 0 < port < 65536:
-        raise ClusterError(f"bad port in worker address {text!r}", hint="a port is a number from 1 to 65535")
+        raise UsageError(f"bad port in RPC server (worker) address {text!r}",
+                         hint="a port is a number from 1 to 65535")
     return host, port
 
 
@@ -158,7 +159,7 @@ def reachable(endpoint: str, *, timeout: float = 1.0) -> bool:
         host, port = parse_endpoint(endpoint)
         socket.create_connection((host, port), timeout=timeout).close()
         return True
-    except (OSError, ClusterError):
+    except (OSError, ClusterError, UsageError):
         return False
 
 
