@@ -116,6 +116,7 @@ def main() -> int:
     from runner.engine import ChatMessage
 
     prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
+    engine_single(eng1, prompt_tokens, 16)   # warm-up: first touch of the mmap'd weights, thread pool start
     engine_tps, plain_tps, engine_cpu, plain_cpu = [], [], [], []
     for _ in range(a.repeats):
         x, c = engine_single(eng1, prompt_tokens, a.tokens)
