@@ -1,0 +1,227 @@
+"""The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
+/health, /metrics, and the two adapters. `create_app` takes the engine, or a loader that makes one in the
+background while /health says 503."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runner import __version__
+from runner.engine.types import Engine
+from runner.errors import LlmrunError
+from runner.server import errors as err
+from runner.server.common import AppState
+from runner.server.config import ModelCard, ServerConfig
+from runner.server.native import ClientGone
+
+log = logging.getLogger("llmrun.server")
+
+Loader = Callable[[], "tuple[Engine, ModelCard]"]
+OPEN_PATHS = {"/health", "/"}        # answered without the API key (liveness probes, "is it running?")
+KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat",
+               "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version", "/openapi.json", "/docs"}
+
+
+def _endpoint_label(path: str) -> str:
+    if path in KNOWN_PATHS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+async def _send_error(send: Send, path: str, e: err.ApiError) -> None:
+    payload = err.body(e, path)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint and final status."""
+
+    def __init__(self, app: ASGIApp, state: AppState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 499}   # nothing sent: the client went away
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.state.metrics.request(_endpoint_label(scope["path"]), status["code"])
+
+
+class GuardMiddleware:
+    """API key (Bearer, constant-time comparison) and request body size limit (413), before any parsing."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig):
+        self.app, self.config = app, config
+        self.key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.key is not None and path not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                return await _send_error(send, path, err.ApiError(
+                    401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+                         "given to `llmrun serve --api-key`.", type="authentication_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"}))
+        limit = self.config.max_body_bytes
+        too_big = err.ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                               code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    return await _send_error(send, path, too_big)
+            except ValueError:
+                return await _send_error(send, path, err.ApiError(400, "Invalid Content-Length header."))
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return await self.app(scope, receive, send)
+        # read the body here, bounded (also when chunked without Content-Length), then replay it
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_error(send, path, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None, card: ModelCard | None = None,
+               loader: Loader | None = None, on_load_failed: Callable[[BaseException], None] | None = None,
+               close_engine: bool = True) -> FastAPI:
+    """The app. Give `engine` (+ `card`) when it is already loaded, or `loader` to load it in a background
+    thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown."""
+    from runner.server import ollama_api, openai_api
+
+    config = config or ServerConfig()
+    state = AppState(config)
+    if engine is not None:
+        state.set_ready(engine, card or ModelCard(name=engine.model_name))
+
+    def load() -> None:
+        try:
+            eng, crd = loader()
+        except (LlmrunError, OSError, MemoryError) as e:
+            state.load_error = str(e)
+            log.error("model failed to load: %s", e)
+            if on_load_failed:
+                on_load_failed(e)
+            return
+        state.set_ready(eng, crd)
+        log.info("model %s ready: %d slots, context %d per sequence", crd.name, eng.n_parallel, eng.n_ctx)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine is None and loader is not None:
+            threading.Thread(target=load, name="llmrun-load", daemon=True).start()
+        yield
+        if close_engine and state.engine is not None:
+            await asyncio.to_thread(state.engine.close)
+
+    app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
+                  description="OpenAI- and Ollama-compatible API for a local llama.cpp model.")
+    app.state.llm = state
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+
+    @app.get("/health", tags=["server"])
+    async def health():
+        if state.engine is not None:
+            return {"status": "ok", "model": state.card.name, "slots": state.engine.n_parallel}
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503,
+                            headers={"Retry-After": str(config.retry_after_s)})
+
+    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+    async def metrics():
+        engine = state.engine
+        stats = engine.stats() if engine is not None else None
+        text = state.metrics.render(in_flight=state.gate.in_flight if state.gate else 0,
+                                    queued=stats.queued if stats else 0,
+                                    busy_slots=stats.busy_slots if stats else 0,
+                                    slots=stats.n_parallel if stats else 0, ready=engine is not None)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root():
+        return PlainTextResponse("llmrun is running (OpenAI API under /v1, Ollama API under /api)\n")
+
+    @app.exception_handler(err.ApiError)
+    async def api_error(request: Request, e: err.ApiError):
+        return Response(err.body(e, request.url.path), status_code=e.status, headers=e.headers,
+                        media_type="application/json")
+
+    @app.exception_handler(LlmrunError)
+    async def llmrun_error(request: Request, e: LlmrunError):
+        return await api_error(request, err.from_llmrun(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return await api_error(request, err.validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = {404: f"No route {request.url.path}.", 405: f"Method {request.method} is not allowed on "
+                   f"{request.url.path}."}.get(e.status_code, str(e.detail))
+        return await api_error(request, err.ApiError(e.status_code, message, headers=dict(e.headers or {})))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return await api_error(request, err.ApiError(500, f"Internal error: {type(e).__name__}.",
+                                                     type="server_error", code="internal_error"))
+
+    app.add_middleware(GuardMiddleware, config=config)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], max_age=600)
+    app.add_middleware(MetricsMiddleware, state=state)
+    return app

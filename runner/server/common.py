@@ -1,0 +1,102 @@
+"""What both adapters share: the app's live state, request-to-native helpers, and the streaming response that
+always releases its generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from runner.engine.types import Engine, SamplingParams
+from runner.server.config import ModelCard, ServerConfig
+from runner.server.errors import ApiError, unknown_model
+from runner.server.metrics import Metrics
+from runner.server.native import Gate, NativeRequest, Run
+
+SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    card: ModelCard | None = None
+    gate: Gate | None = None
+    load_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def set_ready(self, engine: Engine, card: ModelCard) -> None:
+        self.gate = Gate(engine.n_parallel, self.config.queue, self.config.retry_after_s)
+        self.card = card
+        self.engine = engine
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            msg = f"The model failed to load: {self.load_error}" if self.load_error else "The model is still loading."
+            raise ApiError(503, msg, type="server_error", code="model_loading",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        return self.engine
+
+    def check_model(self, name: str) -> None:
+        self.require_engine()
+        assert self.card is not None
+        if not self.card.answers_to(name):
+            raise unknown_model(name, self.card.name)
+
+
+def state_of(request: Request) -> AppState:
+    return request.app.state.llm
+
+
+def sampling(*, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None, repeat_last_n=None,
+             seed=None, max_tokens=None, stop=None, grammar=None) -> SamplingParams:
+    """SamplingParams from the values a request set (None = engine default)."""
+    given = {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
+        "seed": None if seed is None else seed % SEED_MOD, "max_tokens": max_tokens, "grammar": grammar,
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if stop:
+        kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+    return SamplingParams(**kwargs)
+
+
+async def start_run(request: Request, native: NativeRequest) -> Run:
+    state = state_of(request)
+    engine = state.require_engine()
+    assert state.gate is not None
+    run = Run(engine, state.gate, state.metrics, native, request)
+    try:
+        await run.start()
+    except ApiError as e:
+        if e.status == 429:
+            state.metrics.busy()
+        raise
+    return run
+
+
+def notice_headers(run: Run) -> dict[str, str]:
+    """Never truncate silently: when the engine left old chat turns out to fit the context, say so."""
+    notice = run.notice
+    return {"X-Llmrun-Notice": notice.encode("ascii", "replace").decode()} if notice else {}
+
+
+class RunStream(StreamingResponse):
+    """A streaming response that closes its Run however the response ends (finished, client gone, error):
+    an unfinished generation is cancelled and its slot freed."""
+
+    def __init__(self, run: Run, content, media_type: str):
+        super().__init__(content, media_type=media_type, headers=notice_headers(run) | {
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.run.close()

@@ -1,0 +1,95 @@
+"""Errors at the HTTP edge: one table from llmrun's error classes to HTTP statuses, and the two body shapes
+clients expect: OpenAI `{"error": {"message", "type", "param", "code"}}` and Ollama `{"error": "..."}` (every
+route under /api/)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from runner import errors as E
+
+log = logging.getLogger("llmrun.server")
+
+# (class, HTTP status, OpenAI error type, OpenAI error code); the first class that matches wins.
+STATUS_TABLE: tuple[tuple[type[E.LlmrunError], int, str, str | None], ...] = (
+    (E.ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded"),
+    (E.UsageError, 400, "invalid_request_error", None),
+    (E.UnknownModelError, 404, "invalid_request_error", "model_not_found"),
+    (E.ModelNotLocalError, 404, "invalid_request_error", "model_not_found"),
+    (E.DoesNotFitError, 507, "server_error", "insufficient_memory"),
+    (E.EngineError, 500, "server_error", "engine_error"),
+    (E.ServerError, 503, "server_error", "unavailable"),
+    (E.LlmrunError, 500, "server_error", None),
+)
+
+
+class ApiError(Exception):
+    """An HTTP answer decided at the edge (429 queue full, 401, 413, 404 unknown model...)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def from_llmrun(e: E.LlmrunError, *, param: str | None = None) -> ApiError:
+    """The one place an llmrun error becomes an HTTP status."""
+    for cls, status, type_, code in STATUS_TABLE:
+        if isinstance(e, cls):
+            message = e.message + (f" (hint: {e.hint})" if e.hint else "")
+            if status >= 500:
+                log.error("request failed: %s", message)
+            return ApiError(status, message, type=type_, param=param, code=code)
+    raise AssertionError("STATUS_TABLE ends with LlmrunError")  # pragma: no cover
+
+
+def unknown_model(name: str, served: str) -> ApiError:
+    return ApiError(404, f"The model {name!r} does not exist; this server serves {served!r}.",
+                    param="model", code="model_not_found")
+
+
+def is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+def body(e: ApiError, path: str) -> bytes:
+    if is_ollama_path(path):
+        return json.dumps({"error": e.message}).encode()
+    return json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}).encode()
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes"}   # union members pydantic puts in loc
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """FastAPI/pydantic validation errors -> 400 naming the first bad field as `messages[0].role` etc."""
+    if not errors:
+        return ApiError(400, "invalid request")
+    err = errors[0]
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"The request body is not valid JSON ({detail}).".replace(" ()", ""), code="invalid_json")
+    # pydantic puts the model/union member name in loc for unions and tagged unions: keep field-like parts only
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif isinstance(p, str) and not (p[:1].isupper() or "[" in p or p in _TYPE_TAGS):
+            parts.append(("." if parts else "") + p)
+    param = "".join(parts) or None
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unrecognized request argument (not supported by this server)"
+    elif err.get("type") == "missing":
+        msg = "this field is required" if param else "the request body is empty; send a JSON object"
+    elif err.get("type") == "model_attributes_type" and not param:
+        msg = "the request body must be a JSON object"
+    text = f"{param}: {msg}" if param else msg
+    return ApiError(400, text, param=param, code="invalid_value")

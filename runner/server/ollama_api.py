@@ -1,0 +1,261 @@
+"""Ollama-compatible adapter: /api/chat, /api/generate (NDJSON streaming by default), /api/tags, /api/ps,
+/api/show, /api/version. Shapes follow the official `ollama` Python client; generation goes through the same
+native path as the OpenAI adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from runner import __version__
+from runner.engine.types import ChatMessage
+from runner.errors import UsageError
+from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server.errors import ApiError
+from runner.server.native import NativeRequest, Run, json_grammar
+
+router = APIRouter()
+
+
+class Options(BaseModel):
+    """Ollama's runtime options; the ones llama.cpp sampling understands are used, others are ignored as
+    Ollama itself ignores options that do not apply."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=2 ** 31 - 1)
+    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    num_predict: int | None = Field(default=None, ge=-2, le=2 ** 31 - 1)   # -1 = no limit, -2 = fill context
+    stop: list[str] | str | None = None
+    num_ctx: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: Options | None = None
+    keep_alive: float | int | str | None = None
+    think: bool | str | None = None
+
+
+class ChatRequest(_Base):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateRequest(_Base):
+    prompt: str | None = None
+    system: str | None = None
+    suffix: str | None = None
+    template: str | None = None
+    raw: bool | None = None
+    images: list[str] | None = None
+    context: list[int] | None = None
+
+
+def _bad(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
+
+
+def _params(req: _Base):
+    o = req.options or Options()
+    max_tokens = o.num_predict if o.num_predict and o.num_predict > 0 else None
+    if o.num_predict == 0:
+        max_tokens = 1      # Ollama's 0 means "evaluate the prompt only"; one token is the least we generate
+    grammar = None
+    try:
+        if req.format == "json":
+            grammar = json_grammar(None, param="format")
+        elif isinstance(req.format, dict):
+            grammar = json_grammar(req.format, param="format")
+    except UsageError as e:
+        raise ApiError(400, e.message, param="format") from e
+    return sampling(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
+                    repeat_penalty=o.repeat_penalty,
+                    repeat_last_n=o.repeat_last_n if o.repeat_last_n is not None and o.repeat_last_n >= 0 else None,
+                    seed=o.seed, max_tokens=max_tokens, stop=o.stop, grammar=grammar)
+
+
+def _checks(req: _Base, request: Request) -> None:
+    if req.think not in (None, False, "", "false"):
+        raise _bad("think", f"{req.model!r} does not support thinking")
+    state_of(request).check_model(req.model)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _final_stats(run: Run, t_start: float) -> dict:
+    c = run.completion
+    total_ns = int((time.perf_counter() - t_start) * 1e9)
+    if c is None:
+        return {"total_duration": total_ns, "load_duration": 0, "prompt_eval_count": 0, "eval_count": 0}
+    ttft_ns = int(c.time_to_first_token_s * 1e9)
+    tps = c.decode_tokens_per_s
+    eval_ns = int(c.usage.completion_tokens / tps * 1e9) if tps and math.isfinite(tps) and tps > 0 else 0
+    return {"total_duration": total_ns, "load_duration": 0,
+            "prompt_eval_count": c.usage.prompt_tokens, "prompt_eval_duration": ttft_ns,
+            "eval_count": c.usage.completion_tokens, "eval_duration": eval_ns}
+
+
+def _done_reason(run: Run) -> str:
+    c = run.completion
+    return "length" if c and c.finish_reason == "length" else "stop"
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+async def _answer(request: Request, native: NativeRequest, stream: bool, model: str, shape):
+    """Run `native`; `shape(text)` builds the per-chunk payload (message or response field)."""
+    t_start = time.perf_counter()
+    run = await start_run(request, native)
+    if not stream:
+        text = await run.collect()
+        return JSONResponse({"model": model, "created_at": _now(), **shape(text), "done": True,
+                             "done_reason": _done_reason(run), **_final_stats(run, t_start)},
+                            headers=notice_headers(run))
+
+    async def lines():
+        try:
+            async for delta in run.deltas():
+                yield _line({"model": model, "created_at": _now(), **shape(delta), "done": False})
+        except ApiError as e:
+            yield _line({"error": e.message})
+            return
+        yield _line({"model": model, "created_at": _now(), **shape(""), "done": True,
+                     "done_reason": _done_reason(run), **_final_stats(run, t_start)})
+
+    return RunStream(run, lines(), media_type="application/x-ndjson")
+
+
+def _loaded(model: str, shape) -> dict:
+    """Ollama answers an empty chat/generate by loading the model and returning at once; so do we."""
+    return {"model": model, "created_at": _now(), **shape(""), "done": True, "done_reason": "load"}
+
+
+@router.post("/api/chat", tags=["ollama"])
+async def chat(body: ChatRequest, request: Request):
+    _checks(body, request)
+    if body.tools:
+        raise _bad("tools", "tool calling is not supported")
+    messages = []
+    for i, m in enumerate(body.messages):
+        if m.images:
+            raise _bad(f"messages[{i}].images", "image input is not supported")
+        messages.append(ChatMessage(role=m.role, content=m.content))
+
+    def shape(text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    if not messages:
+        return _loaded(body.model, shape)
+    native = NativeRequest(params=_params(body), messages=tuple(messages))
+    return await _answer(request, native, body.stream, body.model, shape)
+
+
+@router.post("/api/generate", tags=["ollama"])
+async def generate(body: GenerateRequest, request: Request):
+    _checks(body, request)
+    if body.images:
+        raise _bad("images", "image input is not supported")
+    if body.suffix:
+        raise _bad("suffix", "fill-in-the-middle suffixes are not supported")
+    if body.template:
+        raise _bad("template", "custom prompt templates are not supported; the model's own template is used")
+    if body.context:
+        raise _bad("context", "continuing from a context array is not supported; use /api/chat with messages")
+
+    def shape(text: str) -> dict:
+        return {"response": text}
+
+    if not body.prompt:
+        return _loaded(body.model, shape)
+    params = _params(body)
+    if body.raw:
+        native = NativeRequest(params=params, prompt=body.prompt)
+    else:
+        msgs = ([ChatMessage("system", body.system)] if body.system else []) + [ChatMessage("user", body.prompt)]
+        native = NativeRequest(params=params, messages=tuple(msgs))
+    return await _answer(request, native, body.stream, body.model, shape)
+
+
+def _details(request: Request) -> dict:
+    card = state_of(request).card
+    return {"parent_model": "", "format": "gguf", "family": card.family, "families": [card.family] if card.family
+            else None, "parameter_size": card.parameter_size, "quantization_level": card.quantization}
+
+
+def _modified(request: Request) -> str:
+    state = state_of(request)
+    ts = state.card.modified_at or state.started_at
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@router.get("/api/tags", tags=["ollama"])
+async def tags(request: Request):
+    state = state_of(request)
+    state.require_engine()
+    card = state.card
+    return {"models": [{"name": card.name, "model": card.name, "modified_at": _modified(request),
+                        "size": card.size_bytes, "digest": "", "details": _details(request)}]}
+
+
+@router.get("/api/ps", tags=["ollama"])
+async def ps(request: Request):
+    state = state_of(request)
+    engine = state.require_engine()
+    card = state.card
+    expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
+    return {"models": [{"name": card.name, "model": card.name, "size": card.size_bytes, "size_vram": 0,
+                        "digest": "", "details": _details(request), "expires_at": expires,
+                        "context_length": engine.n_ctx}]}
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = Field(default=None, min_length=1)
+    name: str | None = Field(default=None, min_length=1)    # older clients send "name"
+    verbose: bool | None = None
+
+
+@router.post("/api/show", tags=["ollama"])
+async def show(body: ShowRequest, request: Request):
+    name = body.model or body.name
+    if not name:
+        raise ApiError(400, "model: this field is required", param="model")
+    state = state_of(request)
+    state.check_model(name)
+    card, engine = state.card, state.engine
+    info = {"general.architecture": card.family or "unknown", "general.name": card.name,
+            f"{card.family or 'llm'}.context_length": engine.n_ctx, **card.extra}
+    return {"modelfile": f"FROM {card.path or card.name}\n", "parameters": "", "template": card.chat_template,
+            "details": _details(request), "model_info": info, "capabilities": ["completion"],
+            "modified_at": _modified(request)}
+
+
+@router.get("/api/version", tags=["ollama"])
+async def version():
+    return {"version": __version__}
