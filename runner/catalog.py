@@ -168,7 +168,7 @@ class Catalog:
         if entries is None:
             raise UnknownModelError(text, self._close_matches(text))
         if not sep or not quant.strip():
-            return next(e for e in entries if e.default)
+            return next((e for e in entries if e.default), entries[0])
         key = f"{model}:{quant.strip()}".lower()
         entry = self._by_name.get(key)
         if entry is None:
@@ -326,12 +326,15 @@ def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> O
         raise ConfigError(f"{where}.license: unknown licence {key!r}",
                           hint="define it in a [licenses.KEY] table; known: " + ", ".join(licenses))
     lic = licenses[key]
+    code = raw.get("code_license")
+    if code in licenses:  # a licence key: show its SPDX id, else its name
+        code = licenses[code]["spdx"] or licenses[code]["name"]
     return OpennessCard(
         model=model, license=key, license_name=lic["name"], spdx=lic["spdx"], license_url=lic["url"],
         osi_approved=lic["osi_approved"], commercial_use=lic["commercial_use"], restrictions=lic["restrictions"],
         training_data_disclosed=raw["training_data_disclosed"],
         training_code_published=raw["training_code_published"], publisher=raw["publisher"],
-        released=raw["released"], code_license=raw.get("code_license"), model_card_url=raw.get("model_card_url"),
+        released=raw["released"], code_license=code, model_card_url=raw.get("model_card_url"),
         notes=_str_list(raw.get("notes", []), f"{where}.notes"),
     )
 
@@ -339,13 +342,17 @@ def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> O
 def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: str) -> tuple[list[ModelFile], str]:
     """The files of one quant and the name llama.cpp loads after pull."""
     pattern = m["file_pattern"]
+    if layout == "shards" and "shards" not in m:
+        raise ConfigError(f"[models.{model}]: layout 'shards' needs key 'shards' (the shard count)")
     try:
         base = pattern.format(quant=quant, index=1, count=m.get("shards", 1))
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(f"[models.{model}].file_pattern: cannot fill {pattern!r} ({e})",
                           hint="placeholders: {quant}, and for shards {index:05d} and {count:05d}") from e
     if "file" in q and "files" in q:
         raise ConfigError(f"{where}: give either 'file' or 'files', not both")
+    if "file" in q and layout != "single":
+        raise ConfigError(f"{where}.file: only for layout 'single'; list the parts of a {layout} quant in 'files'")
     if "files" in q:
         files = []
         for i, f in enumerate(q["files"]):
@@ -371,9 +378,7 @@ def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: s
             raise ConfigError(f"{where}: layout 'single' needs exactly one file, got {len(files)}")
         local = Path(files[0].name).name
     elif layout == "shards":
-        n = m.get("shards")
-        if n is None:
-            raise ConfigError(f"[models.{model}]: layout 'shards' needs key 'shards' (the shard count)")
+        n = m["shards"]
         if len(files) != n:
             raise ConfigError(f"{where}: shard count mismatch: {len(files)} files but shards = {n}")
         for i, f in enumerate(files, 1):
@@ -457,8 +462,8 @@ def _make_entries(model: str, m: Any, licenses: dict[str, dict], shapes: dict[st
             size, exact = sum(file_sizes), True  # type: ignore[arg-type]
         else:
             raise ConfigError(f"{qwhere}: missing key 'size' (exact bytes) or 'size_gb' (GB as the model card prints)")
-        if len(files) == 1 and exact:
-            files = [ModelFile(files[0].name, size, sha or files[0].sha256)]
+        if len(files) == 1:
+            files = [ModelFile(files[0].name, size if exact else files[0].size, sha or files[0].sha256)]
         notes = _str_list(m.get("notes", []), f"{where}.notes") + ((q["note"],) if "note" in q else ())
         entries.append(CatalogEntry(
             name=f"{model}:{quant}", model=model, quant=quant, family=m["family"].lower(),

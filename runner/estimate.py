@@ -3,14 +3,15 @@ terms llama.cpp really allocates. A pure function; see docs/estimation.md for th
 
 Public API
     RunSettings                      how llama.cpp is asked to run a model (planner -> engine)
-    WeightsLayout, layout_from_header, layout_from_recipe   (defined in runner.layout, re-exported here)
+    WeightsLayout, layout_from_header, layout_from_headers (shards), layout_from_recipe
+                                     (defined in runner.layout, re-exported here)
     DeviceMemory, MemoryEstimate     the result
     estimate(shape, layout, settings, *, gpus, gpu_free, cpu_flags, unified) -> MemoryEstimate
     kv_cache_bytes(shape, settings)  the KV cache alone (all layers, all devices)
     layer_devices(n_layer, settings, gpus, gpu_free)  where each layer and the output layer go
 
-Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), then
-"RPC0", ... for RPC workers (which take part in the layer split after the local GPUs).
+Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), and
+"RPC0", ... for RPC workers, which llama.cpp puts first in its device list (and in tensor_split).
 
 Model of llama.cpp (ggml-org/llama.cpp as vendored by llama-cpp-python 0.3.36), all checked against its logs:
 - placement: i_gpu_start = max(n_layer + 1 - ngl, 0); layers i >= i_gpu_start go to the GPUs, split in
@@ -38,6 +39,7 @@ from runner.layout import (  # noqa: F401  (re-exported API)
     TYPE_SIZES,
     WeightsLayout,
     layout_from_header,
+    layout_from_headers,
     layout_from_recipe,
     tensor_bytes,
 )
@@ -77,7 +79,9 @@ CTX_PAD = 256                          # llama.cpp pads the KV cache size to a m
 CUDA_CONTEXT_BYTES = 400 * MiB         # CUDA context + cuBLAS workspace per GPU (unverified here: no GPU)
 GPU_MARGIN_BYTES = 512 * MiB           # kept free per GPU for fragmentation and other processes
 RPC_OVERHEAD_BYTES = 64 * MiB          # rpc-server process on the worker, beyond its buffers
-HOST_OVERHEAD_BYTES = 48 * MiB         # the Python interpreter + llama.cpp code + small allocations (measured RSS)
+HOST_OVERHEAD_BYTES = 42 * MiB         # the Python interpreter with llama_cpp imported, before a model (measured RSS)
+HOST_BYTES_PER_TOKEN = 384             # llama.cpp's vocabulary tables per token (measured: 7B 6.6 MiB, demo 18 MiB)
+CUDA_HOST_BYTES = 256 * MiB            # host RAM the CUDA runtime and cuBLAS take once GPUs are used (unverified)
 _SMALL_INPUTS = 10 * 1024              # token ids, positions, output ids: a few KiB in every graph
 
 # Which weight types the CPU repacks, by instruction set (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type)
@@ -113,15 +117,27 @@ class DeviceMemory:
     overhead: int = 0
     margin: int = 0
     n_layers: int = 0                 # repeating layers placed here (the output layer not counted)
+    compute_committed: int | None = None  # host only: compute-buffer pages that become resident (None = all)
+    reclaimable: int = 0              # host only, part of `weights`: file pages read once at load (repacked or
+                                      # offloaded tensors inside the mapped span); clean page cache the kernel
+                                      # can drop under memory pressure without slowing inference
+
+    @property
+    def needed(self) -> int:
+        """What must fit: `total` less the reclaimable file pages (peak RSS shows them while RAM is free)."""
+        return self.total - self.reclaimable
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.output + self.repack + self.overhead + self.margin
+        """Bytes this device needs at worst: for the host its peak RSS, for a GPU its VRAM use."""
+        compute = self.compute if self.compute_committed is None else self.compute_committed
+        return self.weights + self.kv_cache + compute + self.output + self.repack + self.overhead + self.margin
 
     def as_dict(self) -> dict:
         return {"device": self.device, "weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
                 "output": self.output, "repack": self.repack, "overhead": self.overhead, "margin": self.margin,
-                "n_layers": self.n_layers, "total": self.total}
+                "n_layers": self.n_layers, "compute_committed": self.compute_committed,
+                "reclaimable": self.reclaimable, "total": self.total, "needed": self.needed}
 
 
 @dataclass(frozen=True)
@@ -159,13 +175,16 @@ class MemoryEstimate:
 
 
 def _offload_devices(gpus: int, rpc: int) -> list[str]:
-    return [f"GPU{i}" for i in range(gpus)] + [f"RPC{i}" for i in range(rpc)]
+    """llama.cpp's device order: RPC servers first ("to minimize network transfers"), then the local GPUs."""
+    return [f"RPC{i}" for i in range(rpc)] + [f"GPU{i}" for i in range(gpus)]
 
 
 def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
                   gpu_free: tuple[int, ...] = ()) -> tuple[list[str], str, int]:
     """(device of each repeating layer, device of the output layer, effective ngl), as llama.cpp places them.
-    RPC workers count as devices after the local GPUs."""
+    RPC workers come first in llama.cpp's device list (and in tensor_split), then the local GPUs; without a
+    tensor_split the layers follow each GPU's free memory (an RPC worker, whose memory we do not know here,
+    counts as the average GPU, or 1:1 when no free memory is given)."""
     devices = _offload_devices(gpus, len(settings.rpc_servers))
     if not devices:
         return ["CPU"] * n_layer, "CPU", 0
@@ -178,8 +197,10 @@ def layer_devices(n_layer: int, settings: RunSettings, gpus: int = 0,
     if shares and len(shares) < len(devices):
         shares += [0.0] * (len(devices) - len(shares))
     if not shares or sum(shares[: len(devices)]) <= 0:
+        n_rpc = len(devices) - gpus
         if gpu_free and len(gpu_free) >= gpus and gpus and sum(gpu_free[:gpus]) > 0:
-            shares = [float(f) for f in gpu_free[:gpus]] + [1.0] * (len(devices) - gpus)
+            free = [float(f) for f in gpu_free[:gpus]]
+            shares = [sum(free) / len(free)] * n_rpc + free
         else:
             shares = [1.0] * len(devices)
     shares = shares[: len(devices)]
@@ -249,36 +270,72 @@ def kv_cache_bytes(shape: ModelShape, settings: RunSettings) -> int:
     return kv_layer_bytes(shape, settings) * shape.n_layer
 
 
-def flash_attn_effective(settings: RunSettings) -> bool:
-    """llama.cpp needs flash attention for a quantized V cache and turns it on (auto) when asked to."""
+# architectures whose graph llama.cpp runs without flash attention whatever is asked ("flash_attn is not
+# compatible with Grok - forcing off")
+NO_FLASH_ATTN_ARCHS = frozenset({"grok"})
+
+
+def flash_attn_effective(settings: RunSettings, shape: ModelShape | None = None) -> bool:
+    """Whether llama.cpp will run flash attention: off for architectures that do not support it; on when asked,
+    or when the V cache is quantized (llama.cpp needs it then and turns it on)."""
+    if shape is not None and shape.arch in NO_FLASH_ATTN_ARCHS:
+        return False
     return settings.flash_attn or settings.type_v.lower() not in ("f16", "f32", "bf16")
 
 
-def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True) -> int:
+def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True,
+                         n_outputs: int | None = None, host: bool = True) -> int:
     """The compute buffer of a device that runs the whole graph (CPU-only): graph inputs + the largest of the
     attention, feed-forward and output phases, for the worst-case ubatch llama.cpp reserves for.
 
     Fitted to llama.cpp's logged sizes on llama-shaped models (docs/estimation.md):
       U = min(n_ubatch, n_ctx), K = KV cells per stream, E = n_embd, KV = n_head_kv*head_dim, F = n_ff
-      mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention
+      mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention or on an offload device
       attention    = 4*U*K*n_head (KQ scores, absent with flash attention) + 4*U*(5E + 2KV)
-      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention)
-      output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then)
+      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used
+      output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then; 4*U*E instead of 8 on an offload device)
+    `host=False`: the buffer of an offload device (checked with an RPC device; a GPU's is unverified).
     """
     u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
     cells, _streams = kv_cells(settings)
     k = cells
     e, kv, f, h = shape.n_embd, shape.n_embd_k_gqa, shape.n_ff, shape.n_head
-    fa = flash_attn_effective(settings)
+    fa = flash_attn_effective(settings, shape)
     if shape.is_moe:
         f = shape.n_ff * max(shape.n_expert_used, 1)
-    mask = u * k * (2 if fa else 4)
+    mask = u * k * (2 if fa or not host else 4)     # an offload device gets it as f16
     attention = 4 * u * (5 * e + 2 * kv) + (0 if fa else 4 * u * k * h)
-    ffn = 12 * u * f + 16 * u * e + (0 if fa else 4 * u * e)
+    ffn = 12 * u * f + 16 * u * e + (0 if fa or shape.is_moe else 4 * u * e)
     phases = [mask + attention + _SMALL_INPUTS, mask + ffn + _SMALL_INPUTS]
     if with_output:
-        phases.append(4 * u * shape.n_vocab + 8 * u * e)
+        n_out = u if n_outputs is None else max(1, min(n_outputs, u))
+        phases.append(4 * n_out * shape.n_vocab + (8 if host else 4) * n_out * e)
     return max(phases)
+
+
+def compute_committed_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True) -> int:
+    """The part of a host compute buffer that becomes resident at worst while generating: the CPU backend
+    mallocs the buffer and only the pages a graph touches are committed. Prompt processing with a full context
+    touches the attention and feed-forward phases; the output phase of the reservation (logits for every token
+    of a ubatch) is touched only when all logits are requested (perplexity, embeddings), so it counts with one
+    output per sequence. ggml's allocator plans each graph anew as the context grows, so the pages touched are
+    the largest phase plus about one [n_embd + n_ff, U] f32 activation that lands elsewhere (measured on the demo
+    model while filling 512-4096 contexts), capped by the buffer itself; plus the CPU matmul work buffer."""
+    u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
+    phase = compute_buffer_bytes(shape, settings, with_output=with_output, n_outputs=max(settings.n_parallel, 1))
+    spill = 4 * u * (shape.n_embd + shape.n_ff)
+    committed = min(compute_buffer_bytes(shape, settings, with_output=with_output), phase + spill)
+    return committed + cpu_work_buffer_bytes(shape, settings)
+
+
+def cpu_work_buffer_bytes(shape: ModelShape, settings: RunSettings) -> int:
+    """The CPU backend's matmul work buffer (not logged by llama.cpp): without flash attention the softmaxed
+    KQ scores are converted to f16 for the KQV product, 2 * U * K * n_head bytes at a full context."""
+    if flash_attn_effective(settings, shape):
+        return 0
+    u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
+    cells, _streams = kv_cells(settings)
+    return 2 * u * cells * shape.n_head
 
 
 def output_buffer_bytes(shape: ModelShape, settings: RunSettings) -> int:
@@ -308,6 +365,7 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
     repackable = repacked_types(cpu_flags) if settings.repack else frozenset()
     notes: list[str] = []
 
+    mapped: list[TensorInfo] = []     # host tensors llama.cpp serves straight from the mmap'd file
     for t in layout.tensors:
         il = _tensor_layer(t.name)
         if il == -1:
@@ -319,8 +377,26 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
         if settings.experts_on_cpu and _is_expert(t.name):
             dev = "CPU"
         weights[dev] += t.n_bytes
-        if dev == "CPU" and _is_repacked(t, repackable):
-            repack["CPU"] += t.n_bytes
+        if dev == "CPU":
+            if _is_repacked(t, repackable):
+                repack["CPU"] += t.n_bytes
+            else:
+                mapped.append(t)
+    reclaimable = 0
+    if settings.use_mmap and mapped:
+        # llama.cpp maps one span of the file, from the first to the last host tensor it serves from the mapping
+        # (its CPU_Mapped buffer), reads every page in it during the load (repacked and offloaded tensors in the
+        # span too) and unmaps the rest: the span is what stays resident. Only the mapped tensors are read again.
+        span = max(t.offset + t.n_bytes for t in mapped) - min(t.offset for t in mapped)
+        reclaimable = max(0, span - sum(t.n_bytes for t in mapped))
+        weights["CPU"] = span
+    if out_dev != "CPU" and not any(_tensor_layer(t.name) is None and t.name.startswith("output.")
+                                    for t in layout.tensors):
+        # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
+        tied = next((t for t in layout.tensors if t.name.startswith("token_embd.")), None)
+        if tied is not None:
+            weights[out_dev] += tied.n_bytes
+            notes.append("tied embeddings: token_embd is copied to " + out_dev + " for the output layer")
 
     kv_layer = kv_layer_bytes(shape, settings)
     kv = dict.fromkeys(names, 0)
@@ -338,17 +414,28 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
             else:
                 compute = 0
             if offloaded:
-                # the host buffer only stages inputs for the GPUs (llama.cpp "CUDA_Host compute buffer")
-                compute = max(compute, 4 * settings.n_ubatch * shape.n_embd + 4 * settings.n_ubatch * shape.n_vocab
-                              if runs_output else 4 * settings.n_ubatch * shape.n_embd)
+                # with every layer offloaded the host still holds the graph inputs (the attention mask among
+                # them) and stages activations for the devices: mask + 4*U*(2E + 2KV), measured with an RPC
+                # device (SmolLM2 U=512: 5.01 MiB at n_ctx 1024, 11.01 at 4096; an 8-layer 1024-wide llama 12.01)
+                u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
+                cells, _streams = kv_cells(settings)
+                mask = u * cells * (2 if flash_attn_effective(settings, shape) else 4)
+                staging = (mask + 4 * u * (2 * shape.n_embd + 2 * shape.n_embd_k_gqa)
+                           + 4 * u * (shape.n_vocab if runs_output else 0))
+                compute = max(compute, staging + _SMALL_INPUTS)
+            committed = compute
+            if n_layers["CPU"] and not offloaded:
+                committed = compute_committed_bytes(shape, settings, with_output=runs_output)
             devices.append(DeviceMemory(
                 device="CPU", weights=weights["CPU"], kv_cache=kv["CPU"], compute=compute,
                 output=output_buffer_bytes(shape, settings), repack=repack["CPU"],
-                overhead=HOST_OVERHEAD_BYTES, margin=0, n_layers=n_layers["CPU"]))
+                overhead=HOST_OVERHEAD_BYTES + HOST_BYTES_PER_TOKEN * shape.n_vocab
+                + (CUDA_HOST_BYTES if gpus else 0), margin=0, n_layers=n_layers["CPU"], compute_committed=committed,
+                reclaimable=reclaimable))
             continue
         if name not in offloaded:
             continue
-        compute = compute_buffer_bytes(shape, settings, with_output=(name == out_dev))
+        compute = compute_buffer_bytes(shape, settings, with_output=(name == out_dev), host=False)
         is_rpc = name.startswith("RPC")
         devices.append(DeviceMemory(
             device=name, weights=weights[name], kv_cache=kv[name], compute=compute, output=0, repack=0,
@@ -357,7 +444,11 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
 
     if ngl and not offloaded:
         notes.append("n_gpu_layers > 0 but no GPU: everything runs on the CPU")
-    if settings.type_v.lower() not in ("f16", "f32", "bf16") and not settings.flash_attn:
+    quantized_v = settings.type_v.lower() not in ("f16", "f32", "bf16")
+    if shape.arch in NO_FLASH_ATTN_ARCHS and (settings.flash_attn or quantized_v):
+        notes.append(f"llama.cpp runs {shape.arch} without flash attention"
+                     + ("; a quantized V cache needs it, so use an f16 V cache" if quantized_v else ""))
+    elif quantized_v and not settings.flash_attn:
         notes.append("a quantized V cache makes llama.cpp turn flash attention on")
     if unified:
         notes.append("unified memory: GPU buffers are in host RAM as well")

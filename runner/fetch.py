@@ -331,7 +331,7 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
     if not blob.exists():
         with FileLock(str(partial) + ".lock"):
             if blob.exists():  # another pull finished it while we waited for the lock
-                return _link(entry, rf, blob, revision, progress=progress)
+                return _link(entry, rf, commit, progress=progress)
             if partial.exists() and partial.stat().st_size > rf.size:
                 partial.unlink()
             resume = partial.stat().st_size if partial.exists() else 0
@@ -362,17 +362,25 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
             blob.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, blob)
         store.mark_verified(blob, rf.sha256)
-    return _link(entry, rf, blob, revision, progress=progress)
+    return _link(entry, rf, commit, progress=progress)
 
 
-def _link(entry: CatalogEntry, rf: RemoteFile, blob: Path, revision: str, *, progress: bool) -> Path:
+def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -> Path:
+    """Let the hub client link the blob into its snapshot for `commit` (it sees the blob and downloads nothing);
+    for an unpinned entry, record `refs/main` -> commit, as the client does, so the file is found offline."""
     from huggingface_hub import hf_hub_download
 
-    try:  # the blob is in place: the client links it into its snapshot (and records the ref) without downloading
-        pointer = hf_hub_download(entry.repo, rf.name, revision=revision, cache_dir=str(settings.hf_cache_dir()),
+    try:
+        pointer = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(settings.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
     except _hub_errors() as e:
-        raise _translate(e, entry, revision, rf.name) from e
+        raise _translate(e, entry, commit, rf.name) from e
+    if entry.revision is None:
+        ref = store.repo_storage(entry) / "refs" / "main"
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f"main.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
     pointer = Path(pointer)
     # free when the blob carries its mark; hashes a blob another tool put in the cache, or one the client fetched
     # itself because the hub's etag differed from the model info

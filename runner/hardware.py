@@ -7,6 +7,7 @@ files and NVML are injected (`ProbeSources`) so tests run without hardware.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner import settings
+from runner.errors import HardwareError
 from runner.units import GiB, format_size
 
 
@@ -46,7 +48,10 @@ class GPU:
     free_bytes: int
     compute_capability: tuple[int, int] | None = None
     driver: str | None = None
-    vendor: str = "nvidia"             # "nvidia" or "apple" (unified memory)
+    vendor: str = "nvidia"             # "nvidia", "apple" (unified memory) or "rpc" (a llama.cpp RPC worker's device)
+    endpoint: str | None = None        # rpc: the worker's "host:port"
+    link_gbps: float | None = None     # rpc: network speed to the worker, Gb/s (planner's per-token hop cost)
+    link_rtt_s: float | None = None    # rpc: network round trip to the worker, seconds
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def _load_nvml() -> Any:
     return pynvml
 
 
-def measure_memory_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 3) -> float:
+def measure_memory_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
     """Host memory bandwidth in GB/s (decimal): the best of `repeats` numpy copies of a `size_bytes` array, counting
     bytes read plus bytes written (STREAM's "copy" convention). On the CI CPU this gives ≈26 GB/s, the rate at
     which llama.cpp's decode streams weights there (7B Q4_0: 7.3 tok/s × 3.5 GiB). Under a second, once per CPU
@@ -160,6 +165,7 @@ class ProbeSources:
     nvml: Callable[[], Any] = _load_nvml                      # returns a pynvml-like module
     sysctl: Callable[[str], str | None] = _sysctl             # macOS
     measure_bandwidth: Callable[[], float] = measure_memory_bandwidth
+    env: Callable[[str], str | None] = os.environ.get          # CUDA_VISIBLE_DEVICES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +236,11 @@ class _CgroupMount:
     v2: bool
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes spaces and other odd characters in paths as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _parse_mountinfo(text: str) -> list[_CgroupMount]:
     mounts = []
     for line in text.splitlines():
@@ -237,9 +248,8 @@ def _parse_mountinfo(text: str) -> list[_CgroupMount]:
         lf, rf = left.split(), right.split()
         if not sep or len(lf) < 5 or len(rf) < 1 or rf[0] not in ("cgroup", "cgroup2"):
             continue
-        unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)  # noqa: E731
         controllers = frozenset(rf[2].split(",")) if len(rf) > 2 else frozenset()
-        mounts.append(_CgroupMount(unescape(lf[3]), unescape(lf[4]), controllers, rf[0] == "cgroup2"))
+        mounts.append(_CgroupMount(_unescape(lf[3]), _unescape(lf[4]), controllers, rf[0] == "cgroup2"))
     return mounts
 
 
@@ -268,9 +278,12 @@ def cgroup_dirs(controller: str, cgroup_text: str | None, mountinfo_text: str | 
         if path is None:
             continue
         root = m.root.rstrip("/")
-        rel = path[len(root):] if root and (path == root or path.startswith(root + "/")) else path
-        if root and rel == path and m.root != "/":
-            rel = ""  # a namespaced mount: the process's cgroup is the mount itself
+        if not root:  # the usual case: the mount shows the whole hierarchy
+            rel = path
+        elif path == root or path.startswith(root + "/"):
+            rel = path[len(root):]
+        else:  # a namespaced mount (docker without cgroupns): the process's cgroup is the mount itself
+            rel = ""
         current = m.mount_point.rstrip("/") + "/" + rel.strip("/") if rel.strip("/") else m.mount_point
         while True:
             if current not in dirs:
@@ -353,21 +366,23 @@ def cgroup_cpu_quota(src: ProbeSources) -> float | None:
 # NVML (the one place pynvml errors are met)
 
 _NVML_REASONS = {
-    12: "the NVIDIA driver library (libnvidia-ml) is not installed",
+    12: "the NVIDIA driver library libnvidia-ml is not installed",
     9: "the NVIDIA driver is not loaded",
     4: "no permission to query the GPU through NVML",
 }
 
 
-def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None]:
-    """(GPUs, None) or ((), reason) from NVML. Never raises for a missing library, driver or NVML error."""
+def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None, tuple[str, ...]]:
+    """(GPUs, reason when there are none, notes) from NVML, honouring CUDA_VISIBLE_DEVICES as llama.cpp's CUDA
+    backend will. Never raises for a missing library, driver or NVML error; a GPU NVML cannot read is skipped
+    with a note."""
     try:
         nvml = src.nvml()
     except ImportError:
-        return (), "nvidia-ml-py is not installed"
+        return (), "nvidia-ml-py is not installed", ()
     error = getattr(nvml, "NVMLError", None)
     if not (isinstance(error, type) and issubclass(error, BaseException)):
-        return (), "the NVML module has no NVMLError class"
+        return (), "the NVML module has no NVMLError class", ()
 
     def reason(e: BaseException) -> str:
         code = getattr(e, "value", None)
@@ -379,30 +394,68 @@ def nvidia_gpus(src: ProbeSources) -> tuple[tuple[GPU, ...], str | None]:
     try:
         nvml.nvmlInit()
     except error as e:
-        return (), reason(e)
-    gpus = []
+        return (), reason(e), ()
+    found: list[tuple[GPU, str | None]] = []  # (GPU, UUID) in NVML's (PCI bus) order
+    notes: list[str] = []
+    last_error = None
     try:
         driver = text(nvml.nvmlSystemGetDriverVersion())
-        for i in range(int(nvml.nvmlDeviceGetCount())):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        count = int(nvml.nvmlDeviceGetCount())
+        for i in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = text(nvml.nvmlDeviceGetName(handle))
+            except error as e:
+                last_error = reason(e)
+                notes.append(f"GPU {i} skipped: {last_error}")
+                continue
             try:
                 major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
                 cc: tuple[int, int] | None = (int(major), int(minor))
             except error:
                 cc = None
-            gpus.append(GPU(index=i, name=text(nvml.nvmlDeviceGetName(handle)), total_bytes=int(mem.total),
-                            free_bytes=int(mem.free), compute_capability=cc, driver=driver))
+            try:
+                uuid: str | None = text(nvml.nvmlDeviceGetUUID(handle))
+            except (error, AttributeError):
+                uuid = None
+            found.append((GPU(index=len(found), name=name, total_bytes=int(mem.total), free_bytes=int(mem.free),
+                              compute_capability=cc, driver=driver), uuid))
     except error as e:
-        return (), reason(e)
+        return (), reason(e), ()
     finally:
         try:
             nvml.nvmlShutdown()
         except error:
             pass
-    if not gpus:
-        return (), "NVML reports no devices"
-    return tuple(gpus), None
+    if not found:
+        return (), last_error or "NVML reports no devices", ()
+    visible = src.env("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return tuple(g for g, _ in found), None, tuple(notes)
+    chosen = cuda_visible(found, visible)
+    if not chosen:
+        return (), f"CUDA_VISIBLE_DEVICES={visible!r} hides all {len(found)} GPUs", tuple(notes)
+    if len(chosen) < len(found):
+        notes.append(f"CUDA_VISIBLE_DEVICES={visible!r}: using {len(chosen)} of {len(found)} GPUs")
+    return chosen, None, tuple(notes)
+
+
+def cuda_visible(found: list[tuple[GPU, str | None]], visible: str) -> tuple[GPU, ...]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves, renumbered from 0. Entries are indices (in PCI bus order, as with
+    CUDA_DEVICE_ORDER=PCI_BUS_ID) or UUID prefixes ("GPU-8f3a"); like CUDA, the list ends at the first entry
+    that names no device or one already named."""
+    chosen: list[GPU] = []
+    for token in (t.strip() for t in visible.split(",")):
+        if token.lstrip("-").isdigit():
+            i = int(token)
+            match = [found[i][0]] if 0 <= i < len(found) else []
+        else:
+            match = [g for g, uuid in found if token and uuid and uuid.startswith(token)]
+        if len(match) != 1 or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return tuple(dataclasses.replace(g, index=i) for i, g in enumerate(chosen))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,9 +511,10 @@ def apple_gpu(model: str, ram_total: int) -> GPU:
     return GPU(index=0, name=f"{model} GPU", total_bytes=size, free_bytes=size, vendor="apple")
 
 
-def probe(sources: ProbeSources | None = None, *, measure: bool = True) -> HardwareProfile:
-    """This machine's HardwareProfile. `measure=False` never runs the bandwidth measurement (instant); the
-    bandwidth is then filled only from the cache in `settings.home()/hardware-cache.json`."""
+def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasure: bool = False) -> HardwareProfile:
+    """This machine's HardwareProfile. The memory bandwidth comes from the cache in
+    `settings.home()/hardware-cache.json`, measured once when absent; `measure=False` never measures (instant),
+    `remeasure=True` measures again and keeps the best value (a busy machine measures low)."""
     src = sources or ProbeSources()
     notes: list[str] = []
     limit = host_total = None
@@ -483,13 +537,17 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True) -> Hardw
         if cpu.quota_cores is not None and cpu.quota_cores < cpu.logical_cores:
             notes.append(f"CPU quota: {cpu.quota_cores:g} cores of {cpu.logical_cores}")
         unified = False
-        found, reason = nvidia_gpus(src)
-        gpus = found
+        gpus, reason, gpu_notes = nvidia_gpus(src)
         if reason:
             notes.append(f"no NVIDIA GPU found ({reason})")
+        notes.extend(gpu_notes)
     if src.system() == "Darwin" and not unified:
         notes.append("no NVIDIA GPU found (macOS has no NVIDIA driver)")
-    bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure else None)
+    if not total:
+        raise HardwareError("cannot tell how much RAM this machine has (/proc/meminfo and psutil gave nothing)",
+                            hint="plan for a profile instead: --hardware NAME or --ram SIZE")
+    bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure or remeasure else None,
+                                        refresh=remeasure)
     return HardwareProfile(
         name="this machine", cpu=cpu, ram_total_bytes=int(total), ram_available_bytes=int(available), gpus=gpus,
         disk_free_bytes=src.disk_free(settings.hf_cache_dir()), unified_memory=unified,
@@ -502,8 +560,10 @@ def _bandwidth_cache_path() -> Path:
     return settings.home() / "hardware-cache.json"
 
 
-def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None) -> float | None:
-    """The bandwidth cached for this CPU model; when absent and `measure` is given, measure once and cache it."""
+def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None, *,
+                            refresh: bool = False) -> float | None:
+    """The bandwidth cached for this CPU model; when absent (or `refresh`) and `measure` is given, measure and
+    cache it. A refresh keeps the larger of the old and new values: other work on the machine only lowers it."""
     path = _bandwidth_cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -512,11 +572,13 @@ def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None)
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(cpu_model)
-    if isinstance(entry, dict) and isinstance(entry.get("memory_bandwidth_gbps"), (int, float)):
-        return float(entry["memory_bandwidth_gbps"])
-    if measure is None:
-        return None
-    value = float(measure())
+    cached = None
+    if isinstance(entry, dict) and isinstance(entry.get("memory_bandwidth_gbps"), (int, float)) \
+            and not isinstance(entry.get("memory_bandwidth_gbps"), bool):
+        cached = float(entry["memory_bandwidth_gbps"])
+    if measure is None or (cached is not None and not refresh):
+        return cached
+    value = max(float(measure()), cached or 0.0)
     cache[cpu_model] = {"memory_bandwidth_gbps": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime())}
     try:
@@ -542,6 +604,7 @@ from runner.hardware_profiles import (  # noqa: E402
 __all__ = [
     "CPU", "GPU", "HardwareProfile", "ProbeSources", "probe", "measure_memory_bandwidth", "cached_memory_bandwidth",
     "parse_cpuinfo", "parse_meminfo", "cgroup_dirs", "cgroup_memory", "cgroup_cpu_quota", "nvidia_gpus",
+    "cuda_visible",
     "apple_gpu", "nearest_existing", "list_profiles", "load_profile", "profile_from_dict", "profile_to_dict",
     "save_profile", "with_overrides",
 ]

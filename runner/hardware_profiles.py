@@ -84,6 +84,7 @@ def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
         raise ConfigError(f"cannot read hardware profile {path}: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"hardware profile {path} is not valid TOML: {e}") from e
+    data.pop("source", None)  # where it came from is this file
     return profile_from_dict(data, source=str(path), default_name=path.stem)
 
 

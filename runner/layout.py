@@ -74,6 +74,24 @@ def layout_from_header(header: GGUFHeader) -> WeightsLayout:
     return WeightsLayout(tensors=tuple(header.tensors), header_bytes=header.data_offset)
 
 
+def layout_from_headers(headers: list[GGUFHeader] | tuple[GGUFHeader, ...]) -> WeightsLayout:
+    """One layout for a model split in llama.cpp shards (grok-1-...-0000N-of-00009.gguf), in shard order. Offsets
+    are made to run on across the shards, as if they were one file: the host's mapped span (llama.cpp maps each
+    shard on its own) is then at most the gaps between shards too large."""
+    if not headers:
+        raise UsageError("no GGUF header given")
+    tensors: list[TensorInfo] = []
+    base = 0
+    for h in headers:
+        end = 0
+        for t in h.tensors:
+            tensors.append(TensorInfo(name=t.name, shape=t.shape, type_name=t.type_name, offset=base + t.offset,
+                                      n_bytes=t.n_bytes))
+            end = max(end, t.offset + t.n_bytes)
+        base += -(-end // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+    return WeightsLayout(tensors=tuple(tensors), header_bytes=sum(h.data_offset for h in headers))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape.
 
@@ -134,6 +152,7 @@ _CONDITIONS = {
     "first_4": lambda i, n, s: i < 4,
     "gqa4": lambda i, n, s: s.n_head // max(s.n_head_kv, 1) >= 4,
     "8_experts": lambda i, n, s: s.n_expert == 8,
+    "middle": lambda i, n, s: n // 8 <= i < 7 * n // 8,
 }
 
 
@@ -196,12 +215,26 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
         ("ffn_down", (("always", "Q5_K"),)),
         ("attn_output", (("always", "Q5_K"),)),
     )),
+    QuantRecipe("IQ4_XS", "IQ4_XS", (
+        ("attn_v", _MOE8 + (("gqa4", "Q5_K"),)),
+        ("attn_k", _MOE8),
+        ("ffn_down", (("first_eighth", "Q5_K"),)),
+        ("attn_output", (("8_experts", "Q5_K"),)),
+    )),
+    QuantRecipe("IQ3_XS", "IQ3_S", (
+        ("attn_v", _MOE8 + (("gqa4", "Q4_K"),)),
+        ("attn_k", _MOE8 + (("always", "IQ3_XXS"),)),
+        ("attn_q", (("always", "IQ3_XXS"),)),
+        ("ffn_gate", (("middle", "IQ3_XXS"),)),
+        ("ffn_up", (("middle", "IQ3_XXS"),)),
+        ("attn_output", (("8_experts", "Q5_K"),)),
+    )),
     # Q2_K as TheBloke's 2023 files have it (llama.cpp of that time): attn_v and ffn_down Q4_K. Today's
     # llama-quant uses Q3_K there (Q4_K for attn_v with GQA); the published files are what users download.
     QuantRecipe("Q2_K", "Q2_K", (
         ("attn_v", _MOE8 + (("always", "Q4_K"),)),
         ("attn_k", _MOE8),
-        ("ffn_down", (("always", "Q4_K"),)),
+        ("ffn_down", (("8_experts", "Q3_K"), ("always", "Q4_K"))),   # MoE files are 2024+: today's Q3_K
         ("attn_output", (("8_experts", "Q5_K"), ("always", "Q3_K"))),
     )),
 )}
@@ -272,7 +305,8 @@ def known_quants() -> tuple[str, ...]:
 
 def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = None) -> WeightsLayout:
     """The tensors llama.cpp's `llama-quantize` writes for `shape` and `quant` (e.g. "Q4_K_M"), in converter order,
-    with offsets aligned to 32 bytes. `n_layer` overrides the layer count (small shape-true test files)."""
+    with offsets aligned to 32 bytes. `n_layer` keeps only the first n layers (small shape-true test files),
+    each with the type it has in the full model."""
     name = QUANT_ALIASES.get(quant.upper(), quant.upper())
     recipe = RECIPES.get(name)
     if recipe is None:
@@ -285,11 +319,12 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     specs: list[tuple[str, tuple[int, ...], str]] = []
     for tname, role, fshape in head:
         specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, -1, n, shape)))
+    full = shape.n_layer           # a truncated file keeps the real model's per-layer types
     for i in range(n):
         for tname, role, fshape in block:
-            specs.append((f"blk.{i}.{tname}.weight", fshape(shape), _pick(recipe, role, i, n, shape)))
+            specs.append((f"blk.{i}.{tname}.weight", fshape(shape), _pick(recipe, role, i, full, shape)))
     for tname, role, fshape in tail:
-        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, n, n, shape)))
+        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, full, full, shape)))
     tensors = []
     offset = 0
     for tname, tshape, type_name in specs:

@@ -3,7 +3,8 @@ and compute, calibrated by `llmrun bench` results when there are some.
 
 Decode of one sequence reads every active weight once per token, plus the KV cache written so far. A token
 passes through the devices one after the other (llama.cpp splits by layers), so the time per token is the sum
-over devices of (bytes read there) / (bandwidth there × efficiency). Mixture-of-experts models read only
+over devices of (bytes read there) / (bandwidth there × efficiency); on the CPU it is at least the time of the
+2 FLOPs per active parameter at the CPU's matrix throughput (a two-core machine can be compute bound). Mixture-of-experts models read only
 n_expert_used of n_expert expert weights per token. Prompt processing is compute bound: about 2 FLOPs per
 active parameter per token.
 
@@ -134,6 +135,15 @@ def device_specs(hardware: HardwareProfile) -> dict[str, DeviceSpec]:
                                CPU_DECODE_EFFICIENCY, src)}
     for g in hardware.gpus:
         gbw, tf, known = gpu_spec(g.name)
+        if g.vendor == "rpc":
+            # cluster: the RPC protocol tells a worker's memory, not what it is: a GPU named with
+            # `--workers host:port@GPU` is looked up in the table, anything else is assumed a CPU like this host
+            specs[f"RPC{g.index}"] = (
+                DeviceSpec(f"RPC{g.index}", g.name, gbw, tf * GPU_PROMPT_EFFICIENCY["nvidia"],
+                           GPU_DECODE_EFFICIENCY["nvidia"], "table") if known else
+                DeviceSpec(f"RPC{g.index}", g.name, bw, specs["CPU"].tflops, CPU_DECODE_EFFICIENCY,
+                           "assumed like this host"))
+            continue
         vendor = g.vendor if g.vendor in GPU_DECODE_EFFICIENCY else "nvidia"
         specs[f"GPU{g.index}"] = DeviceSpec(f"GPU{g.index}", g.name, gbw, tf * GPU_PROMPT_EFFICIENCY[vendor],
                                             GPU_DECODE_EFFICIENCY[vendor], "table" if known else "default")
@@ -213,9 +223,43 @@ def traffic(*, weights: Mapping[str, int], kv_cache: Mapping[str, int], n_ctx: i
     return out
 
 
+def network_seconds(hardware: HardwareProfile, rpc_layers: Mapping[str, int], *, n_embd: int, n_vocab: int = 0,
+                    output_device: str = "", n_parallel: int = 1) -> float:
+    """cluster: seconds per decode step spent on the network with llama.cpp RPC workers. For each worker device
+    that holds layers ("RPC<i>" → layer count), per step: the activations go there and come back (llama.cpp
+    copies between two workers through this host), 2 × n_embd × 4 bytes per sequence; the graph commands,
+    RPC_BYTES_PER_LAYER per layer; the logits, n_vocab × 4 bytes per sequence, from the device holding the
+    output layer; and RPC_ROUND_TRIPS_PER_STEP round trips. Link speed and round trip come from the GPU
+    entries (`--network`, default 1 Gb/s and 0.5 ms)."""
+    total = 0.0
+    for g in hardware.gpus:
+        name = f"RPC{g.index}"
+        if g.vendor != "rpc" or not rpc_layers.get(name):
+            continue
+        gbps = g.link_gbps or DEFAULT_LINK_GBPS
+        rtt = g.link_rtt_s if g.link_rtt_s is not None else DEFAULT_LINK_RTT_S
+        sent = 2 * n_embd * 4 * n_parallel + rpc_layers[name] * RPC_BYTES_PER_LAYER
+        if name == output_device:
+            sent += n_vocab * 4 * n_parallel
+        total += RPC_ROUND_TRIPS_PER_STEP * rtt + sent * 8 / (gbps * 1e9)
+    return total
+
+
+# cluster: network assumptions for RPC workers (llama.cpp ggml-rpc protocol 7). Measured on loopback with
+# SmolLM2-135M split over two workers (15 layers each, `ss -ti` byte counters, 200 decoded tokens): each worker
+# received 9.2 KB per token (2.3 KB of activations + ~460 B of graph commands per layer) and sent back 2.3 KB of
+# activations, or 196 KB (the logits, 49152 × 4 B) from the worker holding the output layer.
+DEFAULT_LINK_GBPS = 1.0           # 1 Gb/s Ethernet
+DEFAULT_LINK_RTT_S = 0.0005       # 0.5 ms
+RPC_BYTES_PER_LAYER = 460
+RPC_ROUND_TRIPS_PER_STEP = 2      # inputs + graph sent asynchronously, then the result fetched synchronously
+
+
 def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, n_parallel: int = 1,
-            n_ubatch: int = 512, specs: Mapping[str, DeviceSpec] | None = None) -> SpeedPrediction:
-    """Decode and prompt speed for per-device traffic (from `traffic`)."""
+            n_ubatch: int = 512, specs: Mapping[str, DeviceSpec] | None = None,
+            network_s: float = 0.0) -> SpeedPrediction:
+    """Decode and prompt speed for per-device traffic (from `traffic`); `network_s`: seconds per decode step
+    spent on the network with RPC workers (`network_seconds`)."""
     specs = specs or device_specs(hardware)
     has_gpu = any(s != "CPU" for s in specs)
     decode_time: dict[str, float] = {}
@@ -224,22 +268,27 @@ def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, 
         spec = specs.get(f.device) or specs["CPU"]
         bw = spec.bandwidth_gbps * 1e9 * spec.decode_efficiency
         wt, kt = f.weight_bytes / bw, f.kv_bytes / bw
+        flops = 2.0 * f.params
+        t = flops / (spec.tflops * 1e12)
+        if f.device == "CPU":
+            # a CPU with few cores can be compute bound even in decode (matrix-vector products)
+            wt = max(wt, t)
         decode_time[f.device] = wt + kt
         weight_time += wt
         kv_time += kt
-        flops = 2.0 * f.params
-        t = flops / (spec.tflops * 1e12)
         if f.device == "CPU" and has_gpu and not hardware.unified_memory:
             # llama.cpp runs large prompt batches of CPU-resident layers on the GPU, copying weights over PCIe
             fastest = max((s.tflops for n, s in specs.items() if n != "CPU"), default=spec.tflops)
             t = min(t, f.weight_bytes / (n_ubatch * PCIE_GBPS * 1e9) + flops / (fastest * 1e12))
         prompt_time += t
-    per_token = weight_time + kv_time
+    per_token = weight_time + kv_time + network_s
     decode = 1.0 / per_token if per_token > 0 else 0.0
     prompt = 1.0 / prompt_time if prompt_time > 0 else 0.0
     # n sequences read the weights once per step, each its own KV; compute caps the batch at prompt speed
-    step = weight_time + n_parallel * kv_time
+    step = weight_time + n_parallel * kv_time + network_s
     aggregate = min(n_parallel / step, max(prompt, decode)) if step > 0 else 0.0
+    if network_s:
+        decode_time["network"] = network_s
     bottleneck = max(decode_time, key=decode_time.get) if decode_time else "CPU"
     return SpeedPrediction(
         decode_tps=decode, prompt_tps=prompt, aggregate_decode_tps=aggregate,

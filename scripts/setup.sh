@@ -16,7 +16,7 @@ EXTRAS=${EXTRAS:-test}
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
-command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: install Python 3.10+ or set PYTHON=/path/to/python3"
+command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: install Python 3.11+ or set PYTHON=/path/to/python3"
 
 find_nvcc() {
   if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi

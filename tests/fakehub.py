@@ -275,3 +275,51 @@ def use_hub(hub: FakeHub, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)
+
+
+_LICENSES_TOML = """
+schema = 1
+[licenses."Apache-2.0"]
+name = "Apache License 2.0"
+spdx = "Apache-2.0"
+url = "https://www.apache.org/licenses/LICENSE-2.0"
+osi_approved = true
+commercial_use = true
+[licenses.llama2]
+name = "Llama 2 Community License Agreement"
+url = "https://ai.meta.com/llama/license/"
+osi_approved = false
+commercial_use = true
+restrictions = ["A separate licence is needed above 700 million monthly active users."]
+"""
+
+
+def write_catalog(configs: Path, models: list[tuple[str, FakeRepo, str, str]]) -> Path:
+    """A models.toml (the real catalog format) for a fresh `llmrun` process: (model, repo, quant, licence) each,
+    the repo holding one file `MODEL.QUANT.gguf`."""
+    out = [_LICENSES_TOML]
+    for model, repo, quant, lic in models:
+        data = repo.files[f"{model}.{quant}.gguf"]
+        out.append(f"""
+[models.{model}]
+family = "test"
+params_b = 0.001
+shape = {{ arch = "llama", n_layer = 1, n_embd = 8, n_head = 1, n_head_kv = 1, n_ff = 8, n_vocab = 8, n_ctx_train = 64 }}
+chat = true
+source = "hf"
+repo = "{repo.repo_id}"
+revision = "{repo.commit}"
+file_pattern = "{model}.{{quant}}.gguf"
+[models.{model}.card]
+license = "{lic}"
+publisher = "test"
+released = 2024-01-01
+training_data_disclosed = false
+training_code_published = false
+[models.{model}.quants]
+{quant} = {{ size = {len(data)}, sha256 = "{hashlib.sha256(data).hexdigest()}" }}
+""")
+    configs.mkdir(parents=True, exist_ok=True)
+    path = configs / "models.toml"
+    path.write_text("".join(out))
+    return path

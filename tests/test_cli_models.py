@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from runner import fetch, settings, store
 from runner.catalog import Catalog, load_catalog
 from runner.cli import cli
-from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub
+from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub, write_catalog
 
 
 def run(*args: str):
@@ -53,6 +54,7 @@ def test_pull_list_rm(hub_catalog):
 
 
 def test_errors_are_clear(hub_catalog):
+    hub = hub_catalog[0]
     r = run("rm", "tiny:Q4_0")
     assert r.exit_code == 1 and "not in the local store" in r.output
     r = run("rm", "tinyy:Q4_0")
@@ -60,6 +62,8 @@ def test_errors_are_clear(hub_catalog):
     r = run("pull", "llama-2-7b-chat:Q4_K_M")
     assert r.exit_code == 1 and "Llama 2 Community License" in r.output and "--accept-license" in r.output
     assert "Traceback" not in r.output
+    r = run("pull", "llama-2-7b-chat:Q4_K_M", "--license", "open", "--accept-license")
+    assert r.exit_code == 2 and "not an OSI-approved" in r.output and not hub.requests
     r = run("pull", "llama-2-7b-chat:Q4_K_M", "--accept-license", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["verified"] is True
 
@@ -83,7 +87,6 @@ def test_demo_model_from_pypi_for_real(monkeypatch):
 def test_a_fresh_process_honours_the_hub_environment(tmp_path):
     """HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE set before the process starts (the hub client reads
     some of them at import), with a catalog file of our own through LLMRUN_CONFIGS."""
-    import hashlib
     import os
     import subprocess
     import sys
@@ -92,35 +95,9 @@ def test_a_fresh_process_honours_the_hub_environment(tmp_path):
 
     data = make_gguf(tmp_path / "t.gguf", 10_000)
     configs = tmp_path / "configs"
-    configs.mkdir()
     with FakeHub() as hub:
         repo = hub.add_repo("org/tiny-GGUF", {"tiny.Q4_0.gguf": data}, token="hf_env_token")
-        (configs / "models.toml").write_text(f"""
-schema = 1
-[licenses."Apache-2.0"]
-name = "Apache License 2.0"
-spdx = "Apache-2.0"
-url = "https://www.apache.org/licenses/LICENSE-2.0"
-osi_approved = true
-commercial_use = true
-[models.tiny]
-family = "tiny"
-params_b = 0.001
-shape = {{ arch = "llama", n_layer = 1, n_embd = 8, n_head = 1, n_head_kv = 1, n_ff = 8, n_vocab = 8, n_ctx_train = 64 }}
-chat = true
-source = "hf"
-repo = "org/tiny-GGUF"
-revision = "{repo.commit}"
-file_pattern = "tiny.{{quant}}.gguf"
-[models.tiny.card]
-license = "Apache-2.0"
-publisher = "test"
-released = 2024-01-01
-training_data_disclosed = false
-training_code_published = false
-[models.tiny.quants]
-Q4_0 = {{ size = {len(data)}, sha256 = "{hashlib.sha256(data).hexdigest()}" }}
-""")
+        write_catalog(configs, [("tiny", repo, "Q4_0", "Apache-2.0")])
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         env.update(PYTHONPATH=str(REPO), LLMRUN_CONFIGS=str(configs), HF_ENDPOINT=hub.url,
                    HF_HUB_CACHE=str(tmp_path / "cache"), HF_TOKEN="hf_env_token")
@@ -141,3 +118,38 @@ Q4_0 = {{ size = {len(data)}, sha256 = "{hashlib.sha256(data).hexdigest()}" }}
         r = llmrun("pull", "tiny:Q4_0", HF_HUB_OFFLINE="1")
         assert r.returncode == 0 and "already local" in r.stdout
         assert len(hub.requests) == n
+
+
+@pytest.mark.parametrize("answer", ["n", "y"])
+def test_first_llama2_pull_asks_on_the_terminal(tmp_path, answer):
+    """In a real terminal (pexpect), the first pull of a Llama 2 licence model shows the licence and asks; "n"
+    downloads nothing, "y" pulls and is remembered."""
+    import os
+
+    import pexpect
+
+    from tests.conftest import REPO
+
+    data = make_gguf(tmp_path / "t.gguf", 10_000)
+    with FakeHub() as hub:
+        repo = hub.add_repo("TheBloke/Llama-2-7B-Chat-GGUF", {"llama-2-7b-chat.Q4_K_M.gguf": data})
+        write_catalog(tmp_path / "configs", [("llama-2-7b-chat", repo, "Q4_K_M", "llama2")])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(PYTHONPATH=str(REPO), LLMRUN_CONFIGS=str(tmp_path / "configs"), HF_ENDPOINT=hub.url,
+                   HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+        child = pexpect.spawn(sys.executable, ["-m", "runner", "pull", "llama-2-7b-chat"], env=env,
+                              encoding="utf-8", timeout=20)
+        child.expect("Llama 2 Community License Agreement")
+        child.expect(r"https://ai\.meta\.com/llama/license/")
+        child.expect("700 million")
+        child.expect(r"\[y/N\]")
+        child.sendline(answer)
+        child.expect(pexpect.EOF)
+        child.close()
+        if answer == "n":
+            assert child.exitstatus == 1 and "not accepted" in child.before
+            assert hub.requests == []
+        else:
+            assert child.exitstatus == 0 and "pulled: llama-2-7b-chat:Q4_K_M" in child.before
+            accepted = json.loads((settings.home() / "licenses.json").read_text())
+            assert list(accepted) == ["llama2"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -12,7 +14,7 @@ from runner import hardware as hw
 from runner.cli import cli
 from runner.units import GiB, MiB
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str):
@@ -89,6 +91,18 @@ def test_errors_are_clean():
 def test_console_script_json():
     """The real entry point in a subprocess: `python -m runner probe --json` parses."""
     r = subprocess.run([sys.executable, "-m", "runner", "probe", "--json", "--hardware", "ci-2core-24gb"],
-                       capture_output=True, text=True, cwd=REPO, timeout=60)
+                       capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cpu"]["model"] == "AMD EPYC"
+
+
+def test_measure_bandwidth_option():
+    from runner import settings
+
+    settings.home().mkdir(parents=True, exist_ok=True)
+    model = hw.probe(measure=False).cpu.model
+    (settings.home() / "hardware-cache.json").write_text(json.dumps({model: {"memory_bandwidth_gbps": 0.001}}))
+    assert json.loads(run("--json").output)["memory_bandwidth_gbps"] == 0.001
+    data = json.loads(run("--measure-bandwidth", "--json").output)
+    assert data["memory_bandwidth_gbps"] > 0.5

@@ -162,6 +162,29 @@ def test_corrupt_partial_is_caught_by_the_checksum_and_deleted(hub, ggufs):
     assert fetch.pull(e, progress=False).verified  # the next pull starts clean
 
 
+def test_two_pulls_at_once_download_the_file_once(hub, ggufs):
+    import threading
+
+    name = "tiny.Q4_0.gguf"
+    repo = hub.add_repo("org/tiny-GGUF", {name: ggufs["a"]})
+    e = entry("tiny:Q4_0", "org/tiny-GGUF", {name: ggufs["a"]}, revision=repo.commit)
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(fetch.pull(e, progress=False))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == 2 and results[0].path == results[1].path
+    assert len(hub.gets(name)) == 1 and results[0].path.read_bytes() == ggufs["a"]
+
+
 # ------------------------------------------------------------------------------------------------ verification
 
 def test_hub_serving_other_bytes_than_its_metadata_is_a_mismatch(hub, ggufs, tmp_path):

@@ -389,8 +389,10 @@ def _mutate(data: bytes, ops) -> bytes:
     return bytes(b)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+FUZZ_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=FUZZ_HEALTH)
 @given(seed=st.integers(0, 2), ops=st.lists(mutation, min_size=1, max_size=4))
 def test_fuzz_only_gguf_errors(seeds, seed, ops):
     data = _mutate(seeds[seed % len(seeds)], ops)
@@ -408,8 +410,7 @@ def test_fuzz_only_gguf_errors(seeds, seed, ops):
         pass
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=FUZZ_HEALTH)
 @given(ops=st.lists(mutation, min_size=1, max_size=3))
 def test_fuzz_demo_header(demo_header, ops):
     data, size = demo_header
@@ -426,3 +427,62 @@ def demo_header(demo_gguf) -> tuple[bytes, int]:
     h = read_header(demo_gguf)
     with open(demo_gguf, "rb") as f:
         return f.read(h.data_offset), demo_gguf.stat().st_size
+
+
+@pytest.fixture
+def range_http_server(tiny):
+    """A real HTTP server on 127.0.0.1 that redirects /resolve/… to /cdn/… (as the hub does) and serves Range
+    requests; it stops with the test."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = tiny.read_bytes()
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(f"{self.path} {self.headers.get('Range')}")
+            if self.path.startswith("/resolve/"):
+                self.send_response(302)
+                self.send_header("Location", self.path.replace("/resolve/", "/cdn/"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+            end = min(end, len(data) - 1)
+            body = data[start:end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_remote_over_real_http_with_redirect(range_http_server, tiny):
+    base, seen = range_http_server
+    h = read_header_remote(f"{base}/resolve/main/tiny.gguf", first_bytes=256)
+    assert h.tensors == read_header(tiny).tensors and h.file_size == tiny.stat().st_size
+    assert seen[0] == "/resolve/main/tiny.gguf bytes=0-255" and seen[1] == "/cdn/main/tiny.gguf bytes=0-255"
+
+
+def test_remote_connection_refused():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(HubUnreachableError, match="cannot connect"):
+        read_header_remote(f"http://127.0.0.1:{port}/x.gguf")

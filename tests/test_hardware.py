@@ -35,7 +35,7 @@ def no_nvml():
 
 
 def fake(files: dict[str, str], *, affinity=None, cpu_count=None, system="Linux", machine="x86_64", nvml=no_nvml,
-         sysctl=None, vm=None, physical=None, bandwidth=25.0, disk=100 * GiB) -> ProbeSources:
+         sysctl=None, vm=None, physical=None, bandwidth=25.0, disk=100 * GiB, env=None) -> ProbeSources:
     calls = []
 
     def measure():
@@ -45,7 +45,7 @@ def fake(files: dict[str, str], *, affinity=None, cpu_count=None, system="Linux"
     src = ProbeSources(read_text=files.get, affinity=lambda: affinity, cpu_count=lambda: cpu_count,
                        physical_cores=lambda: physical, virtual_memory=lambda: vm, system=lambda: system,
                        machine=lambda: machine, disk_free=lambda path: disk, nvml=nvml,
-                       sysctl=(sysctl or {}).get, measure_bandwidth=measure)
+                       sysctl=(sysctl or {}).get, measure_bandwidth=measure, env=(env or {}).get)
     object.__setattr__(src, "_measure_calls", calls)
     return src
 
@@ -188,7 +188,8 @@ class FakeNVML:
 
     NVMLError = FakeNVMLError
 
-    def __init__(self, *, init_error=None, fail_on_memory=False, devices=None, cc_error=False):
+    def __init__(self, *, init_error=None, fail_on_memory=False, devices=None, cc_error=False, bad_device=None):
+        self.bad_device = bad_device
         self.init_error = init_error
         self.fail_on_memory = fail_on_memory
         self.cc_error = cc_error
@@ -217,8 +218,11 @@ class FakeNVML:
     def nvmlDeviceGetName(self, h):
         return self.devices[h][0]
 
+    def nvmlDeviceGetUUID(self, h):
+        return f"GPU-{h}a{h}b-0000"
+
     def nvmlDeviceGetMemoryInfo(self, h):
-        if self.fail_on_memory:
+        if self.fail_on_memory or h == self.bad_device:
             raise FakeNVMLError(999)
 
         class Mem:
@@ -231,8 +235,8 @@ class FakeNVML:
         return self.devices[h][3]
 
 
-def _gpu_probe(nvml):
-    return hw.probe(fake({"/proc/meminfo": MEMINFO_64G}, cpu_count=2, nvml=lambda: nvml), measure=False)
+def _gpu_probe(nvml, env=None):
+    return hw.probe(fake({"/proc/meminfo": MEMINFO_64G}, cpu_count=2, nvml=lambda: nvml, env=env), measure=False)
 
 
 def test_nvml_two_gpus():
@@ -252,7 +256,7 @@ def test_nvml_compute_capability_error_is_tolerated():
 
 
 @pytest.mark.parametrize("nvml, reason", [
-    (FakeNVML(init_error=12), "no NVIDIA GPU found (the NVIDIA driver library (libnvidia-ml) is not installed)"),
+    (FakeNVML(init_error=12), "no NVIDIA GPU found (the NVIDIA driver library libnvidia-ml is not installed)"),
     (FakeNVML(init_error=9), "no NVIDIA GPU found (the NVIDIA driver is not loaded)"),
     (FakeNVML(init_error=999), "no NVIDIA GPU found (NVML: Unknown Error)"),
     (FakeNVML(fail_on_memory=True), "no NVIDIA GPU found (NVML: Unknown Error)"),
@@ -262,6 +266,35 @@ def test_nvml_failures_give_a_cpu_only_profile(nvml, reason):
     p = _gpu_probe(nvml)
     assert p.gpus == ()
     assert reason in p.notes
+
+
+def test_nvml_skips_a_broken_gpu():
+    p = _gpu_probe(FakeNVML(bad_device=0))
+    assert [(g.index, g.name) for g in p.gpus] == [(0, "NVIDIA GeForce RTX 3090")]
+    assert "GPU 0 skipped: NVML: Unknown Error" in p.notes
+
+
+@pytest.mark.parametrize("visible, names", [
+    ("1", ["NVIDIA GeForce RTX 3090"]),
+    ("1,0", ["NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 4090"]),
+    ("0,7,1", ["NVIDIA GeForce RTX 4090"]),       # CUDA stops at the first invalid entry
+    ("0,0", ["NVIDIA GeForce RTX 4090"]),          # and at a repeated one
+    ("GPU-1a1b", ["NVIDIA GeForce RTX 3090"]),     # a UUID prefix
+    (" 0 , 1 ", ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090"]),
+])
+def test_cuda_visible_devices(visible, names):
+    p = _gpu_probe(FakeNVML(), env={"CUDA_VISIBLE_DEVICES": visible})
+    assert [g.name for g in p.gpus] == names
+    assert [g.index for g in p.gpus] == list(range(len(names)))
+    if len(names) < 2:
+        assert any("using 1 of 2 GPUs" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("visible", ["", "-1", "NoDevFiles"])
+def test_cuda_visible_devices_hiding_all(visible):
+    p = _gpu_probe(FakeNVML(), env={"CUDA_VISIBLE_DEVICES": visible})
+    assert p.gpus == ()
+    assert f"no NVIDIA GPU found (CUDA_VISIBLE_DEVICES={visible!r} hides all 2 GPUs)" in p.notes
 
 
 def test_no_pynvml():
@@ -480,3 +513,30 @@ def test_resolve_hardware_from_the_cli_helpers():
 
 def test_shipped_profile_files_are_where_settings_say():
     assert (Path(settings.configs_dir()) / "hardware" / "rtx4090-24gb.toml").is_file()
+
+
+def test_cgroup_dirs_namespaced_and_escaped_mounts():
+    mounts = r"35 31 0:32 /docker/abc /sys/fs/cgroup/my\040memory rw - cgroup cgroup rw,memory" + "\n"
+    assert hw.cgroup_dirs("memory", "4:memory:/\n", mounts)[0] == "/sys/fs/cgroup/my memory"
+    assert hw.cgroup_dirs("memory", "4:memory:/docker/abc/inner\n", mounts)[:2] == [
+        "/sys/fs/cgroup/my memory/inner", "/sys/fs/cgroup/my memory"]
+    assert hw.cgroup_dirs("memory", None, None) == ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"]
+
+
+def test_no_ram_information_is_a_hardware_error():
+    from runner.errors import HardwareError
+
+    with pytest.raises(HardwareError, match="cannot tell how much RAM") as e:
+        hw.probe(fake({}, cpu_count=2), measure=False)
+    assert "--hardware" in e.value.hint
+
+
+def test_remeasure_keeps_the_best_value():
+    src = fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, bandwidth=10.0)
+    assert hw.probe(src).memory_bandwidth_gbps == 10.0
+    object.__setattr__(src, "measure_bandwidth", lambda: 26.0)
+    assert hw.probe(src).memory_bandwidth_gbps == 10.0  # cached: not measured again
+    assert hw.probe(src, remeasure=True).memory_bandwidth_gbps == 26.0
+    object.__setattr__(src, "measure_bandwidth", lambda: 12.0)  # a busy machine measures low
+    assert hw.probe(src, remeasure=True).memory_bandwidth_gbps == 26.0
+    assert hw.probe(src, measure=False).memory_bandwidth_gbps == 26.0

@@ -17,7 +17,8 @@ def _size(entry) -> str:
 
     if entry.size_exact:
         return f"{format_size(entry.size_bytes)} ({entry.size_bytes:,} bytes)"
-    return f"~{format_size(entry.size_bytes)} (~{entry.size_bytes / 1e9:.2f} GB as the model card says; exact size read at pull)"
+    return (f"~{format_size(entry.size_bytes)} (~{entry.size_bytes / 1e9:.2f} GB, a rounded or estimated figure; "
+            "the exact size is read from the hub at pull)")
 
 
 def show_data(catalog, entry) -> dict:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from runner.cli.common import hardware_options, json_option, print_json, resolve_hardware
+from runner.cli.common import apply_workers, hardware_options, json_option, print_json, resolve_hardware, workers_options
 
 
 def _sampling_options(f):
@@ -20,7 +20,7 @@ def _sampling_options(f):
     f = click.option("--model", "-m", metavar="NAME|PATH",
                      help="A catalog model (e.g. llama-2-7b-chat:Q4_K_M) or a .gguf file; default: the best that "
                           "fits this machine.")(f)
-    return hardware_options(f)
+    return workers_options(hardware_options(f))
 
 
 def _params(temperature, top_p, seed, max_tokens):
@@ -37,7 +37,8 @@ def _params(temperature, top_p, seed, max_tokens):
     return p
 
 
-def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads: int | None = None):
+def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads: int | None = None,
+                workers: str | None = None, network: str | None = None):
     """Resolve, announce (one line) and load. Returns the engine."""
     from runner.engine import load_engine
     from runner.engine import report
@@ -47,8 +48,14 @@ def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads
         from runner.errors import UsageError
 
         raise UsageError(f"--ctx {ctx} is too small", hint="use at least a few hundred tokens, e.g. --ctx 4096")
-    launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
-                           n_parallel=n_parallel)
+    if workers:  # cluster: plan over local devices + RPC workers, load in a child process (runner.cluster)
+        from runner.cluster import launch_with_workers, load_engine
+
+        launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
+                                     n_ctx=ctx, n_parallel=n_parallel)
+    else:
+        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
+                               n_parallel=n_parallel)
     if launch.notice:
         click.echo(launch.notice, err=True)
     click.echo(launch.summary, err=True)
@@ -61,7 +68,7 @@ def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads
 
 @click.command()
 @_sampling_options
-def chat(model, ctx, hardware, gpus, ram, temperature, top_p, seed, max_tokens, system):
+def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, seed, max_tokens, system):
     """Chat with a model in the terminal (or answer one question piped on stdin)."""
     from runner.chat import DEFAULT_SYSTEM, ChatSession, Repl, answer_once
 
@@ -72,7 +79,7 @@ def chat(model, ctx, hardware, gpus, ram, temperature, top_p, seed, max_tokens, 
         from runner.errors import UsageError
 
         raise UsageError("nothing on stdin to answer", hint='echo "question" | llmrun chat')
-    engine = open_engine(model, ctx, hardware, gpus, ram)
+    engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
     try:
         session = ChatSession(engine, params=params, system=DEFAULT_SYSTEM if system is None else (system or None))
         if piped:
@@ -87,7 +94,7 @@ def chat(model, ctx, hardware, gpus, ram, temperature, top_p, seed, max_tokens, 
 @click.command()
 @click.argument("prompt", required=False)
 @_sampling_options
-def run(prompt, model, ctx, hardware, gpus, ram, temperature, top_p, seed, max_tokens, system):
+def run(prompt, model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, seed, max_tokens, system):
     """Answer one PROMPT (or stdin when PROMPT is "-" or missing) and exit: for scripts."""
     from runner.chat import DEFAULT_SYSTEM, ChatSession, answer_once
     from runner.errors import UsageError
@@ -99,7 +106,7 @@ def run(prompt, model, ctx, hardware, gpus, ram, temperature, top_p, seed, max_t
     if not prompt.strip():
         raise UsageError("the prompt is empty", hint='llmrun run "your question"')
     params = _params(temperature, top_p, seed, max_tokens)
-    engine = open_engine(model, ctx, hardware, gpus, ram)
+    engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
     try:
         session = ChatSession(engine, params=params, system=DEFAULT_SYSTEM if system is None else (system or None))
         code = answer_once(session, prompt)

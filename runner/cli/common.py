@@ -31,12 +31,14 @@ def hardware_options(f):
     return f
 
 
-def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
-    """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides."""
+def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None, *,
+                     measure: bool = False, remeasure: bool = False):
+    """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides.
+    Probing is instant unless `measure` (bandwidth once, then cached) or `remeasure` is asked for."""
     from runner import hardware as hw
     from runner.units import parse_size
 
-    profile = hw.load_profile(hardware) if hardware else hw.probe()
+    profile = hw.load_profile(hardware) if hardware else hw.probe(measure=measure, remeasure=remeasure)
     if gpus or ram:
         profile = hw.with_overrides(
             profile,
@@ -44,3 +46,23 @@ def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str 
             ram=parse_size(ram, what="--ram") if ram else None,
         )
     return profile
+
+
+def workers_options(f):
+    """--workers HOST:PORT[,...] and --network: llama.cpp RPC workers (`llmrun worker`) that join the split."""
+    f = click.option("--network", metavar="SPEED[,RTT]",
+                     help="Link to the workers for the speed prediction, e.g. 10gbps,0.2ms "
+                          "(default 1gbps,0.5ms).")(f)
+    f = click.option("--workers", metavar="HOST:PORT[,...]",
+                     help="llama.cpp RPC workers started with `llmrun worker`; their memory joins the plan. "
+                          "HOST:PORT=SIZE plans with SIZE free there without asking (machines you don't have).")(f)
+    return f
+
+
+def apply_workers(profile, workers: str | None, network: str | None = None):
+    """The profile with the --workers' devices added (asks each worker for its memory)."""
+    if not workers and not network:
+        return profile
+    from runner import cluster
+
+    return cluster.profile_from_options(profile, workers, network)

@@ -22,15 +22,23 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @click.argument("name")
 @click.option("--accept-license", is_flag=True,
               help="Accept the model's licence (needed once per licence for models that are not open source).")
+@click.option("--license", "license_", type=click.Choice(["any", "open"]), default="any", show_default=True,
+              help="open: refuse models whose licence is not OSI-approved open source.")
 @click.option("--force", is_flag=True, help="Delete the local copy first and download it again.")
 @json_option
-def pull(name: str, accept_license: bool, force: bool, as_json: bool) -> None:
+def pull(name: str, accept_license: bool, license_: str, force: bool, as_json: bool) -> None:
     """Download a catalog model (resumable, sha256-verified) into the local store."""
     from runner import fetch, store
     from runner.catalog import load_catalog
+    from runner.errors import UsageError
     from runner.units import format_size
 
     entry = load_catalog().get(name)
+    if license_ == "open" and not entry.license_open:
+        lic = entry.card.license_name if entry.card else entry.license
+        raise UsageError(f"{entry.name} is under the {lic}, which is not an OSI-approved open-source licence",
+                         hint="drop --license open to pull it anyway, or pick an open model "
+                              "(`llmrun list --available` marks them)")
     before = store.local_model(entry)
     lm = fetch.pull(entry, accept_license=accept_license, progress=not as_json, force=force)
     if as_json:

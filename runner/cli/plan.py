@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from runner.cli.common import hardware_options, json_option, print_json
+from runner.cli.common import apply_workers, hardware_options, json_option, print_json, workers_options
 
 
 def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
@@ -35,11 +35,12 @@ def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | N
               help="Sequences served at once (each gets its own context).")
 @click.option("--all", "show_all", is_flag=True, help="Show every configuration tried, not one per model/quant.")
 @hardware_options
+@workers_options
 @json_option
 @click.pass_context
 def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: str,
          max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
-         gpus: tuple[str, ...], ram: str | None, as_json: bool) -> None:
+         gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
     """Show the best configuration that fits, its memory and speed, and why the others do not."""
     from runner.plan import Preferences, make_plan, require_fit
     from runner.units import parse_size
@@ -48,7 +49,7 @@ def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: 
         model=model, family=family, n_ctx=ctx_tokens, prefer=prefer,
         max_download_bytes=parse_size(max_download, what="--max-download") if max_download else None,
         license_open=license_ == "open", n_parallel=parallel)
-    profile = plan_hardware(hardware, gpus, ram)
+    profile = apply_workers(plan_hardware(hardware, gpus, ram), workers, network)
     result = make_plan(profile, prefs, exhaustive=show_all)
     if as_json:
         data = result.to_dict()
@@ -72,6 +73,10 @@ def _tps(x: float) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
+def _kv(s) -> str:
+    return s.type_k if s.type_k == s.type_v else f"K {s.type_k} / V {s.type_v}"
+
+
 def _config(c) -> str:
     """One line: placement, layers, context, KV."""
     from runner.plan import PLACEMENT_LABEL
@@ -82,7 +87,7 @@ def _config(c) -> str:
     if c.placement == "partial":
         parts[0] += f" ({s.n_gpu_layers}/{n_layer + 1} layers on GPU)"
     parts.append(f"ctx {c.n_ctx}" + (f" ×{s.n_parallel}" if s.n_parallel > 1 else ""))
-    parts.append(f"KV {s.type_k}")
+    parts.append(f"KV {_kv(s)}")
     if not s.repack:
         parts.append("no repack")
     return ", ".join(parts)
@@ -117,10 +122,14 @@ def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
             best = max(fit, key=lambda c: quant_rank(c.entry.quant))
             more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
             rows.append((best.name + more, _config(best), best.reason, True))
-        if skipped:
-            qs = sorted((c.entry.quant for c in skipped), key=quant_rank, reverse=True)
-            rows.append((f"{model}: {qs[0]}…{qs[-1]}" if len(qs) > 1 else f"{model}:{qs[0]}", "—",
-                         skipped[0].reason, True))
+        groups: dict[str, list] = {}
+        for c in skipped:  # "too slow here: …" and "ranked below …" are listed apart
+            groups.setdefault(" ".join(c.reason.split()[:2]), []).append(c)
+        for group in groups.values():
+            group.sort(key=lambda c: quant_rank(c.entry.quant), reverse=True)
+            first, last = group[0].entry.quant, group[-1].entry.quant
+            rows.append((f"{model}: {first}…{last}" if len(group) > 1 else f"{model}:{first}", "—",
+                         group[0].reason, True))
     return rows
 
 
@@ -133,11 +142,16 @@ def render(result, *, show_all: bool = False) -> None:
 
     con = Console()
     hw = result.hardware
-    names = [g.name for g in hw.gpus]
+    from rich.markup import escape
+
+    names = [escape(g.name) for g in hw.gpus]  # "RPC[host:port]" is not rich markup
     if len(hw.gpus) > 2 and len(set(names)) == 1:
         gpus = f"{len(hw.gpus)}× {names[0]} ({format_size(min(g.free_bytes for g in hw.gpus))}+ free each)"
     else:
-        gpus = ", ".join(f"GPU{g.index} {g.name} ({format_size(g.free_bytes)} free)" for g in hw.gpus) or "no GPU"
+        from runner.plan import device_name
+
+        gpus = ", ".join(f"{device_name(g)} {escape(g.name)} ({format_size(g.free_bytes)} free)"
+                         for g in hw.gpus) or "no GPU"
     con.print(f"[bold]Plan for {hw.name}[/]: {hw.cpu.model}, {hw.cpu.threads} threads, "
               f"{format_size(hw.ram_available_bytes)} RAM available"
               f"{' (unified with the GPU)' if hw.unified_memory else ''}; {gpus}")
@@ -153,7 +167,7 @@ def render(result, *, show_all: bool = False) -> None:
             f", split {' / '.join(f'{x:.0%}' for x in s.tensor_split)}" if s.tensor_split else ""))
         table.add_row("n_gpu_layers", f"{s.n_gpu_layers} of {c.entry.shape.n_layer + 1} (output layer counts as one)")
         table.add_row("context", f"{c.n_ctx} tokens" + (f" × {s.n_parallel} sequences" if s.n_parallel > 1 else ""))
-        table.add_row("KV cache", f"{s.type_k}" + (" with flash attention" if s.flash_attn else "")
+        table.add_row("KV cache", _kv(s) + (" with flash attention" if s.flash_attn else "")
                       + ("" if s.repack else "; weights not repacked (--no-repack)"))
         if c.entry.shape.is_moe:
             table.add_row("experts", ("in host RAM" if s.experts_on_cpu else "with their layers") +

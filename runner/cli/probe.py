@@ -89,7 +89,10 @@ def _render_profiles() -> None:
 @click.option("--save", "save_to", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write the profile as TOML, to plan for this machine elsewhere with --hardware FILE.")
 @click.option("--list-profiles", is_flag=True, help="List the hardware profiles shipped with llmrun.")
-def probe(hardware, gpus, ram, as_json, save_to, list_profiles):
+@click.option("--measure-bandwidth", is_flag=True,
+              help="Measure the memory bandwidth again (it is measured once and cached; a busy machine measures "
+                   "low, so the best value is kept).")
+def probe(hardware, gpus, ram, as_json, save_to, list_profiles, measure_bandwidth):
     """Show this machine's CPU, RAM, GPUs, disk and memory bandwidth (or a profile's, with --hardware)."""
     from runner import hardware as hw
 
@@ -99,7 +102,7 @@ def probe(hardware, gpus, ram, as_json, save_to, list_profiles):
         else:
             _render_profiles()
         return
-    profile = resolve_hardware(hardware, gpus, ram)
+    profile = resolve_hardware(hardware, gpus, ram, measure=True, remeasure=measure_bandwidth)
     if save_to:
         if profile.source == "probe":  # name the saved machine after its file, as --hardware NAME would
             import dataclasses

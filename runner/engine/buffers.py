@@ -61,9 +61,9 @@ class LogCapture:
 @contextlib.contextmanager
 def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
     """Route llama.cpp's log (all levels) into a LogCapture while the block runs; optionally echo to stderr.
-    On exit llama.cpp's log is silenced again (llama-cpp-python's default when verbose=False is to print it,
-    which a caller that captures does not want). The ctypes callback is kept referenced for as long as
-    llama.cpp may call it (module-level list), since a collected callback would crash the process."""
+    Captures nest: on exit an enclosing capture gets the log back; after the outermost one llama.cpp is silenced
+    (llama-cpp-python's own callback would print everything to the terminal). Every ctypes callback handed to
+    llama.cpp stays referenced (module-level list): a collected callback would crash the process."""
     import ctypes
     import sys
 
@@ -79,15 +79,18 @@ def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
             sys.stderr.write(piece)
 
     _KEEP_ALIVE.append(_callback)
+    _ACTIVE.append(_callback)
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
     try:
         yield capture
     finally:
-        llama_cpp.llama_log_set(_silent_callback(), ctypes.c_void_p(0))
-        _KEEP_ALIVE.remove(_callback)
+        _ACTIVE.remove(_callback)
+        # keep `_callback` itself referenced: a message a llama.cpp thread is printing right now may still reach it
+        llama_cpp.llama_log_set(_ACTIVE[-1] if _ACTIVE else _silent_callback(), ctypes.c_void_p(0))
 
 
 _KEEP_ALIVE: list = []
+_ACTIVE: list = []
 _SILENT: list = []
 
 
@@ -104,3 +107,137 @@ def _silent_callback():
 
         _SILENT.append(_drop)
     return _SILENT[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring harness: load a model once, create one context per setting, record llama.cpp's buffers and the RSS.
+# Run it in a child process (`python -m runner.engine.buffers MODEL CONTEXTS_JSON`) so each model's memory is
+# measured from a clean process and given back to the OS afterwards.
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets VmHWM to the current RSS when 5 is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None,
+                     n_gpu_layers: int = 0, rpc_servers: tuple[str, ...] = ()) -> dict:
+    """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
+    flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
+    1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
+    Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.engine.rpc`), so
+    `n_gpu_layers` offloads to them as it would to GPUs."""
+    import os
+    import time
+
+    import llama_cpp
+
+    from runner.errors import EngineError
+
+    llama_cpp.llama_backend_init()
+    if rpc_servers:
+        from runner.engine.rpc import register_servers
+
+        register_servers(tuple(rpc_servers))
+    ggml_types = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
+    result: dict = {"model": model_path, "rss_start": _status_kib("VmRSS") * 1024, "contexts": []}
+    with capture_llama_logs() as cap:
+        t0 = time.monotonic()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {model_path}", hint=cap.text[-2000:])
+        result["load_s"] = time.monotonic() - t0
+        result["load_buffers"] = parse_buffers(cap.lines)
+        result["rss_loaded"] = _status_kib("VmRSS") * 1024
+        result["hwm_loaded"] = _status_kib("VmHWM") * 1024
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
+        try:
+            for spec in contexts:
+                _reset_peak_rss()
+                start = len(cap.chunks)
+                cp = llama_cpp.llama_context_default_params()
+                cp.n_ctx = int(spec["n_ctx"])
+                cp.n_ubatch = int(spec.get("n_ubatch", 512))
+                cp.n_batch = int(spec.get("n_batch", max(cp.n_ctx, cp.n_ubatch)))
+                cp.n_seq_max = int(spec.get("n_seq_max", 1))
+                cp.n_threads = cp.n_threads_batch = threads
+                fa = spec.get("flash_attn", False)
+                cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if fa == "auto" else
+                                      llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else
+                                      llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+                cp.type_k = ggml_types[spec.get("type_k", "f16")]
+                cp.type_v = ggml_types[spec.get("type_v", "f16")]
+                t1 = time.monotonic()
+                ctx = llama_cpp.llama_init_from_model(model, cp)
+                if not ctx:
+                    raise EngineError(f"llama.cpp could not create a context {spec}",
+                                      hint="".join(cap.chunks[start:])[-2000:])
+                try:
+                    n_dec = max(1, min(int(spec.get("decode_tokens", 1)), cp.n_ctx))
+                    t2 = time.monotonic()
+                    done = 0
+                    while done < n_dec:       # llama_batch_get_one: positions follow on, last token's logits
+                        n = min(cp.n_batch, n_dec - done)
+                        ids = [(300 + 7 * (done + i)) % n_vocab for i in range(n)]
+                        tokens = (llama_cpp.llama_token * n)(*ids)
+                        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n))
+                        if rc != 0:
+                            raise EngineError(f"llama_decode returned {rc} for {spec}")
+                        done += n
+                    t3 = time.monotonic()
+                    entry = {"spec": spec, "buffers": parse_buffers("".join(cap.chunks[start:]).splitlines()),
+                             "rss": _status_kib("VmRSS") * 1024, "hwm": _status_kib("VmHWM") * 1024,
+                             "ctx_s": t2 - t1, "decode_s": t3 - t2, "decoded": n_dec}
+                finally:
+                    llama_cpp.llama_free(ctx)
+                result["contexts"].append(entry)
+        finally:
+            llama_cpp.llama_model_free(model)
+    return result
+
+
+def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: float = 900, n_gpu_layers: int = 0,
+                          rpc_servers: tuple[str, ...] = ()) -> dict:
+    """measure_contexts in a fresh Python process (clean RSS baseline; memory returned to the OS after)."""
+    import json
+    import subprocess
+    import sys
+
+    from runner.errors import EngineError
+
+    import os
+
+    # glibc keeps freed blocks below its (dynamic) mmap threshold in the heap; a fixed 1 MiB threshold returns
+    # every buffer of a freed context to the OS, so each context is measured as if in a fresh process.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    options = {"n_gpu_layers": n_gpu_layers, "rpc_servers": list(rpc_servers)}
+    proc = subprocess.run([sys.executable, "-m", "runner.engine.buffers", model_path, json.dumps(contexts),
+                           json.dumps(options)], capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise EngineError(f"measuring {model_path} failed (exit {proc.returncode})", hint=proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json as _json
+    import sys as _sys
+
+    _opts = _json.loads(_sys.argv[3]) if len(_sys.argv) > 3 else {}
+    _out = measure_contexts(_sys.argv[1], _json.loads(_sys.argv[2]), n_gpu_layers=_opts.get("n_gpu_layers", 0),
+                            rpc_servers=tuple(_opts.get("rpc_servers", ())))
+    print(_json.dumps(_out))

@@ -87,51 +87,14 @@ def experts_on_cpu_overrides():
     return arr
 
 
-_rpc_registered: set[str] = set()
-
-
 def register_rpc_servers(servers: tuple[str, ...]) -> None:
     """Make llama.cpp RPC workers ("host:port") devices of this process, before a model is loaded (as
-    llama.cpp's own `--rpc` does: the RPC backend's ggml_backend_rpc_add_server, then ggml_backend_register)."""
-    todo = [s for s in servers if s not in _rpc_registered]
-    if not todo:
-        return
-    from runner.errors import ClusterError
+    llama.cpp's own `--rpc` does). Delegates to runner.engine.rpc (cluster): it probes every worker first
+    (llama.cpp aborts the process on an unreachable one) and registers into the registry of the libggml.so.0
+    that libllama uses: `libggml.so` in the wheel is a separate copy with its own, unused registry."""
+    from runner.engine import rpc
 
-    if not lc.llama_supports_rpc():
-        raise ClusterError("this llama-cpp-python build has no RPC backend",
-                           hint="reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_RPC=on (scripts/setup.sh)")
-    g = _ggml()
-    reg = g.ggml_backend_reg_by_name(b"RPC")
-    addr = g.base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else None
-    if not addr:
-        raise ClusterError("llama.cpp's RPC backend does not offer ggml_backend_rpc_add_server")
-    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(addr)
-    for server in todo:
-        host, _, port = server.rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"bad RPC server {server!r}", hint="write RPC workers as host:port, e.g. 10.0.0.2:50052")
-        _check_reachable(server, host.strip("[]"), int(port))  # llama.cpp aborts the process on a dead endpoint
-        server_reg = add_server(server.encode())
-        if not server_reg:
-            raise ClusterError(f"RPC worker {server} is unreachable or incompatible",
-                               hint="start it with `llmrun worker` (rpc-server) and check host and port")
-        g.ggml_backend_register(server_reg)
-        _rpc_registered.add(server)
-
-
-def _check_reachable(server: str, host: str, port: int, timeout: float = 5.0) -> None:
-    import socket
-
-    from runner.errors import ClusterError
-
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ClusterError(f"RPC worker {server} is unreachable: {e.strerror or e}",
-                           hint="start it with `llmrun worker` (llama.cpp rpc-server) and check host, port and "
-                                "firewall") from e
+    rpc.register_servers(tuple(servers))
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -28,12 +28,16 @@ def _device(buffer_name: str) -> str:
 def actual_terms(buffers: dict[str, int]) -> dict[tuple[str, str], int]:
     """{"CPU_REPACK model": n, "CPU KV": n, ...} -> {("CPU", "repack"): n, ("CPU", "kv_cache"): n, ...}."""
     out: dict[tuple[str, str], int] = {}
+    # cluster: llama.cpp names a worker's buffers "RPC<device on that worker>[host:port]" (every one-device worker
+    # is "RPC0[...]"); number them in the order the log lists them, which is llama.cpp's device order
+    rpc_devices: dict[str, str] = {}
     for key, n in buffers.items():
         name, _, kind = key.rpartition(" ")
         term = "repack" if name == "CPU_REPACK" else _TERMS.get(kind)
         if term is None:
             continue
-        k = (_device(name), term)
+        dev = rpc_devices.setdefault(name, f"RPC{len(rpc_devices)}") if re.match(r"RPC\d*\[", name) else _device(name)
+        k = (dev, term)
         out[k] = out.get(k, 0) + n
     return out
 

@@ -169,6 +169,10 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     @app.get("/health", tags=["server"])
     async def health():
+        outage = getattr(state.engine, "health", lambda: None)()  # cluster: IsolatedEngine, a worker is down
+        if outage is not None:
+            return JSONResponse({"status": "unavailable", "error": outage.message}, status_code=503,
+                                headers={"Retry-After": str(config.retry_after_s)})
         if state.engine is not None:
             return {"status": "ok", "model": state.card.name, "slots": state.engine.n_parallel}
         if state.load_error:

@@ -19,6 +19,7 @@ STATUS_TABLE: tuple[tuple[type[E.LlmrunError], int, str, str | None], ...] = (
     (E.ModelNotLocalError, 404, "invalid_request_error", "model_not_found"),
     (E.DoesNotFitError, 507, "server_error", "insufficient_memory"),
     (E.EngineError, 500, "server_error", "engine_error"),
+    (E.ClusterError, 503, "server_error", "workers_unavailable"),  # cluster: an RPC worker is down
     (E.ServerError, 503, "server_error", "unavailable"),
     (E.LlmrunError, 500, "server_error", None),
 )
