@@ -131,7 +131,9 @@ def check_fit(est: Any, hardware: HardwareProfile) -> tuple[bool, str, float]:
     """(fits, the one number that rules it out, worst need/capacity ratio)."""
     caps = capacities(hardware)
     worst_ratio, worst = 0.0, ""
-    totals = {dev.device: int(dev.total) for dev in _devices(est)}
+    # `needed` = total less host file pages read once at load (behind a repacked copy): the kernel drops those
+    # under pressure, so they show in peak RSS but never cause an out-of-memory
+    totals = {dev.device: int(dev.needed) for dev in _devices(est)}
     for name, need in totals.items():
         cap = caps.get(name, 0)
         ratio = need / cap if cap > 0 else (float("inf") if need > 0 else 0.0)

@@ -157,3 +157,18 @@ def test_sockets_to_workers_get_keepalive_and_a_user_timeout():
             assert to_worker.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == isolated.USER_TIMEOUT_MS
             assert to_worker.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == isolated.KEEPALIVE_IDLE_S
             assert other.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_an_idle_worker_that_dies_is_noticed_without_a_request(demo_gguf, workers):
+    eps = [workers.start(), workers.start()]
+    with cluster.IsolatedEngine(demo_gguf, split_settings(eps), threads=1, ping_s=0.3, retry_s=0.3,
+                                load_timeout_s=120) as eng:
+        assert eng.health() is None
+        workers.kill(eps[0])
+        deadline = time.monotonic() + 15
+        while eng.health() is None:
+            assert time.monotonic() < deadline, "a dead idle worker went unnoticed"
+            time.sleep(0.1)
+        assert eps[0] in eng.health().message
+        with pytest.raises(ClusterError, match=eps[0]):
+            eng.complete(PROMPT, GREEDY)

@@ -79,7 +79,7 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
         from runner.cluster import launch_with_workers
 
         launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
-                                     n_ctx=ctx, n_parallel=parallel, n_threads=threads)
+                                     n_ctx=ctx, n_parallel=parallel)
     else:
         launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
                                n_parallel=parallel)

@@ -159,14 +159,14 @@ class IsolatedEngine:
     host that vanishes without closing its socket (power, cable) is caught by a watchdog: no progress for
     `stall_s` while requests are running and a worker that accepts no TCP connection → the child is killed."""
 
-    def __init__(self, model_path, settings, *, retry_s: float = 2.0, stall_s: float = 20.0,
+    def __init__(self, model_path, settings, *, retry_s: float = 2.0, stall_s: float = 20.0, ping_s: float = 5.0,
                  load_timeout_s: float | None = None, **load_kwargs):
         import itertools
         import threading
 
         self._path, self._settings, self._kwargs = str(model_path), settings, load_kwargs
         self.workers: tuple[str, ...] = tuple(settings.rpc_servers)
-        self._retry_s, self._stall_s, self._load_timeout_s = retry_s, stall_s, load_timeout_s
+        self._retry_s, self._stall_s, self._ping_s, self._load_timeout_s = retry_s, stall_s, ping_s, load_timeout_s
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: dict[int, object] = {}      # rid -> GenerationHandle
@@ -286,24 +286,41 @@ class IsolatedEngine:
         threading.Thread(target=self._recover, name="llmrun-cluster-recover", daemon=True).start()
 
     def _recover(self) -> None:
+        delay = self._retry_s
         while not self._closing:
-            time.sleep(self._retry_s)
+            time.sleep(delay)
             try:
                 self._start()
-                self.restarts += 1
-                return
-            except ClusterError as e:
+            except LlmrunError as e:     # a worker still down (ClusterError), or the reload itself failed
                 with self._lock:
                     self._down = ClusterError(self._down.message if self._down else e.message,
                                               hint=f"waiting for the workers: {e.message}")
+                if not isinstance(e, ClusterError):
+                    delay = min(delay * 2, 30.0)    # a failing load is retried less and less often
+                continue
+            if self._closing:                 # closed while we were reloading: do not leave the child behind
+                self._proc.kill()
+                return
+            self.restarts += 1
+            return
 
     def _watchdog(self) -> None:
+        """Every `ping_s`: a worker that accepts no TCP connection any more (process gone, host unreachable) ends
+        the child at once, so /health says 503 before a request trips over it (a worker serving our child still
+        accepts: the kernel queues the connection). While requests run, no progress for `stall_s` also checks."""
+        last_ping = time.monotonic()
         while not self._closing:
-            time.sleep(min(self._stall_s / 4, 5.0))
+            time.sleep(min(self._stall_s / 4, self._ping_s, 5.0))
             with self._lock:
-                busy = bool(self._pending) and self._down is None
+                up = self._down is None
+                busy = bool(self._pending) and up
                 proc = getattr(self, "_proc", None)
-            if busy and time.monotonic() - self._last_msg > self._stall_s and proc is not None:
+            if proc is None or not up:
+                continue
+            now = time.monotonic()
+            stalled = busy and now - self._last_msg > self._stall_s
+            if stalled or now - last_ping >= self._ping_s:
+                last_ping = now
                 if any(not rpc.reachable(ep, timeout=2.0) for ep in self.workers):
                     proc.kill()                     # the reader sees EOF and reports the dead worker
 
