@@ -82,6 +82,12 @@ def test_repl_multiline_and_ctrl_d(repl):
     repl.sendline('of France?"""')
     repl.expect("Paris")
     repl.expect(PROMPT)
+    repl.send("What is the capital\x1b\rof France?\r")     # Esc-Enter (Alt-Enter) inserts a newline
+    repl.expect("Paris")
+    repl.expect(PROMPT)
+    repl.sendline("/stats")
+    repl.expect(r"messages\s+4")                           # two questions, two answers: one message each
+    repl.expect(PROMPT)
     repl.sendeof()
     repl.expect(pexpect.EOF)
     repl.close()

@@ -260,5 +260,5 @@ def test_unreachable_rpc_worker_is_a_cluster_error_not_an_abort(demo_gguf):
         port = s.getsockname()[1]
     with pytest.raises(ClusterError, match="unreachable"):
         load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
-    with pytest.raises(UsageError, match="bad RPC server"):
+    with pytest.raises(ClusterError, match="bad worker address"):
         load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=("nowhere",)))

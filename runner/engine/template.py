@@ -3,6 +3,8 @@ transformers renders it), or the Llama 2 `[INST] <<SYS>>` format for files that 
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Sequence
@@ -33,6 +35,22 @@ def llama2_prompt(messages: Sequence[ChatMessage]) -> str:
     return "".join(out)
 
 
+def _raise_exception(message):
+    raise UsageError(f"the model's chat template refused the conversation: {message}")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template compiled once in a sandboxed environment (as transformers renders chat templates)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+    return env.from_string(template)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """Renders a conversation into the prompt text the model was trained on."""
@@ -49,17 +67,9 @@ class ChatFormat:
         if not self.template:
             return llama2_prompt(messages)
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise UsageError(f"the model's chat template refused the conversation: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters.setdefault("tojson", lambda v, indent=None: __import__("json").dumps(v, indent=indent, ensure_ascii=False))
         try:
-            tmpl = env.from_string(self.template)
+            tmpl = _compile(self.template)
             return tmpl.render(messages=[{"role": m.role, "content": m.content} for m in messages],
                                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                eos_token=self.eos_token)

@@ -33,7 +33,7 @@ class Options(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repeat_penalty: float | None = Field(default=None, ge=0, le=10)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
     repeat_last_n: int | None = Field(default=None, ge=-1, le=2 ** 31 - 1)
     seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
     num_predict: int | None = Field(default=None, ge=-2, le=2 ** 31 - 1)   # -1 = no limit, -2 = fill context

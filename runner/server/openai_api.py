@@ -62,7 +62,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)          # llama.cpp extension
     min_p: float | None = Field(default=None, ge=0, le=1)                  # llama.cpp extension
-    repeat_penalty: float | None = Field(default=None, ge=0, le=10)        # llama.cpp extension
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)        # llama.cpp extension
     seed: int | None = Int64
     stop: str | list[str] | None = Field(default=None)
     stream: bool = False
