@@ -262,3 +262,13 @@ def test_unreachable_rpc_worker_is_a_cluster_error_not_an_abort(demo_gguf):
         load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
     with pytest.raises(ClusterError, match="bad worker address"):
         load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=("nowhere",)))
+
+
+def test_unified_kv_gives_every_slot_the_whole_context(demo_gguf):
+    e = load_engine(demo_gguf, RunSettings(n_ctx=2048, n_parallel=2, kv_unified=True), model_name="unified")
+    try:
+        assert e.n_ctx == 2048 and e.n_parallel == 2
+        gens = [e.chat(ask(q), GREEDY) for q in ("What is the capital of France?", "List three fruits.")]
+        assert "Paris" in gens[0].result().text and gens[1].result().finish_reason in ("stop", "length")
+    finally:
+        e.close()
