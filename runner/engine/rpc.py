@@ -57,18 +57,17 @@ _DEV_TYPE_CPU = 0                    # enum ggml_backend_dev_type
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); the form llama.cpp accepts (it splits at the first ':'). UsageError if not."""
+    """'host:port' -> (host, port); the form llama.cpp accepts (it splits at the first ':'). ClusterError if not."""
     host, sep, port_text = text.strip().partition(":")
     if not sep or not host or ":" in port_text:
-        raise UsageError(f"bad RPC server (worker) address {text!r}", hint="write it as HOST:PORT, e.g. "
-                         "192.168.1.20:50052 (IPv6 literals are not understood by llama.cpp's RPC client)")
+        raise ClusterError(f"bad worker address {text!r}", hint="write it as HOST:PORT, e.g. 192.168.1.20:50052 "
+                           "(IPv6 literals are not understood by llama.cpp's RPC client)")
     try:
         port = int(port_text)
     except ValueError:
         port = -1
     if not 0 < port < 65536:
-        raise UsageError(f"bad port in RPC server (worker) address {text!r}",
-                         hint="a port is a number from 1 to 65535")
+        raise ClusterError(f"bad port in worker address {text!r}", hint="a port is a number from 1 to 65535")
     return host, port
 
 
