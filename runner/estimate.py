@@ -283,6 +283,33 @@ def flash_attn_effective(settings: RunSettings, shape: ModelShape | None = None)
     return settings.flash_attn or settings.type_v.lower() not in ("f16", "f32", "bf16")
 
 
+@dataclass(frozen=True)
+class GraphFit:
+    """An architecture's compute-graph phases, in bytes per ubatch token (U), fitted to llama.cpp's logged compute
+    buffers. Attention phase: 4*(attn_embd*E + 2KV) of projections (attn_embd_mqa when n_head_kv is 1) plus the
+    KQ scores. Feed-forward phase: ffn_ff*F + ffn_embd*E (+ ffn_embd_no_fa*E without flash attention), plus the
+    projections 4*(5E + 2KV) when they are still alive there (ffn_with_projections)."""
+
+    ffn_ff: int = 12
+    ffn_embd: int = 16
+    ffn_embd_no_fa: int = 4
+    ffn_with_projections: bool = False
+    attn_embd: int = 5
+    attn_embd_mqa: int = 5
+
+
+# llama/grok: gate + up + SiLU product (12F) (docs/estimation.md). falcon: up + GELU in place (4F); the MLP runs in
+# parallel with attention, so the Q/K/V and output projections are still alive; in the attention phase the fused
+# QKV leaves 3E + 2KV alive with grouped-query attention, 5E + 2KV with multi-query (n_head_kv 1). Measured on
+# falcon-shaped synthetic files (E 2048-8192, n_head_kv 1-8, F 4096-32768, U 256-512), without flash attention
+# (llama.cpp's falcon graph with flash attention is unmeasured).
+GRAPH_FITS: dict[str, GraphFit] = {
+    "llama": GraphFit(),
+    "grok": GraphFit(),
+    "falcon": GraphFit(ffn_ff=4, ffn_embd=0, ffn_embd_no_fa=0, ffn_with_projections=True, attn_embd=3),
+}
+
+
 def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True,
                          n_outputs: int | None = None, host: bool = True) -> int:
     """The compute buffer of a device that runs the whole graph (CPU-only): graph inputs + the largest of the
@@ -292,7 +319,8 @@ def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_outpu
       U = min(n_ubatch, n_ctx), K = KV cells per stream, E = n_embd, KV = n_head_kv*head_dim, F = n_ff
       mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention or on an offload device
       attention    = 4*U*K*n_head (KQ scores, absent with flash attention) + 4*U*(5E + 2KV)
-      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used
+      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used;
+                     per architecture in GRAPH_FITS (falcon: 4*U*F + projections; attention 3E+2KV with GQA)
       output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then; 4*U*E instead of 8 on an offload device)
     `host=False`: the buffer of an offload device (checked with an RPC device; a GPU's is unverified).
     """
@@ -304,8 +332,11 @@ def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_outpu
     if shape.is_moe:
         f = shape.n_ff * max(shape.n_expert_used, 1)
     mask = u * k * (2 if fa or not host else 4)     # an offload device gets it as f16
-    attention = 4 * u * (5 * e + 2 * kv) + (0 if fa else 4 * u * k * h)
-    ffn = 12 * u * f + 16 * u * e + (0 if fa or shape.is_moe else 4 * u * e)
+    fit = GRAPH_FITS.get(shape.arch, GRAPH_FITS["llama"])
+    attn_embd = fit.attn_embd_mqa if shape.n_head_kv == 1 else fit.attn_embd
+    attention = 4 * u * (attn_embd * e + 2 * kv) + (0 if fa else 4 * u * k * h)
+    ffn = (fit.ffn_ff * u * f + fit.ffn_embd * u * e + (0 if fa or shape.is_moe else fit.ffn_embd_no_fa * u * e)
+           + (4 * u * (5 * e + 2 * kv) if fit.ffn_with_projections else 0))
     phases = [mask + attention + _SMALL_INPUTS, mask + ffn + _SMALL_INPUTS]
     if with_output:
         n_out = u if n_outputs is None else max(1, min(n_outputs, u))

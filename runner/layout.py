@@ -93,7 +93,8 @@ def layout_from_headers(headers: list[GGUFHeader] | tuple[GGUFHeader, ...]) -> W
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape.
+# Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape. A name
+# without a ".bias" suffix gets ".weight"; a shape function returning None means the tensor is absent for this shape.
 
 def _embd(s: ModelShape) -> int:
     return s.n_embd
@@ -125,15 +126,43 @@ _GROK_BLOCK = (
     ("ffn_up_exps", "ffn_up", lambda s: (s.n_embd, s.n_ff, s.n_expert)),
     ("layer_output_norm", "norm", lambda s: (s.n_embd,)),
 )
+# Falcon (llama.cpp src/llama-model.cpp LLM_ARCH_FALCON): LayerNorm with bias, one fused QKV matrix
+# ((n_embd + 2*n_embd_gqa) x n_embd), GELU MLP without gate, parallel attention + MLP. attn_norm_2 is Falcon-40B's
+# second LayerNorm ("new decoder architecture", ln_mlp); Falcon-7B (multi-query, n_head_kv 1) has none, so it is
+# present when n_head_kv > 1. Order as the converter writes the HF state dict (attention, MLP, then the norms).
+def _falcon_norm_2(s: ModelShape) -> tuple[int, ...] | None:
+    return (s.n_embd,) if s.n_head_kv > 1 else None
+
+
+_FALCON_BLOCK = (
+    ("attn_qkv", "attn_qkv", lambda s: (s.n_embd, s.head_dim * s.n_head + 2 * s.n_embd_k_gqa)),
+    ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
+    ("ffn_up", "ffn_up", lambda s: (s.n_embd, s.n_ff)),
+    ("ffn_down", "ffn_down", lambda s: (s.n_ff, s.n_embd)),
+    ("attn_norm", "norm", lambda s: (s.n_embd,)),
+    ("attn_norm.bias", "norm", lambda s: (s.n_embd,)),
+    ("attn_norm_2", "norm", _falcon_norm_2),
+    ("attn_norm_2.bias", "norm", _falcon_norm_2),
+)
 _HEAD = (("token_embd", "token_embd", lambda s: (s.n_embd, s.n_vocab)),)
 _TAIL = (
     ("output_norm", "norm", lambda s: (s.n_embd,)),
     ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
 )
+_FALCON_TAIL = (
+    ("output_norm", "norm", lambda s: (s.n_embd,)),
+    ("output_norm.bias", "norm", lambda s: (s.n_embd,)),
+    ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
+)
 ARCH_TENSORS = {
     "llama": (_HEAD, _LLAMA_BLOCK, _TAIL),
     "grok": (_HEAD, _GROK_BLOCK, _TAIL),
+    "falcon": (_HEAD, _FALCON_BLOCK, _FALCON_TAIL),
 }
+
+
+def _tensor_name(template: str) -> str:
+    return template if template.endswith(".bias") else template + ".weight"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Quantization mixes (llama.cpp src/llama-quant.cpp). Conditions take (layer i, n_layer, shape).
@@ -183,6 +212,7 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("Q4_1", "Q4_1", (("attn_v", _MOE8), ("attn_k", _MOE8))),
     QuantRecipe("Q5_K_S", "Q5_K", (("attn_v", _MOE8), ("attn_k", _MOE8))),
     QuantRecipe("Q5_K_M", "Q5_K", (
+        ("attn_qkv", (("always", "Q6_K"),)),
         ("attn_v", _MOE8 + (("more_bits", "Q6_K"),)),
         ("attn_k", _MOE8),
         ("ffn_down", (("more_bits", "Q6_K"),)),
@@ -194,6 +224,7 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
         ("attn_output", (("8_experts", "Q5_K"),)),
     )),
     QuantRecipe("Q4_K_M", "Q4_K", (
+        ("attn_qkv", (("always", "Q5_K"),)),
         ("attn_v", _MOE8 + (("more_bits", "Q6_K"),)),
         ("attn_k", _MOE8),
         ("ffn_down", (("more_bits", "Q6_K"),)),
@@ -204,12 +235,14 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
         ("attn_output", (("8_experts", "Q5_K"),)),
     )),
     QuantRecipe("Q3_K_M", "Q3_K", (
+        ("attn_qkv", (("always", "Q4_K"),)),
         ("attn_v", _MOE8 + (("first_2", "Q5_K"), ("always", "Q4_K"))),
         ("attn_k", _MOE8),
         ("ffn_down", (("first_2", "Q5_K"), ("always", "Q4_K"))),  # 2023 files: i < 2 (today: i < n/16)
         ("attn_output", (("8_experts", "Q5_K"), ("always", "Q4_K"))),
     )),
     QuantRecipe("Q3_K_L", "Q3_K", (
+        ("attn_qkv", (("always", "Q4_K"),)),
         ("attn_v", _MOE8 + (("always", "Q5_K"),)),
         ("attn_k", _MOE8),
         ("ffn_down", (("always", "Q5_K"),)),
@@ -238,6 +271,28 @@ RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
         ("attn_output", (("8_experts", "Q5_K"), ("always", "Q3_K"))),
     )),
 )}
+# Per-architecture rules replacing a recipe's rules for a role (llama-quant's `arch == LLM_ARCH_FALCON` branches):
+# arch -> recipe -> ((role, rules), ...). A role listed with () keeps the recipe's default type.
+ARCH_RULES: dict[str, dict[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...]]] = {
+    "falcon": {
+        "Q2_K": (("attn_output", ()),),
+        "Q3_K_M": (("ffn_down", (("first_2", "Q5_K"), ("more_bits", "Q4_K"))), ("attn_output", ())),
+        "Q3_K_L": (("ffn_down", (("always", "Q4_K"),)), ("attn_output", (("always", "Q4_K"),))),
+        "Q4_K_S": (("ffn_down", ()), ("attn_output", ())),
+        "Q4_K_M": (("ffn_down", (("first_sixteenth", "Q6_K"), ("more_bits", "Q5_K"))), ("attn_output", ())),
+        "IQ4_XS": (("attn_output", ()),),
+        "IQ3_XS": (("attn_output", ()),),
+    },
+}
+
+
+def _rules(recipe: QuantRecipe, role: str, arch: str) -> tuple[tuple[str, str], ...]:
+    for r, rules in ARCH_RULES.get(arch, {}).get(recipe.name, ()):
+        if r == role:
+            return rules
+    return recipe.rules_for(role)
+
+
 # Aliases used by some GGUF publishers (Arki05's Grok-1 "Q4_K" is llama.cpp's Q4_K_M mix).
 QUANT_ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 
@@ -250,9 +305,9 @@ def _tensor_info_bytes(name: str, n_dims: int) -> int:
 
 def _llama7b_infos() -> int:
     head, block, tail = ARCH_TENSORS["llama"]
-    total = sum(_tensor_info_bytes(f"{t}.weight", 2 if r != "norm" else 1) for t, r, _ in head + tail)
+    total = sum(_tensor_info_bytes(_tensor_name(t), 2 if r != "norm" else 1) for t, r, _ in head + tail)
     for i in range(32):
-        total += sum(_tensor_info_bytes(f"blk.{i}.{t}.weight", 2 if r != "norm" else 1) for t, r, _ in block)
+        total += sum(_tensor_info_bytes(f"blk.{i}.{_tensor_name(t)}", 2 if r != "norm" else 1) for t, r, _ in block)
     return total
 
 
@@ -277,7 +332,7 @@ def _pick(recipe: QuantRecipe, role: str, i: int, n: int, shape: ModelShape) -> 
     if role == "token_embd":
         return recipe.default
     chosen = recipe.default
-    for cond, type_name in recipe.rules_for(role):
+    for cond, type_name in _rules(recipe, role, shape.arch):
         if _CONDITIONS[cond](i, n, shape):
             chosen = type_name
             break
@@ -317,14 +372,12 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     head, block, tail = ARCH_TENSORS[shape.arch]
     n = shape.n_layer if n_layer is None else n_layer
     specs: list[tuple[str, tuple[int, ...], str]] = []
-    for tname, role, fshape in head:
-        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, -1, n, shape)))
     full = shape.n_layer           # a truncated file keeps the real model's per-layer types
-    for i in range(n):
-        for tname, role, fshape in block:
-            specs.append((f"blk.{i}.{tname}.weight", fshape(shape), _pick(recipe, role, i, full, shape)))
-    for tname, role, fshape in tail:
-        specs.append((f"{tname}.weight", fshape(shape), _pick(recipe, role, full, full, shape)))
+    for prefix, table, i in [("", head, -1)] + [(f"blk.{i}.", block, i) for i in range(n)] + [("", tail, full)]:
+        for tname, role, fshape in table:
+            tshape = fshape(shape)
+            if tshape is not None:
+                specs.append((prefix + _tensor_name(tname), tshape, _pick(recipe, role, i, full, shape)))
     tensors = []
     offset = 0
     for tname, tshape, type_name in specs:

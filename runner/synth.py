@@ -1,5 +1,6 @@
 """Shape-true synthetic GGUFs: a real model's exact tensor names, shapes and per-tensor quant types (llama.cpp's
-quantization mix, runner.layout), real-looking metadata and a llama/SPM vocabulary of n_vocab tokens, with the
+quantization mix, runner.layout), real-looking metadata and a vocabulary of n_vocab tokens of the kind the architecture uses (llama/SPM, or
+byte-level BPE "gpt2" with merges for falcon), with the
 tensor data left as a sparse hole (zero bytes on disk). llama.cpp loads such a file and decodes (zeros compute as
 fast as any weights), so memory use and speed match the real model without downloading it.
 
@@ -23,6 +24,10 @@ FILE_TYPES = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
     "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
 }
+# architectures normalised with LayerNorm (llama.cpp reads {arch}.attention.layer_norm_epsilon, not the RMS key)
+LAYER_NORM_ARCHS = frozenset({"falcon"})
+# architectures whose vocabulary is byte-level BPE ("gpt2"), with llama.cpp's pre-tokenizer name
+BPE_ARCHS = {"falcon": "falcon"}
 _FORMAT_VERSION = 1   # bump when the written file changes, so cached files are rewritten
 
 
@@ -75,13 +80,19 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
     writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
+    if arch in LAYER_NORM_ARCHS:
+        writer.add_layer_norm_eps(1e-5)
+    else:
+        writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(shape.n_vocab)
     if shape.n_expert:
         writer.add_expert_count(shape.n_expert)
         writer.add_expert_used_count(shape.n_expert_used)
-    _add_spm_vocab(writer, shape.n_vocab)
+    if arch in BPE_ARCHS:
+        _add_bpe_vocab(writer, shape.n_vocab, pre=BPE_ARCHS[arch])
+    else:
+        _add_spm_vocab(writer, shape.n_vocab)
 
     for t in layout.tensors:
         writer.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.n_bytes,
@@ -140,3 +151,51 @@ def _add_spm_vocab(writer, n_vocab: int) -> None:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+
+
+def _bpe_byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode), in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _add_bpe_vocab(writer, n_vocab: int, *, pre: str) -> None:
+    """A byte-level BPE ("gpt2") vocabulary llama.cpp accepts: the 256 byte characters, then merged lowercase
+    words built by merges that only join existing tokens, and <|endoftext|> (bos = eos) as the last token."""
+    import gguf
+
+    if n_vocab < 256 + 26 * 26 + 1:
+        raise UsageError(f"n_vocab {n_vocab} is too small for a BPE vocabulary (needs at least {256 + 26 * 26 + 1})")
+    tokens = _bpe_byte_chars()
+    types = [gguf.TokenType.NORMAL] * 256
+    merges: list[str] = []
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = list(letters)            # every token made so far from letters, shortest first
+    k = 0
+    while len(tokens) < n_vocab - 1:
+        left = words[k // 26]        # extend the k//26-th word by one letter: "a"+"a", "a"+"b", ... "aa"+"a", ...
+        right = letters[k % 26]
+        merges.append(f"{left} {right}")
+        words.append(left + right)
+        tokens.append(left + right)
+        types.append(gguf.TokenType.NORMAL)
+        k += 1
+    eos = len(tokens)
+    tokens.append("<|endoftext|>")
+    types.append(gguf.TokenType.CONTROL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)
