@@ -26,6 +26,8 @@ GROK = ModelShape("grok", 64, 6144, 48, 8, 32768, 131072, 8192, n_expert=8, n_ex
 SMOL = ModelShape("llama", 30, 576, 9, 3, 1536, 49152, 8192)
 TINY_GROK = ModelShape("grok", 2, 2048, 16, 8, 2048, 8000, 8192, n_expert=8, n_expert_used=2)
 TINY_GROK_F2 = ModelShape("grok", 2, 2048, 16, 8, 4096, 8000, 8192, n_expert=8, n_expert_used=2)
+FALCON_7B = ModelShape("falcon", 32, 4544, 71, 1, 18176, 65024, 2048)
+FALCON_40B = ModelShape("falcon", 60, 8192, 128, 8, 32768, 65024, 2048)
 AVX2 = frozenset({"avx", "avx2", "fma", "f16c"})
 KiB = 1024
 
@@ -155,6 +157,50 @@ def test_recipes_are_data_and_unknown_quants_are_refused():
     with pytest.raises(UsageError, match="architecture"):
         layout_from_recipe(ModelShape("mamba", 2, 256, 4, 4, 512, 1000, 512), "Q8_0")
     assert tensor_bytes((576, 49152), "Q8_0") == 576 // 32 * 34 * 49152
+
+
+def test_falcon_tensors_follow_llama_cpps_table():
+    f7 = layout_from_recipe(FALCON_7B, "Q8_0").by_name()
+    assert f7["blk.0.attn_qkv.weight"].shape == (4544, 4544 + 2 * 64)      # fused QKV, multi-query
+    assert f7["blk.31.ffn_up.weight"].shape == (4544, 18176) and "blk.0.ffn_gate.weight" not in f7
+    assert f7["blk.0.attn_norm.bias"].shape == (4544,) and "blk.0.attn_norm_2.weight" not in f7
+    assert {"output_norm.weight", "output_norm.bias", "output.weight"} <= set(f7)
+    f40 = layout_from_recipe(FALCON_40B, "Q8_0")
+    names = f40.by_name()
+    assert names["blk.59.attn_qkv.weight"].shape == (8192, 8192 + 2 * 512)
+    assert names["blk.0.attn_norm_2.bias"].type_name == "F32"              # Falcon-40B's second LayerNorm
+    assert len(f40.tensors) == 2 + 60 * 8 + 3 - 1 and len(f7) == 1 + 32 * 6 + 3
+    # 40B has its own lm_head: the parameter count is the model card's 41.84B
+    assert abs(sum(t.n_elements for t in f40.tensors) / 1e9 - 41.84) < 0.01
+
+
+def test_falcon_quant_mix_has_llama_quants_falcon_rules_and_row_fallbacks():
+    t7 = {t.name: t.type_name for t in layout_from_recipe(FALCON_7B, "Q4_K_M").tensors}
+    # 4544 is not a multiple of 256: k-quants of rows of 4544 fall back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0)
+    assert t7["blk.5.attn_qkv.weight"] == "Q5_1"          # attn_qkv gets Q5_K in Q4_K_M
+    assert t7["blk.5.attn_output.weight"] == "Q5_0" and t7["token_embd.weight"] == "Q5_0"
+    assert t7["output.weight"] == "Q8_0"                  # falcon's output is always Q8_0
+    # ffn_down rows are n_ff = 18176 = 71 * 256: falcon's own Q4_K_M rule, Q6_K below n/16, Q5_K on more_bits
+    assert [t7[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2, 3, 5, 31)] == ["Q6_K", "Q6_K", "Q5_K", "Q5_K",
+                                                                           "Q4_K", "Q5_K"]
+    t40 = {t.name: t.type_name for t in layout_from_recipe(FALCON_40B, "Q3_K_M").tensors}
+    assert t40["blk.10.attn_qkv.weight"] == "Q4_K" and t40["blk.10.attn_output.weight"] == "Q3_K"
+    assert t40["blk.0.ffn_down.weight"] == "Q5_K" and t40["blk.8.ffn_down.weight"] == "Q3_K"
+    assert t40["blk.9.ffn_down.weight"] == "Q4_K"         # use_more_bits(9, 60)
+    # the llama mix is unchanged by the falcon rules
+    assert {t.name: t.type_name for t in layout_from_recipe(L7, "Q3_K_M").tensors}["blk.10.attn_output.weight"] \
+        == "Q4_K"
+
+
+def test_falcon_kv_and_compute_follow_its_graph():
+    # multi-query: one 64-wide K/V head per layer, 32 layers, f16 -> 8 KiB per token
+    assert kv_cache_bytes(FALCON_7B, RunSettings(n_ctx=2048)) == 2 * 32 * 64 * 2 * 2048
+    assert kv_cache_bytes(FALCON_40B, RunSettings(n_ctx=2048)) == 2 * 60 * 512 * 2 * 2048
+    # logged by llama.cpp on 2-layer shape-true files (U = 512): 7B n_ctx 4096 620.88 MiB, 512 144.75 MiB (the
+    # output phase); 40B (1 layer) n_ctx 2048 566.01 MiB
+    assert compute_buffer_bytes(FALCON_7B, RunSettings(n_ctx=4096)) / MiB == pytest.approx(620.88, rel=0.003)
+    assert compute_buffer_bytes(FALCON_7B, RunSettings(n_ctx=512)) / MiB == pytest.approx(144.75, rel=0.003)
+    assert compute_buffer_bytes(FALCON_40B, RunSettings(n_ctx=2048)) / MiB == pytest.approx(566.01, rel=0.003)
 
 
 def test_a_row_length_that_does_not_fit_the_block_falls_back_like_llama_quantize():

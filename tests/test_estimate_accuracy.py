@@ -112,9 +112,13 @@ def test_synthetic_model_accuracy(name, quant):
 
 @pytest.mark.llama
 @pytest.mark.parametrize("arch, quant", [("llama", "Q4_0"), ("llama", "Q4_K_M"), ("grok", "Q4_K_M"),
-                                         ("grok", "Q2_K")])
+                                         ("grok", "Q2_K"), ("falcon", "Q4_K_M"), ("falcon-gqa", "Q4_0"),
+                                         ("falcon-ffn", "Q8_0")])
 def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch, arch, quant):
-    """Cheap real check of weights, repack (incl. 3-D expert tensors), KV and compute on tiny synthetic files."""
+    """Cheap real check of weights, repack (incl. 3-D expert tensors), KV and compute on tiny synthetic files.
+    falcon: Falcon-7B's multi-query layout at a width that is not a multiple of 256 (k-quant fallbacks), fused
+    QKV, LayerNorm biases; falcon-gqa: Falcon-40B's grouped-query layout with its second LayerNorm; falcon-ffn:
+    a wide MLP, so that the feed-forward phase (not attention) sizes the compute buffer."""
     pytest.importorskip("llama_cpp")
     from runner.engine.buffers import measure_in_subprocess
     from runner.estimate import RunSettings, estimate, layout_from_recipe
@@ -124,6 +128,12 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
     monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
     if arch == "grok":
         shape = ModelShape("grok", 2, 2048, 16, 8, 2048, 8000, 8192, n_expert=8, n_expert_used=2)
+    elif arch == "falcon":
+        shape = ModelShape("falcon", 2, 1088, 17, 1, 4352, 8000, 2048)
+    elif arch == "falcon-gqa":
+        shape = ModelShape("falcon", 2, 2048, 32, 8, 8192, 8000, 2048)
+    elif arch == "falcon-ffn":
+        shape = ModelShape("falcon", 2, 1024, 4, 1, 16384, 8000, 2048)
     else:
         shape = ModelShape("llama", 2, 2048, 16, 8, 5504, 8000, 4096)
     path = ensure_synth(shape, quant)

@@ -18,6 +18,8 @@ from runner.synth import ensure_synth, synth_path, write_synth
 TINY = ModelShape("llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, n_ctx_train=512)
 TINY_GROK = ModelShape("grok", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000,
                        n_ctx_train=512, n_expert=8, n_expert_used=2)
+TINY_FALCON = ModelShape("falcon", n_layer=2, n_embd=256, n_head=4, n_head_kv=1, n_ff=1024, n_vocab=1000,
+                         n_ctx_train=512)
 LLAMA2_7B = ModelShape("llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=32, n_ff=11008, n_vocab=32000,
                        n_ctx_train=4096)
 
@@ -68,11 +70,13 @@ def test_bad_requests_are_refused_with_a_hint(tmp_path):
     small_vocab = ModelShape("llama", 1, 256, 4, 4, 512, 100, 512)
     with pytest.raises(UsageError, match="too small"):
         write_synth(small_vocab, "Q8_0", tmp_path / "x.gguf")
+    with pytest.raises(UsageError, match="too small for a BPE"):
+        write_synth(ModelShape("falcon", 1, 256, 4, 1, 512, 500, 512), "Q8_0", tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.llama
-@pytest.mark.parametrize("shape", [TINY, TINY_GROK], ids=["llama", "grok"])
+@pytest.mark.parametrize("shape", [TINY, TINY_GROK, TINY_FALCON], ids=["llama", "grok", "falcon"])
 def test_llama_cpp_loads_and_decodes_a_synthetic_model(synth_cache, shape):
     llama_cpp = pytest.importorskip("llama_cpp")
     path = ensure_synth(shape, "Q8_0")
@@ -82,6 +86,36 @@ def test_llama_cpp_loads_and_decodes_a_synthetic_model(synth_cache, shape):
         assert llm.tokenize(b"hello world\n")  # the SPM vocabulary tokenizes (byte fallback for the newline)
         out = llm.create_completion("hi", max_tokens=3, temperature=0.0)
         assert out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
+
+
+def test_falcon_files_carry_layer_norm_and_a_bpe_vocabulary(synth_cache):
+    header = read_header(ensure_synth(TINY_FALCON, "Q4_0"))
+    meta = header.metadata
+    assert meta["general.architecture"] == "falcon" and "falcon.attention.layer_norm_epsilon" in meta
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "falcon"
+    assert meta["tokenizer.ggml.tokens"]["len"] == 1000
+    import gguf
+
+    fields = gguf.GGUFReader(str(ensure_synth(TINY_FALCON, "Q4_0"))).fields
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
+    merges = [bytes(fields["tokenizer.ggml.merges"].parts[i]).decode() for i in fields["tokenizer.ggml.merges"].data]
+    known = set(tokens)
+    assert len(known) == 1000 and merges
+    assert all(m.split(" ")[0] in known and m.replace(" ", "") in known for m in merges)  # merges join tokens
+
+
+@pytest.mark.llama
+def test_llama_cpp_round_trips_text_through_the_falcon_vocabulary(synth_cache):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(ensure_synth(TINY_FALCON, "Q8_0")), n_ctx=128, n_threads=1, verbose=False)
+    try:
+        text = b"hello world, abc\nzz!"
+        tokens = llm.tokenize(text, add_bos=False)
+        assert len(tokens) < len(text)                # merges are used, not only bytes
+        assert llm.detokenize(tokens) == text
+        assert llm.token_eos() == TINY_FALCON.n_vocab - 1
     finally:
         llm.close()
 
