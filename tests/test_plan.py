@@ -318,3 +318,23 @@ def test_when_nothing_is_usable_the_choice_stays_near_the_fastest(catalog):
     assert c.speed.decode_tps >= planmod.NEAR_FASTEST * fastest
     assert (full.chosen.name, full.chosen.settings) == (c.name, c.settings)
     assert any("best quality that fits is" in n for n in r.notes)
+
+
+def test_falcon_plans_through_its_own_tensor_table_and_multi_query_kv(catalog):
+    # Falcon-7B on a 24 GB GPU: the best quant, fully offloaded, at its 2048-token training context; multi-query
+    # attention makes its KV cache tiny (one 64-wide head: 32 layers * 2 * 64 * 2 bytes = 8 KiB per token)
+    hw = load_profile("rtx4090-24gb")
+    c = require_fit(make_plan(hw, Preferences(model="falcon-7b-instruct"), catalog))
+    assert c.entry.family == "falcon" and c.entry.quant == "Q8_0"
+    assert c.placement == "gpu" and c.settings.n_gpu_layers == 33 and c.n_ctx == 2048
+    assert c.estimate.gpu(0).kv_cache == 8 * 1024 * 2048
+    _assert_fits(c, hw)
+    # Falcon-40B: Q8_0 (44 GB) fits an 80 GB A100 whole; on the 24 GB card only part of it is offloaded
+    hw80 = load_profile("a100-80gb")
+    c40 = require_fit(make_plan(hw80, Preferences(model="falcon-40b-instruct"), catalog))
+    assert c40.entry.quant == "Q8_0" and c40.placement == "gpu" and c40.settings.n_gpu_layers == 61
+    assert c40.estimate.gpu(0).kv_cache == 60 * 2 * 512 * 2 * 2048     # grouped-query: 8 heads of 64
+    _assert_fits(c40, hw80)
+    part = require_fit(make_plan(hw, Preferences(model="falcon-40b-instruct"), catalog))
+    assert part.placement == "partial" and 0 < part.settings.n_gpu_layers < 61
+    _assert_fits(part, hw)
