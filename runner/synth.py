@@ -1,7 +1,7 @@
 """Shape-true synthetic GGUFs: a real model's exact tensor names, shapes and per-tensor quant types (llama.cpp's
-quantization mix, runner.layout), real-looking metadata and a vocabulary of n_vocab tokens of the kind the architecture uses (llama/SPM, or
-byte-level BPE "gpt2" with merges for falcon), with the
-tensor data left as a sparse hole (zero bytes on disk). llama.cpp loads such a file and decodes (zeros compute as
+quantization mix, runner.layout), real-looking metadata and a vocabulary of n_vocab tokens of the kind the
+architecture uses (llama/SPM, or byte-level BPE "gpt2" with merges for falcon), with the tensor data left as a
+sparse hole (zero bytes on disk). llama.cpp loads such a file and decodes (zeros compute as
 fast as any weights), so memory use and speed match the real model without downloading it.
 
 Files are kept in a cache (`synth_cache_dir()`), keyed by shape, quant and layer count, and reused.
