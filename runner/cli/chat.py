@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from runner.cli.common import apply_workers, hardware_options, json_option, print_json, resolve_hardware, workers_options
+from runner.cli.common import hardware_options, json_option, print_json, resolve_launch, workers_options
 
 
 def _sampling_options(f):
@@ -42,23 +42,15 @@ def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads
     """Resolve, announce (one line) and load. Returns the engine."""
     from runner.engine import load_engine
     from runner.engine import report
-    from runner.launch import resolve_model
 
     if ctx is not None and ctx < 16:
         from runner.errors import UsageError
 
         raise UsageError(f"--ctx {ctx} is too small", hint="use at least a few hundred tokens, e.g. --ctx 4096")
-    if workers:  # cluster: plan over local devices + RPC workers, load in a child process (runner.cluster)
-        from runner.cluster import launch_with_workers, load_engine
+    launch = resolve_launch(model, ctx, hardware, gpus, ram, n_parallel=n_parallel, workers=workers, network=network)
+    if workers:  # cluster: the engine runs in a child process, isolated from llama.cpp's abort on a dead worker
+        from runner.cluster import load_engine
 
-        launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
-                                     n_ctx=ctx, n_parallel=n_parallel)
-    else:
-        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
-                               n_parallel=n_parallel)
-    if launch.notice:
-        click.echo(launch.notice, err=True)
-    click.echo(launch.summary, err=True)
     engine = load_engine(launch.path, launch.settings, model_name=launch.name, threads=threads)
     if launch.estimate is not None and engine.buffers:
         for w in report.warnings(report.compare(engine.buffers, launch.estimate)):

@@ -66,3 +66,24 @@ def apply_workers(profile, workers: str | None, network: str | None = None):
     from runner import cluster
 
     return cluster.profile_from_options(profile, workers, network)
+
+
+def resolve_launch(model, ctx, hardware, gpus, ram, *, n_parallel: int, workers: str | None = None,
+                   network: str | None = None):
+    """What chat, run and serve load: a path, catalog name or nothing → a `Launch` (probe → plan → pull, or the demo
+    model when the hub can't be reached), planned over RPC workers when --workers is given. Prints the notice and
+    the one-line plan summary on stderr."""
+    if workers:  # cluster: plan over local devices + RPC workers; the engine then runs in a child process
+        from runner.cluster import launch_with_workers
+
+        launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
+                                     n_ctx=ctx, n_parallel=n_parallel)
+    else:
+        from runner.launch import resolve_model
+
+        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
+                               n_parallel=n_parallel)
+    if launch.notice:
+        click.echo(launch.notice, err=True)
+    click.echo(launch.summary, err=True)
+    return launch

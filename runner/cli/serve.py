@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from runner.cli.common import apply_workers, hardware_options, workers_options
+from runner.cli.common import hardware_options, resolve_launch, workers_options
 
 QUANT_RE = re.compile(r"(?i)(IQ\d_[A-Z0-9]+(?:_[SML])?|Q\d_K(?:_[SML])?|Q\d_\d|BF16|F16|F32)")
 CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "general.file_type",
@@ -66,8 +66,6 @@ def model_card(path: Path, name: str):
 def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, grace, log_level,
           hardware, gpus, ram, workers, network):
     """Serve a model over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API."""
-    from runner.cli.common import resolve_hardware
-    from runner.launch import resolve_model
     from runner.server import ServerConfig
     from runner.server.lifecycle import bind, exposure_warning, serve as run_server
     from runner.units import parse_size
@@ -75,17 +73,7 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
                           grace_seconds=grace)
-    if workers:  # cluster: plan over local devices + RPC workers; the engine then runs in a child process
-        from runner.cluster import launch_with_workers
-
-        launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
-                                     n_ctx=ctx, n_parallel=parallel)
-    else:
-        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
-                               n_parallel=parallel)
-    if launch.notice:
-        click.echo(launch.notice, err=True)
-    click.echo(launch.summary, err=True)
+    launch = resolve_launch(model, ctx, hardware, gpus, ram, n_parallel=parallel, workers=workers, network=network)
     served_name = name or launch.name
     slot_ctx = launch.settings.n_ctx // max(launch.settings.n_parallel, 1)
 
