@@ -115,6 +115,14 @@ def _common_checks(req: _Sampling) -> None:
 
 
 def _grammar(fmt: ResponseFormat | None) -> str | None:
+    """GBNF text enforcing `response_format` (None for plain text); a schema llama.cpp can't compile is a 400."""
+    try:
+        return _grammar_of(fmt)
+    except UsageError as e:
+        raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
+
+
+def _grammar_of(fmt: ResponseFormat | None) -> str | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -176,6 +184,39 @@ def _error_event(e: ApiError) -> str:
     return _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
+def _stream(run: Run, head: dict, include_usage: bool, piece, end: dict, start: dict | None = None) -> RunStream:
+    """The SSE stream of one completion, as OpenAI sends it: an optional `start` chunk, one chunk per text delta
+    (`piece(delta)` is the endpoint's choice body), an `end` chunk with the finish reason, the usage chunk when
+    asked for, then `[DONE]`. `head` holds id, object, created and model."""
+
+    def chunk(body: dict, finish: str | None) -> dict:
+        obj = {**head, "system_fingerprint": "llmrun",
+               "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            obj["usage"] = None
+        return obj
+
+    async def events():
+        if start is not None:
+            yield _sse(chunk(start, None))
+        try:
+            async for delta in run.deltas():
+                yield _sse(chunk(piece(delta), None))
+        except ApiError as e:
+            yield _error_event(e)
+            return
+        yield _sse(chunk(end, _finish_reason(run)))
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(run)})
+        yield "data: [DONE]\n\n"
+
+    return RunStream(run, events(), media_type="text/event-stream")
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 @router.post("/v1/chat/completions", tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     _common_checks(body)
@@ -185,10 +226,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise _unsupported("top_logprobs", "log probabilities are not supported")
     state_of(request).check_model(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    try:
-        grammar = _grammar(body.response_format)
-    except UsageError as e:
-        raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
+    grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages))
     run = await start_run(request, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
@@ -202,31 +240,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "usage": _usage(run), "system_fingerprint": "llmrun",
         }, headers=notice_headers(run))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict, finish: str | None) -> dict:
-        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "system_fingerprint": "llmrun",
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            obj["usage"] = None
-        return obj
-
-    async def events():
-        yield _sse(chunk({"role": "assistant", "content": ""}, None))
-        try:
-            async for delta in run.deltas():
-                yield _sse(chunk({"content": delta}, None))
-        except ApiError as e:
-            yield _error_event(e)
-            return
-        yield _sse(chunk({}, _finish_reason(run)))
-        if include_usage:
-            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": _usage(run)})
-        yield "data: [DONE]\n\n"
-
-    return RunStream(run, events(), media_type="text/event-stream")
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    return _stream(run, head, _include_usage(body), lambda delta: {"delta": {"content": delta}},
+                   end={"delta": {}}, start={"delta": {"role": "assistant", "content": ""}})
 
 
 @router.post("/v1/completions", tags=["openai"])
@@ -245,10 +261,7 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompt = body.prompt
     state_of(request).check_model(body.model)
-    try:
-        grammar = _grammar(body.response_format)
-    except UsageError as e:
-        raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
+    grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, body.max_tokens, grammar), prompt=prompt)
     run = await start_run(request, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
@@ -259,30 +272,8 @@ async def completions(body: CompletionRequest, request: Request):
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(run)}],
                 "usage": _usage(run), "system_fingerprint": "llmrun"}
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(text: str, finish: str | None) -> dict:
-        obj = {"id": rid, "object": "text_completion", "created": created, "model": model,
-               "system_fingerprint": "llmrun",
-               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            obj["usage"] = None
-        return obj
-
-    async def events():
-        try:
-            async for delta in run.deltas():
-                yield _sse(chunk(delta, None))
-        except ApiError as e:
-            yield _error_event(e)
-            return
-        yield _sse(chunk("", _finish_reason(run)))
-        if include_usage:
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [], "usage": _usage(run)})
-        yield "data: [DONE]\n\n"
-
-    return RunStream(run, events(), media_type="text/event-stream")
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    return _stream(run, head, _include_usage(body), lambda delta: {"text": delta}, end={"text": ""})
 
 
 @router.get("/v1/models", tags=["openai"])
