@@ -96,35 +96,36 @@ def layout_from_headers(headers: list[GGUFHeader] | tuple[GGUFHeader, ...]) -> W
 # Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape. A name
 # without a ".bias" suffix gets ".weight"; a shape function returning None means the tensor is absent for this shape.
 
-def _embd(s: ModelShape) -> int:
-    return s.n_embd
+def _norm(s: ModelShape) -> tuple[int, ...]:
+    """A norm's weight (or bias): one value per embedding dimension."""
+    return (s.n_embd,)
 
 
-_LLAMA_BLOCK = (
-    # name, role, shape
-    ("attn_norm", "norm", lambda s: (s.n_embd,)),
+_ATTENTION = (  # llama and grok: separate Q, K, V (grouped-query) and the output projection
     ("attn_q", "attn_q", lambda s: (s.n_embd, s.head_dim * s.n_head)),
     ("attn_k", "attn_k", lambda s: (s.n_embd, s.n_embd_k_gqa)),
     ("attn_v", "attn_v", lambda s: (s.n_embd, s.n_embd_k_gqa)),
     ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
-    ("ffn_norm", "norm", lambda s: (s.n_embd,)),
+)
+_LLAMA_BLOCK = (
+    # name, role, shape
+    ("attn_norm", "norm", _norm),
+    *_ATTENTION,
+    ("ffn_norm", "norm", _norm),
     ("ffn_gate", "ffn_gate", lambda s: (s.n_embd, s.n_ff)),
     ("ffn_down", "ffn_down", lambda s: (s.n_ff, s.n_embd)),
     ("ffn_up", "ffn_up", lambda s: (s.n_embd, s.n_ff)),
 )
 _GROK_BLOCK = (
-    ("attn_norm", "norm", lambda s: (s.n_embd,)),
-    ("attn_q", "attn_q", lambda s: (s.n_embd, s.head_dim * s.n_head)),
-    ("attn_k", "attn_k", lambda s: (s.n_embd, s.n_embd_k_gqa)),
-    ("attn_v", "attn_v", lambda s: (s.n_embd, s.n_embd_k_gqa)),
-    ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
-    ("attn_output_norm", "norm", lambda s: (s.n_embd,)),
-    ("ffn_norm", "norm", lambda s: (s.n_embd,)),
+    ("attn_norm", "norm", _norm),
+    *_ATTENTION,
+    ("attn_output_norm", "norm", _norm),
+    ("ffn_norm", "norm", _norm),
     ("ffn_gate_inp", "router", lambda s: (s.n_embd, s.n_expert)),
     ("ffn_gate_exps", "ffn_gate", lambda s: (s.n_embd, s.n_ff, s.n_expert)),
     ("ffn_down_exps", "ffn_down", lambda s: (s.n_ff, s.n_embd, s.n_expert)),
     ("ffn_up_exps", "ffn_up", lambda s: (s.n_embd, s.n_ff, s.n_expert)),
-    ("layer_output_norm", "norm", lambda s: (s.n_embd,)),
+    ("layer_output_norm", "norm", _norm),
 )
 # Falcon (llama.cpp src/llama-model.cpp LLM_ARCH_FALCON): LayerNorm with bias, one fused QKV matrix
 # ((n_embd + 2*n_embd_gqa) x n_embd), GELU MLP without gate, parallel attention + MLP. attn_norm_2 is Falcon-40B's
@@ -139,19 +140,19 @@ _FALCON_BLOCK = (
     ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
     ("ffn_up", "ffn_up", lambda s: (s.n_embd, s.n_ff)),
     ("ffn_down", "ffn_down", lambda s: (s.n_ff, s.n_embd)),
-    ("attn_norm", "norm", lambda s: (s.n_embd,)),
-    ("attn_norm.bias", "norm", lambda s: (s.n_embd,)),
+    ("attn_norm", "norm", _norm),
+    ("attn_norm.bias", "norm", _norm),
     ("attn_norm_2", "norm", _falcon_norm_2),
     ("attn_norm_2.bias", "norm", _falcon_norm_2),
 )
 _HEAD = (("token_embd", "token_embd", lambda s: (s.n_embd, s.n_vocab)),)
 _TAIL = (
-    ("output_norm", "norm", lambda s: (s.n_embd,)),
+    ("output_norm", "norm", _norm),
     ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
 )
 _FALCON_TAIL = (
-    ("output_norm", "norm", lambda s: (s.n_embd,)),
-    ("output_norm.bias", "norm", lambda s: (s.n_embd,)),
+    ("output_norm", "norm", _norm),
+    ("output_norm.bias", "norm", _norm),
     ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
 )
 ARCH_TENSORS = {
