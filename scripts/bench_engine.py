@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.engine import SamplingParams  # noqa: E402
-from runner.engine.llama_engine import load_engine  # noqa: E402
-from runner.estimate import RunSettings  # noqa: E402
+from runner.engine.types import SamplingParams
+from runner.engine.batching import start_engine
+from runner.core.run_settings import RunSettings
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 
@@ -81,7 +81,7 @@ def engine_single(engine, prompt_tokens: list[int], n: int) -> tuple[float, floa
 
 def engine_aggregate(engine, n_seq: int, n: int) -> tuple[float, float]:
     """(aggregate tok/s over the decode phase, per-sequence median tok/s) for n_seq sequences started together."""
-    from runner.engine import ChatMessage
+    from runner.engine.types import ChatMessage
 
     p = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True)
     prompts = [engine.render_chat([ChatMessage("user", f"{PROMPT} Story number {i}.")]) for i in range(n_seq)]
@@ -105,16 +105,16 @@ def main() -> int:
     if a.model:
         path = Path(a.model)
     else:
-        from runner.fetch import demo_model_path
+        from runner.store.fetch import demo_model_path
 
         path = demo_model_path()
-    from runner.engine.llama_engine import default_threads
+    from runner.engine.batching import default_threads
 
     threads = a.threads or default_threads()
     n_ctx = 2048
 
-    eng1 = load_engine(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
-    from runner.engine import ChatMessage
+    eng1 = start_engine(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
+    from runner.engine.types import ChatMessage
 
     prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
     engine_single(eng1, prompt_tokens, 16)   # warm-up: first touch of the mmap'd weights, thread pool start
@@ -130,7 +130,7 @@ def main() -> int:
               f"{plain_tps[-1]:.1f} tok/s ({plain_cpu[-1]:.2f} s CPU)", file=sys.stderr)
     eng1.close()
 
-    eng8 = load_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
+    eng8 = start_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
     agg1, agg8, per8 = [], [], []
     for _ in range(0 if a.single_only else a.repeats):
         agg1.append(engine_aggregate(eng8, 1, a.tokens)[0])

@@ -46,9 +46,9 @@ def wall(args: list[str], runs: int) -> tuple[list[float], list[float]]:
 
 def in_process(args: list[str], runs: int) -> list[float]:
     sys.path.insert(0, str(REPO))
-    from runner.catalog import load_catalog
+    from runner.model.catalog import load_catalog
     from runner.cli.plan import plan_hardware
-    from runner.plan import Preferences, make_plan
+    from runner.plan.select import Preferences, make_plan
 
     hw_name = args[args.index("--hardware") + 1] if "--hardware" in args else None
     prefs = Preferences(family=args[args.index("--family") + 1] if "--family" in args else None,

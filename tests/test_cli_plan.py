@@ -100,7 +100,7 @@ def test_bad_options_are_usage_errors():
 
 def test_probe_of_this_machine_does_not_measure(monkeypatch):
     """Without --hardware the plan probes this machine but never runs the bandwidth measurement."""
-    from runner import hardware
+    from runner.hardware import probe as hardware
 
     seen = []
     real = hardware.cached_memory_bandwidth

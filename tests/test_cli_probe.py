@@ -10,9 +10,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from runner import hardware as hw
+from runner.hardware import probe as hw, profiles
 from runner.cli import cli
-from runner.units import GiB, MiB
+from runner.core.units import GiB, MiB
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def test_json_has_stable_keys():
     again = json.loads(run("--json").output)
     assert set(again) == set(data) and set(again["cpu"]) == set(data["cpu"])
     assert again["memory_bandwidth_gbps"] == data["memory_bandwidth_gbps"]  # from the cache
-    assert hw.profile_from_dict(data).cpu == hw.probe(measure=False).cpu
+    assert profiles.profile_from_dict(data).cpu == hw.probe(measure=False).cpu
 
 
 def test_profile_table_and_overrides():
@@ -61,13 +61,13 @@ def test_save_and_reload(tmp_path):
     out = tmp_path / "box.toml"
     r = run("--save", str(out))
     assert r.exit_code == 0, r.output
-    p = hw.load_profile(str(out))
+    p = profiles.load_profile(str(out))
     assert p.name == "box" and p.cpu.physical_cores >= 1
     r = run("--hardware", str(out), "--json")
     assert json.loads(r.output)["name"] == "box"
     r = run("--hardware", "rtx4090-24gb", "--save", str(tmp_path / "g.toml"), "--json")
     assert json.loads(r.output)["gpus"][0]["total"] == 24564 * MiB
-    assert hw.load_profile(str(tmp_path / "g.toml")).gpus == hw.load_profile("rtx4090-24gb").gpus
+    assert profiles.load_profile(str(tmp_path / "g.toml")).gpus == profiles.load_profile("rtx4090-24gb").gpus
 
 
 def test_list_profiles():
@@ -98,11 +98,11 @@ def test_console_script_json():
 
 
 def test_measure_bandwidth_option():
-    from runner import settings
+    from runner.core import dirs
 
-    settings.home().mkdir(parents=True, exist_ok=True)
+    dirs.home().mkdir(parents=True, exist_ok=True)
     model = hw.probe(measure=False).cpu.model
-    (settings.home() / "hardware-cache.json").write_text(json.dumps({model: {"memory_bandwidth_gbps": 0.001}}))
+    (dirs.home() / "hardware-cache.json").write_text(json.dumps({model: {"memory_bandwidth_gbps": 0.001}}))
     assert json.loads(run("--json").output)["memory_bandwidth_gbps"] == 0.001
     data = json.loads(run("--measure-bandwidth", "--json").output)
     assert data["memory_bandwidth_gbps"] > 0.5

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import cluster
-from runner.engine import rpc
-from runner.errors import ClusterError, UsageError
-from runner.hardware import CPU, GPU, HardwareProfile
+from runner.cluster import workers as cluster
+from runner.cluster import rpc
+from runner.core.errors import ClusterError, UsageError
+from runner.hardware.types import CPU, GPU, HardwareProfile
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -54,7 +54,7 @@ def test_probe_reports_the_workers_memory_as_llama_cpps_own_client_does(worker):
     dev = info.devices[0]
     assert 0 < dev.free_bytes <= dev.total_bytes
     # the same numbers through ggml_backend_rpc_get_device_memory, in a child (the C client may abort)
-    code = f"from runner.engine import rpc; print(*rpc.device_memory({ep!r}, 0))"
+    code = f"from runner.cluster import rpc; print(*rpc.device_memory({ep!r}, 0))"
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from runner import cluster
+from runner.cluster import workers as cluster
+from runner.cluster.isolated import IsolatedEngine
 from runner.engine.types import SamplingParams
-from runner.errors import ClusterError
-from runner.estimate import RunSettings
+from runner.core.errors import ClusterError
+from runner.core.run_settings import RunSettings
 from tests.test_cluster import free_port
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, repeat_penalty=1.0)
@@ -50,9 +51,9 @@ def workers():
 
 @pytest.fixture(scope="module")
 def local_text(demo_gguf):
-    from runner.engine import load_engine
+    from runner.engine.batching import start_engine
 
-    with load_engine(demo_gguf, RunSettings(n_ctx=256), threads=1) as eng:
+    with start_engine(demo_gguf, RunSettings(n_ctx=256), threads=1) as eng:
         return eng.complete(PROMPT, GREEDY).result(60).text
 
 
@@ -62,7 +63,7 @@ def split_settings(eps) -> RunSettings:
 
 def test_split_across_two_workers_matches_the_local_engine(demo_gguf, workers, local_text):
     eps = [workers.start(), workers.start()]
-    with cluster.IsolatedEngine(demo_gguf, split_settings(eps), threads=1, load_timeout_s=120) as eng:
+    with IsolatedEngine(demo_gguf, split_settings(eps), threads=1, load_timeout_s=120) as eng:
         assert eng.health() is None
         assert eng.tokenize("Paris") and eng.n_parallel == 1
         assert eng.complete(PROMPT, GREEDY).result(60).text == local_text
@@ -73,7 +74,7 @@ def test_split_across_two_workers_matches_the_local_engine(demo_gguf, workers, l
 def test_killed_worker_fails_fast_names_it_and_the_model_returns_with_it(demo_gguf, workers, local_text):
     eps = [workers.start(), workers.start()]
     victim = eps[1]
-    with cluster.IsolatedEngine(demo_gguf, split_settings(eps), threads=1, retry_s=0.3,
+    with IsolatedEngine(demo_gguf, split_settings(eps), threads=1, retry_s=0.3,
                                 load_timeout_s=120) as eng:
         gen = eng.complete("Once upon a time", SamplingParams(temperature=0.0, max_tokens=400))
         it = iter(gen)
@@ -100,17 +101,17 @@ def test_killed_worker_fails_fast_names_it_and_the_model_returns_with_it(demo_gg
 def test_unreachable_worker_at_load_is_a_clear_error(demo_gguf):
     ep = f"127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match=f"RPC worker {ep} is unreachable"):
-        cluster.IsolatedEngine(demo_gguf, split_settings([ep]), threads=1)
+        IsolatedEngine(demo_gguf, split_settings([ep]), threads=1)
 
 
 def test_load_error_in_the_child_is_raised_as_ours(tmp_path, workers):
-    from runner.errors import EngineError
+    from runner.core.errors import EngineError
 
     ep = workers.start()
     bad = tmp_path / "not-a-model.gguf"
     bad.write_bytes(b"nope" * 100)
     with pytest.raises(EngineError, match="GGUF"):
-        cluster.IsolatedEngine(bad, split_settings([ep]), threads=1)
+        IsolatedEngine(bad, split_settings([ep]), threads=1)
 
 
 def _run_cli(demo_gguf, *extra):
@@ -145,7 +146,7 @@ def test_run_command_with_an_unreachable_worker_names_it(demo_gguf, workers):
 def test_sockets_to_workers_get_keepalive_and_a_user_timeout():
     import socket
 
-    from runner.engine import isolated
+    from runner.cluster import isolated
 
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -161,7 +162,7 @@ def test_sockets_to_workers_get_keepalive_and_a_user_timeout():
 
 def test_an_idle_worker_that_dies_is_noticed_without_a_request(demo_gguf, workers):
     eps = [workers.start(), workers.start()]
-    with cluster.IsolatedEngine(demo_gguf, split_settings(eps), threads=1, ping_s=0.3, retry_s=0.3,
+    with IsolatedEngine(demo_gguf, split_settings(eps), threads=1, ping_s=0.3, retry_s=0.3,
                                 load_timeout_s=120) as eng:
         assert eng.health() is None
         workers.kill(eps[0])

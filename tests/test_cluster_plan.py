@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from runner import cluster, speed
-from runner.errors import UsageError
-from runner.hardware import load_profile
-from runner.plan import Preferences, make_plan
+from runner.cluster import workers as cluster
+from runner.plan import speed
+from runner.core.errors import UsageError
+from runner.hardware.profiles import load_profile
+from runner.plan.select import Preferences, make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -72,7 +73,8 @@ def test_network_cost_is_in_the_speed_prediction():
 
 
 def test_rpc_devices_come_first_in_the_split_as_in_llama_cpp():
-    from runner.estimate import RunSettings, layer_devices
+    from runner.core.run_settings import RunSettings
+    from runner.plan.estimate import layer_devices
 
     s = RunSettings(n_gpu_layers=-1, tensor_split=(0.5, 0.5), rpc_servers=("a:1",))
     layers, out_dev, _ = layer_devices(10, s, gpus=1)

@@ -9,8 +9,9 @@ import time
 
 import httpx
 
-from runner.engine.isolated import IsolatedEngine
-from runner.server import ModelCard, create_app
+from runner.cluster.isolated import IsolatedEngine
+from runner.server.config import ModelCard
+from runner.server.app import create_app
 from tests.live_server import running
 from tests.test_cluster_engine import Workers, split_settings
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from runner import cluster
+from runner.cluster import workers as cluster
 from tests.test_cluster import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 LOAD = r"""
 import json, sys
-from runner.engine import rpc
+from runner.cluster import rpc
 eps = [e for e in sys.argv[2].split(",") if e]
 n = rpc.register_servers(eps)
 import llama_cpp
@@ -68,7 +68,7 @@ def test_demo_model_split_across_two_workers_matches_single_process(demo_gguf, t
 
 SYNTH = r"""
 import json, sys
-from runner.engine import rpc
+from runner.cluster import rpc
 eps = [e for e in sys.argv[2].split(",") if e]
 n = rpc.register_servers(eps)
 import llama_cpp
@@ -83,7 +83,10 @@ def test_shape_true_synthetic_llama_split_matches_and_the_estimate_predicts_each
     """A Llama-2-7B-shaped Q4_0 GGUF cut to 2 layers (runner.synth, sparse zeros: 0.4 GB, no download)."""
     import dataclasses
 
-    from runner import catalog, estimate as est, synth
+    from runner.model import catalog, synth
+    from runner.core.run_settings import RunSettings
+    from runner.model.layout import layout_from_recipe
+    from runner.plan import estimate as est
 
     shape = dataclasses.replace(catalog.load_catalog().get("llama-2-7b-chat:Q4_0").shape, n_layer=2)
     path = synth.ensure_synth(shape, "Q4_0", n_layer=2)
@@ -103,8 +106,8 @@ def test_shape_true_synthetic_llama_split_matches_and_the_estimate_predicts_each
     assert split["text"] == single["text"]
     # llama.cpp names a worker's buffers "RPC<device on that worker>[host:port]"
     logged = {ep: next(v for k, v in split["buffers"].items() if k.endswith(f"[{ep}]")) for ep in two_workers}
-    settings = est.RunSettings(n_ctx=512, n_gpu_layers=-1, tensor_split=(1.0, 1.0), rpc_servers=tuple(two_workers))
-    predicted = {d.device: d for d in est.estimate(shape, est.layout_from_recipe(shape, "Q4_0"), settings).devices}
+    settings = RunSettings(n_ctx=512, n_gpu_layers=-1, tensor_split=(1.0, 1.0), rpc_servers=tuple(two_workers))
+    predicted = {d.device: d for d in est.estimate(shape, layout_from_recipe(shape, "Q4_0"), settings).devices}
     for i, ep in enumerate(two_workers):
         d = predicted[f"RPC{i}"]
         assert logged[ep]["weights"] == pytest.approx(d.weights / 2**20, rel=0.01)

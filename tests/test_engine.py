@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from runner.engine import ChatMessage, SamplingParams, load_engine
-from runner.errors import ContextOverflowError, EngineError, UsageError
-from runner.estimate import RunSettings
+from runner.engine.types import ChatMessage, SamplingParams
+from runner.engine.batching import start_engine
+from runner.core.errors import ContextOverflowError, EngineError, UsageError
+from runner.core.run_settings import RunSettings
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
 SYSTEM = ChatMessage("system", "You are a helpful assistant.")
@@ -22,7 +23,7 @@ def ask(q: str) -> list[ChatMessage]:
 
 @pytest.fixture(scope="module")
 def engine(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=4), model_name="demo")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=4), model_name="demo")
     yield e
     e.close()
 
@@ -142,7 +143,7 @@ def test_prompt_longer_than_context_names_both_numbers(engine):
 
 @pytest.fixture(scope="module")
 def small(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=512, n_parallel=1), model_name="small")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=512, n_parallel=1), model_name="small")
     yield e
     e.close()
 
@@ -177,11 +178,11 @@ def test_stats_count_tokens(engine):
 
 def test_missing_and_non_gguf_files(tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
-        load_engine(tmp_path / "nope.gguf")
+        start_engine(tmp_path / "nope.gguf")
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a model at all" * 10)
     with pytest.raises(EngineError, match="GGUF"):
-        load_engine(bad)
+        start_engine(bad)
 
 
 def test_real_buffer_sizes_are_reported(engine):
@@ -193,7 +194,7 @@ def test_real_buffer_sizes_are_reported(engine):
 
 def test_buffers_compared_with_the_estimate():
     from runner.engine import report
-    from runner.estimate import DeviceMemory, MemoryEstimate
+    from runner.plan.estimate import DeviceMemory, MemoryEstimate
 
     est = MemoryEstimate(devices=(DeviceMemory("CPU", weights=100 << 20, kv_cache=64 << 20, compute=10 << 20,
                                                repack=50 << 20),), n_gpu_layers_effective=0)
@@ -223,7 +224,7 @@ def test_long_prompt_is_chunked_and_interleaved_with_decoding(demo_gguf, monkeyp
         steps.append({s: seqs.count(s) for s in set(seqs)})
         return real(ctx, batch)
 
-    e = load_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=2, n_batch=64, n_ubatch=64), model_name="chunks")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=4096, n_parallel=2, n_batch=64, n_ubatch=64), model_name="chunks")
     try:
         short = e.chat(ask("Count from one to fifty."), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
         next(iter(short))                                   # the short one is decoding
@@ -242,7 +243,7 @@ def test_long_prompt_is_chunked_and_interleaved_with_decoding(demo_gguf, monkeyp
 
 
 def test_experts_on_cpu_override_loads(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=512, experts_on_cpu=True), model_name="x")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=512, experts_on_cpu=True), model_name="x")
     try:
         assert e.stats().buffers["CPU KV"] > 0
         assert e.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=3)).result().text
@@ -253,19 +254,27 @@ def test_experts_on_cpu_override_loads(demo_gguf):
 def test_unreachable_rpc_worker_is_a_cluster_error_not_an_abort(demo_gguf):
     import socket
 
-    from runner.errors import ClusterError
+    from runner.core.errors import ClusterError
 
     with socket.socket() as s:              # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from runner.app.launch import Launch
+    from runner.app.load import load
+
+    def launch(servers: tuple[str, ...]) -> Launch:
+        return Launch(demo_gguf, "demo", RunSettings(n_ctx=512, rpc_servers=servers), summary="")
+
     with pytest.raises(ClusterError, match="unreachable"):
-        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
+        load(launch((f"127.0.0.1:{port}",)))
     with pytest.raises(ClusterError, match="bad worker address"):
-        load_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=("nowhere",)))
+        load(launch(("nowhere",)))
+    with pytest.raises(EngineError, match="not registered"):   # the engine alone never loads unprobed workers
+        start_engine(demo_gguf, RunSettings(n_ctx=512, rpc_servers=(f"127.0.0.1:{port}",)))
 
 
 def test_unified_kv_gives_every_slot_the_whole_context(demo_gguf):
-    e = load_engine(demo_gguf, RunSettings(n_ctx=2048, n_parallel=2, kv_unified=True), model_name="unified")
+    e = start_engine(demo_gguf, RunSettings(n_ctx=2048, n_parallel=2, kv_unified=True), model_name="unified")
     try:
         assert e.n_ctx == 2048 and e.n_parallel == 2
         gens = [e.chat(ask(q), GREEDY) for q in ("What is the capital of France?", "List three fruits.")]

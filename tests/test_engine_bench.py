@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from runner import speed
+from runner.plan import speed
 from runner.cli import cli
 
 
@@ -18,7 +18,7 @@ def test_bench_stores_a_result_the_planner_finds(demo_gguf, _isolated_home):
     assert out["prompt_tps"] > 0 and out["decode_tps"] > 0 and out["n_threads"] == 1
     assert out["buffers"]["CPU KV"] > 0
 
-    from runner import hardware as hw
+    from runner.hardware import probe as hw
 
     bench = speed.load_bench()
     rec = speed.bench_record(bench, (demo_gguf.name,), speed.hardware_fingerprint(hw.probe(measure=False)))
@@ -27,7 +27,7 @@ def test_bench_stores_a_result_the_planner_finds(demo_gguf, _isolated_home):
 
 
 def test_bench_of_a_catalog_model_not_downloaded_says_how_to_pull(_isolated_home):
-    from runner.catalog import load_catalog
+    from runner.model.catalog import load_catalog
 
     name = next(e.name for e in load_catalog().entries if e.family == "llama2")
     r = CliRunner().invoke(cli, ["bench", name])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner.engine import ChatMessage
+from runner.engine.types import ChatMessage
 from runner.engine.template import ChatFormat, llama2_prompt
-from runner.errors import EngineError, UsageError
+from runner.core.errors import EngineError, UsageError
 
 S, U, A = "system", "user", "assistant"
 
@@ -28,7 +28,7 @@ def test_llama2_is_the_fallback_for_files_without_a_template():
 
 
 def test_gguf_template_demo_model_chatml(demo_gguf):
-    from runner.gguf import read_header
+    from runner.model.gguf import read_header
 
     meta = read_header(demo_gguf).metadata
     f = ChatFormat(meta["tokenizer.chat_template"], "<|im_start|>", "<|im_end|>")

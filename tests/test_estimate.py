@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from runner.errors import UsageError
-from runner.estimate import (
-    MiB,
-    RunSettings,
-    compute_buffer_bytes,
-    estimate,
-    kv_cache_bytes,
-    layer_devices,
-    layout_from_recipe,
-    output_buffer_bytes,
-    repacked_types,
-)
-from runner.layout import RECIPES, tensor_bytes
-from runner.shapes import ModelShape
+from runner.core.errors import UsageError
+from runner.plan.estimate import MiB, compute_buffer_bytes, estimate, kv_cache_bytes, layer_devices, output_buffer_bytes, repacked_types
+from runner.core.run_settings import RunSettings
+from runner.model.layout import layout_from_recipe
+from runner.model.layout import RECIPES, tensor_bytes
+from runner.core.shapes import ModelShape
 
 L7 = ModelShape("llama", 32, 4096, 32, 32, 11008, 32000, 4096)
 L13 = ModelShape("llama", 40, 5120, 40, 40, 13824, 32000, 4096)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import accuracy
+from runner.engine.buffers import measure_in_subprocess
+from runner.plan import accuracy
 from runner.engine.buffers import parse_buffers
 
 LOG = """\
@@ -96,7 +97,7 @@ SYNTH = CI_SYNTH + (FULL_SYNTH if os.environ.get("LLMRUN_ACCURACY_FULL") else []
 def test_demo_model_accuracy(demo_gguf):
     pytest.importorskip("llama_cpp")
     # the demo is small enough to fill each context, so its RSS includes the compute buffer's touched pages
-    rows = accuracy.measure_case(accuracy.demo_case(demo_gguf), fill=True)
+    rows = accuracy.measure_case(accuracy.demo_case(demo_gguf), measure=measure_in_subprocess, fill=True)
     assert _check(rows) == [], accuracy.markdown_table(rows)
 
 
@@ -105,7 +106,7 @@ def test_demo_model_accuracy(demo_gguf):
 @pytest.mark.parametrize("name, quant", SYNTH, ids=[f"{n}-{q}" for n, q in SYNTH])
 def test_synthetic_model_accuracy(name, quant):
     pytest.importorskip("llama_cpp")
-    rows = accuracy.measure_case(accuracy.synthetic_case(name, quant))
+    rows = accuracy.measure_case(accuracy.synthetic_case(name, quant), measure=measure_in_subprocess)
     assert len(rows) == len(accuracy.N_CTX)
     assert _check(rows) == [], accuracy.markdown_table(rows)
 
@@ -121,9 +122,11 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
     a wide MLP, so that the feed-forward phase (not attention) sizes the compute buffer."""
     pytest.importorskip("llama_cpp")
     from runner.engine.buffers import measure_in_subprocess
-    from runner.estimate import RunSettings, estimate, layout_from_recipe
-    from runner.shapes import ModelShape
-    from runner.synth import ensure_synth
+    from runner.core.run_settings import RunSettings
+    from runner.plan.estimate import estimate
+    from runner.model.layout import layout_from_recipe
+    from runner.core.shapes import ModelShape
+    from runner.model.synth import ensure_synth
 
     monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
     if arch == "grok":
@@ -181,12 +184,12 @@ def rpc_worker():
     import sys
     import time
 
-    from runner.engine.rpc import probe
+    from runner.cluster.rpc import probe
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"127.0.0.1:{s.getsockname()[1]}"
-    proc = subprocess.Popen([sys.executable, "-m", "runner.engine.rpc", endpoint, "1", "-"],
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cluster.rpc", endpoint, "1", "-"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -206,10 +209,12 @@ def test_offloading_to_an_rpc_device_places_what_the_estimate_says(rpc_worker, d
     """An RPC worker is an offload device like a GPU: ngl semantics (output layer first, tied embeddings copied),
     per-device weights and KV, the host's mapped span and repack, and both compute buffers, against the log."""
     from runner.engine.buffers import measure_in_subprocess
-    from runner.estimate import RunSettings, estimate, layout_from_header, layout_from_recipe
-    from runner.gguf import read_header
-    from runner.shapes import ModelShape
-    from runner.synth import ensure_synth
+    from runner.core.run_settings import RunSettings
+    from runner.plan.estimate import estimate
+    from runner.model.layout import layout_from_header, layout_from_recipe
+    from runner.model.gguf import read_header
+    from runner.core.shapes import ModelShape
+    from runner.model.synth import ensure_synth
 
     monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
     tiny = ModelShape("llama", 8, 1024, 8, 8, 2816, 8000, 4096)

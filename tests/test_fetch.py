@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import fetch, settings, store
-from runner.errors import (
-    ChecksumMismatchError,
-    DiskSpaceError,
-    HubAuthError,
-    HubUnreachableError,
-    LicenseNotAcceptedError,
-    ModelNotLocalError,
-    RemoteNotFoundError,
-)
+from runner.store import fetch, local as store
+from runner.core import dirs
+from runner.core.errors import ChecksumMismatchError, DiskSpaceError, HubAuthError, HubUnreachableError, LicenseNotAcceptedError, ModelNotLocalError, RemoteNotFoundError
 from tests.fakehub import LLAMA2, FakeHub, entry, make_gguf, use_hub
 
 @pytest.fixture
@@ -217,7 +210,7 @@ def test_lost_marks_mean_one_rehash_without_the_network(hub, ggufs):
     repo = hub.add_repo("org/tiny-GGUF", {"t.gguf": ggufs["a"]})
     e = entry("tiny:Q4_0", "org/tiny-GGUF", {"t.gguf": ggufs["a"]}, revision=repo.commit)
     path = fetch.ensure_local(e, progress=False)
-    (settings.home() / "verified.json").unlink()
+    (dirs.home() / "verified.json").unlink()
     assert store.local_model(e).verified is False
     hub.repos.clear()  # any request would now fail
     assert fetch.ensure_local(e, progress=False) == path
@@ -264,7 +257,7 @@ def test_byte_split_parts_are_joined_verified_and_removed(hub, ggufs, tmp_path):
 
     path = fetch.ensure_local(e, progress=False)
 
-    assert path == settings.models_dir() / "big.Q8_0.gguf"
+    assert path == dirs.models_dir() / "big.Q8_0.gguf"
     assert path.read_bytes() == whole
     assert json.loads(store.sidecar_path(path).read_text())["sha256"] == hashlib.sha256(whole).hexdigest()
     assert not [p for p in _files_on_disk(tmp_path / "hf-cache") if p.stat().st_size > 1000]  # parts removed
@@ -326,7 +319,7 @@ def test_disk_too_small_refuses_before_writing_a_byte(hub, ggufs, tmp_path):
     need = 2 * len(whole)
     assert f"{need:,} bytes" in err.value.message and f"{len(whole) + 10:,} bytes" in err.value.message
     assert not hub.gets("split-a") and not hub.gets("split-b")
-    assert not _files_on_disk(tmp_path / "hf-cache") and not _files_on_disk(settings.models_dir())
+    assert not _files_on_disk(tmp_path / "hf-cache") and not _files_on_disk(dirs.models_dir())
     assert fetch.pull(e, progress=False, disk_free=lambda p: need).verified
 
 
@@ -451,10 +444,10 @@ def test_licence_refused_downloads_nothing_and_accepted_is_remembered(hub, ggufs
         fetch.pull(e, progress=False, ask=lambda q: questions.append(q) or False)
     assert "Llama 2 Community License" in questions[0] and "700 million" in questions[0]
     assert "https://ai.meta.com/llama/license/" in questions[0]
-    assert hub.requests == [] and not (settings.home() / "licenses.json").exists()
+    assert hub.requests == [] and not (dirs.home() / "licenses.json").exists()
 
     assert fetch.pull(e, progress=False, ask=lambda q: True).verified
-    assert "llama2" in json.loads((settings.home() / "licenses.json").read_text())
+    assert "llama2" in json.loads((dirs.home() / "licenses.json").read_text())
     store.remove(e)
     fetch.pull(e, progress=False)  # remembered per licence: not asked again
 

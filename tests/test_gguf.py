@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.errors import FetchError, GGUFError, HubAuthError, HubUnreachableError, RemoteNotFoundError
-from runner.gguf import derive_shape, parse_header, read_header, read_header_remote
+from runner.core.errors import FetchError, GGUFError, HubAuthError, HubUnreachableError, RemoteNotFoundError
+from runner.model.gguf import derive_shape, parse_header, read_header, read_header_remote
 
 
 def write_tiny(path: Path, *, arch: str = "llama", n_vocab: int = 100, shape_keys: bool = True,

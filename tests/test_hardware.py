@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from runner import hardware as hw
-from runner import settings
-from runner.errors import ConfigError, UsageError
-from runner.hardware import GPU, ProbeSources
-from runner.units import GiB, MiB
+from runner.hardware import probe as hw, profiles
+from runner.core import dirs
+from runner.core.errors import ConfigError, UsageError
+from runner.hardware.types import GPU
+from runner.hardware.probe import ProbeSources
+from runner.core.units import GiB, MiB
 
 CPUINFO_2S = "".join(
     f"processor\t: {cpu}\nvendor_id\t: GenuineIntel\nmodel\t\t: 85\n"
@@ -347,13 +348,13 @@ def test_bandwidth_is_measured_once_and_cached():
     assert hw.probe(src).memory_bandwidth_gbps == 26.5
     assert hw.probe(src, measure=False).memory_bandwidth_gbps == 26.5
     assert len(src._measure_calls) == 1
-    cache = json.loads((settings.home() / "hardware-cache.json").read_text())
+    cache = json.loads((dirs.home() / "hardware-cache.json").read_text())
     assert cache["Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz"]["memory_bandwidth_gbps"] == 26.5
 
 
 def test_corrupt_bandwidth_cache_is_remeasured():
-    settings.home().mkdir(parents=True, exist_ok=True)
-    (settings.home() / "hardware-cache.json").write_text("{not json")
+    dirs.home().mkdir(parents=True, exist_ok=True)
+    (dirs.home() / "hardware-cache.json").write_text("{not json")
     src = fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, bandwidth=30.0)
     assert hw.probe(src).memory_bandwidth_gbps == 30.0
 
@@ -384,9 +385,9 @@ SHIPPED = ["laptop-16gb", "rtx3060-12gb", "rtx4090-24gb", "2x-rtx3090", "a100-80
 
 
 def test_all_shipped_profiles_load():
-    assert set(SHIPPED) <= set(hw.list_profiles())
-    for name in hw.list_profiles():
-        p = hw.load_profile(name)
+    assert set(SHIPPED) <= set(profiles.list_profiles())
+    for name in profiles.list_profiles():
+        p = profiles.load_profile(name)
         assert p.name == name and p.description and p.memory_bandwidth_gbps
         assert p.cpu.physical_cores >= 1 and p.ram_total_bytes >= p.ram_available_bytes > 0
         for g in p.gpus:
@@ -395,44 +396,44 @@ def test_all_shipped_profiles_load():
 
 
 def test_profile_details():
-    p = hw.load_profile("rtx4090-24gb")
+    p = profiles.load_profile("rtx4090-24gb")
     assert p.gpus[0].name == "NVIDIA GeForce RTX 4090"
     assert p.gpus[0].total_bytes == 24564 * MiB
     assert 23.5 * GiB < p.gpus[0].free_bytes < 23.7 * GiB
     assert p.gpus[0].compute_capability == (8, 9)
-    assert len(hw.load_profile("8x-h100-80gb").gpus) == 8
-    assert hw.load_profile("8x-h100-80gb").ram_total_bytes > 1.9 * 1024 * GiB
-    assert len(hw.load_profile("2x-rtx3090").gpus) == 2
-    mac = hw.load_profile("m2-max-96gb")
+    assert len(profiles.load_profile("8x-h100-80gb").gpus) == 8
+    assert profiles.load_profile("8x-h100-80gb").ram_total_bytes > 1.9 * 1024 * GiB
+    assert len(profiles.load_profile("2x-rtx3090").gpus) == 2
+    mac = profiles.load_profile("m2-max-96gb")
     assert mac.unified_memory and mac.gpus[0].vendor == "apple"
-    assert hw.load_profile("laptop-16gb").gpus == () and hw.load_profile("laptop-16gb").cpu.physical_cores == 8
-    assert hw.load_profile("workstation-256gb").gpus == ()
+    assert profiles.load_profile("laptop-16gb").gpus == () and profiles.load_profile("laptop-16gb").cpu.physical_cores == 8
+    assert profiles.load_profile("workstation-256gb").gpus == ()
 
 
 def test_round_trip_and_save(tmp_path):
     for name in ("2x-rtx3090", "m2-max-96gb", "ci-2core-24gb"):
-        p = hw.load_profile(name)
-        assert hw.profile_from_dict(hw.profile_to_dict(p), source=p.source) == p
-        path = hw.save_profile(p, tmp_path / "sub" / f"{name}.toml")
-        again = hw.load_profile(str(path))
+        p = profiles.load_profile(name)
+        assert profiles.profile_from_dict(profiles.profile_to_dict(p), source=p.source) == p
+        path = profiles.save_profile(p, tmp_path / "sub" / f"{name}.toml")
+        again = profiles.load_profile(str(path))
         assert again.source == str(path)
-        assert hw.profile_to_dict(again) | {"source": ""} == hw.profile_to_dict(p) | {"source": ""}
+        assert profiles.profile_to_dict(again) | {"source": ""} == profiles.profile_to_dict(p) | {"source": ""}
     assert not list((tmp_path / "sub").glob(".*tmp"))
 
 
 def test_probe_result_round_trips():
     p = hw.probe(fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, nvml=lambda: FakeNVML()),
                  measure=False)
-    assert hw.profile_from_dict(hw.profile_to_dict(p)) == p
+    assert profiles.profile_from_dict(profiles.profile_to_dict(p)) == p
 
 
 def test_unknown_profile_lists_names():
     with pytest.raises(UsageError) as e:
-        hw.load_profile("rtx4090")
+        profiles.load_profile("rtx4090")
     assert "did you mean: rtx4090-24gb" in e.value.message
     assert "laptop-16gb" in e.value.hint and "m2-max-96gb" in e.value.hint
     with pytest.raises(UsageError, match="does not exist"):
-        hw.load_profile("/nonexistent/machine.toml")
+        profiles.load_profile("/nonexistent/machine.toml")
 
 
 BASE = """
@@ -465,7 +466,7 @@ def test_malformed_profiles_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
-        hw.load_profile(str(path))
+        profiles.load_profile(str(path))
     assert key in e.value.message
     assert str(path) in e.value.message
 
@@ -473,7 +474,7 @@ def test_malformed_profiles_name_the_key(tmp_path, text, key):
 def test_minimal_profile_defaults(tmp_path):
     path = tmp_path / "mini.toml"
     path.write_text(BASE)
-    p = hw.load_profile(str(path))
+    p = profiles.load_profile(str(path))
     assert p.ram_available_bytes == 16 * GiB and p.gpus == () and p.cpu.usable_cores == 8 and p.cpu.threads == 4
     assert p.source == str(path) and p.disk_free_bytes is None and p.memory_bandwidth_gbps is None
 
@@ -482,24 +483,24 @@ def test_configs_dir_env(tmp_path, monkeypatch):
     (tmp_path / "hardware").mkdir()
     (tmp_path / "hardware" / "mine.toml").write_text(BASE)
     monkeypatch.setenv("LLMRUN_CONFIGS", str(tmp_path))
-    assert hw.list_profiles() == ["mine"]
-    assert hw.load_profile("mine").name == "t"
+    assert profiles.list_profiles() == ["mine"]
+    assert profiles.load_profile("mine").name == "t"
 
 
 def test_overrides():
-    p = hw.load_profile("m2-max-96gb")
-    o = hw.with_overrides(p, gpus=[24 * GiB, 12 * GiB], ram=64 * GiB)
+    p = profiles.load_profile("m2-max-96gb")
+    o = profiles.with_overrides(p, gpus=[24 * GiB, 12 * GiB], ram=64 * GiB)
     assert [g.name for g in o.gpus] == ["NVIDIA GPU (override)"] * 2
     assert [g.free_bytes for g in o.gpus] == [24 * GiB, 12 * GiB] and [g.index for g in o.gpus] == [0, 1]
     assert not o.unified_memory
     assert o.ram_total_bytes == o.ram_available_bytes == 64 * GiB
     assert o.cpu == p.cpu
-    assert hw.with_overrides(p, ram=8 * GiB).gpus == p.gpus
-    laptop = hw.load_profile("laptop-16gb")
+    assert profiles.with_overrides(p, ram=8 * GiB).gpus == p.gpus
+    laptop = profiles.load_profile("laptop-16gb")
     cpu_only = hw.probe(fake({"/proc/meminfo": MEMINFO_64G}, cpu_count=2), measure=False)
     assert any("no NVIDIA" in n for n in cpu_only.notes)
-    assert not any("no NVIDIA" in n for n in hw.with_overrides(cpu_only, gpus=[8 * GiB]).notes)
-    assert hw.with_overrides(laptop).ram_total_bytes == laptop.ram_total_bytes
+    assert not any("no NVIDIA" in n for n in profiles.with_overrides(cpu_only, gpus=[8 * GiB]).notes)
+    assert profiles.with_overrides(laptop).ram_total_bytes == laptop.ram_total_bytes
 
 
 def test_resolve_hardware_from_the_cli_helpers():
@@ -512,7 +513,7 @@ def test_resolve_hardware_from_the_cli_helpers():
 
 
 def test_shipped_profile_files_are_where_settings_say():
-    assert (Path(settings.configs_dir()) / "hardware" / "rtx4090-24gb.toml").is_file()
+    assert (Path(dirs.configs_dir()) / "hardware" / "rtx4090-24gb.toml").is_file()
 
 
 def test_cgroup_dirs_namespaced_and_escaped_mounts():
@@ -524,7 +525,7 @@ def test_cgroup_dirs_namespaced_and_escaped_mounts():
 
 
 def test_no_ram_information_is_a_hardware_error():
-    from runner.errors import HardwareError
+    from runner.core.errors import HardwareError
 
     with pytest.raises(HardwareError, match="cannot tell how much RAM") as e:
         hw.probe(fake({}, cpu_count=2), measure=False)

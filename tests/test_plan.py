@@ -10,13 +10,15 @@ from dataclasses import replace
 
 import pytest
 
-from runner import plan as planmod
-from runner.catalog import load_catalog, quant_rank
-from runner.errors import DoesNotFitError, UnknownModelError, UsageError
-from runner.estimate import estimate
-from runner.hardware import CPU, GPU, HardwareProfile, load_profile
-from runner.plan import Preferences, check_fit, make_plan, require_fit
-from runner.speed import hardware_fingerprint
+from runner.plan import select as planmod
+from runner.model.catalog import load_catalog, quant_rank
+from runner.core.errors import DoesNotFitError, UnknownModelError, UsageError
+from runner.plan.estimate import estimate
+from runner.hardware.types import CPU, GPU, HardwareProfile
+from runner.hardware.profiles import load_profile
+from runner.plan.select import Preferences, make_plan, require_fit
+from runner.plan.fit import check_fit
+from runner.plan.speed import hardware_fingerprint
 
 GiB = 1024**3
 PROFILES = ["ci-2core-24gb", "laptop-16gb", "rtx3060-12gb", "rtx4090-24gb", "2x-rtx3090", "a100-80gb",
@@ -34,7 +36,7 @@ def _plan(profile: str, catalog, **prefs):
 
 def _assert_fits(c, hw):
     """The chosen configuration fits every device, re-checked from a fresh estimate."""
-    from runner.estimate import layout_from_recipe
+    from runner.model.layout import layout_from_recipe
 
     mem = estimate(c.entry.shape, layout_from_recipe(c.entry.shape, c.entry.quant), c.settings,
                    gpus=len(hw.gpus), gpu_free=tuple(g.free_bytes for g in hw.gpus), cpu_flags=hw.cpu.flags,
@@ -102,7 +104,7 @@ def test_partial_offload_places_the_most_layers_that_fit(catalog):
     assert gpu.total <= hw.gpus[0].free_bytes
     assert c.n_ctx == 4096 and c.settings.type_k == "f16"
     # one more layer would not fit on the GPU
-    from runner.estimate import layout_from_recipe
+    from runner.model.layout import layout_from_recipe
 
     more = replace(c.settings, n_gpu_layers=c.settings.n_gpu_layers + 1)
     mem = estimate(c.entry.shape, layout_from_recipe(c.entry.shape, c.entry.quant), more, gpus=1,

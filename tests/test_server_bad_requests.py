@@ -12,7 +12,8 @@ import pytest
 
 from fake_engine import FakeEngine
 from live_server import running
-from runner.server import ModelCard, ServerConfig, create_app
+from runner.server.config import ModelCard, ServerConfig
+from runner.server.app import create_app
 
 CORPUS = sorted((Path(__file__).parent / "bad_requests").glob("*.json"))
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from fake_engine import FakeEngine  # noqa: E402
-from runner.server import ModelCard, ServerConfig, create_app  # noqa: E402
+from runner.server.config import ModelCard, ServerConfig
+from runner.server.app import create_app
 
 app = create_app(ServerConfig(), engine=FakeEngine(n_parallel=4, token_delay=0.0, n_ctx=512),
                  card=ModelCard(name="fake-model"))

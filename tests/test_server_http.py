@@ -16,7 +16,8 @@ import pytest
 
 from fake_engine import FAIL_PROMPT, REPLY, FakeEngine
 from live_server import running, wait_ready
-from runner.server import ModelCard, ServerConfig, create_app
+from runner.server.config import ModelCard, ServerConfig
+from runner.server.app import create_app
 
 FULL = " ".join(REPLY.split())
 USER = [{"role": "user", "content": "hi"}]
@@ -77,7 +78,7 @@ def test_health_is_503_while_loading_then_200():
 
 
 def test_load_failure_is_reported_by_health_and_callback():
-    from runner.errors import EngineError
+    from runner.core.errors import EngineError
 
     failures = []
 
@@ -396,7 +397,7 @@ def test_exposure_warning():
 
 
 def test_port_in_use_is_a_clear_error():
-    from runner.errors import ServerError
+    from runner.core.errors import ServerError
     from runner.server.lifecycle import bind
 
     s = bind("127.0.0.1", 0)

@@ -6,11 +6,14 @@ import json
 
 import pytest
 
-from runner import speed
-from runner.catalog import load_catalog
-from runner.errors import ConfigError
-from runner.estimate import RunSettings, estimate, layout_from_recipe
-from runner.hardware import CPU, GPU, HardwareProfile, load_profile
+from runner.plan import speed
+from runner.model.catalog import load_catalog
+from runner.core.errors import ConfigError
+from runner.core.run_settings import RunSettings
+from runner.plan.estimate import estimate
+from runner.model.layout import layout_from_recipe
+from runner.hardware.types import CPU, GPU, HardwareProfile
+from runner.hardware.profiles import load_profile
 
 GiB = 1024**3
 CPU2 = CPU("test cpu", "x86_64", 2, 2, 2.0, frozenset({"avx2", "fma"}))

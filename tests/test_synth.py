@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from runner.errors import UsageError
-from runner.gguf import read_header
-from runner.layout import layout_from_recipe
-from runner.shapes import ModelShape
-from runner.synth import ensure_synth, synth_path, write_synth
+from runner.core.errors import UsageError
+from runner.model.gguf import read_header
+from runner.model.layout import layout_from_recipe
+from runner.core.shapes import ModelShape
+from runner.model.synth import ensure_synth, synth_path, write_synth
 
 TINY = ModelShape("llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, n_ctx_train=512)
 TINY_GROK = ModelShape("grok", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000,
@@ -143,7 +143,7 @@ def test_cli_refuses_unknown_models_and_quants(tmp_path):
 
 
 def test_layout_from_sharded_headers_runs_the_offsets_on(tmp_path):
-    from runner.estimate import layout_from_header, layout_from_headers
+    from runner.model.layout import layout_from_header, layout_from_headers
 
     a = read_header(write_synth_path(tmp_path / "a.gguf", "Q8_0"))
     b = read_header(write_synth_path(tmp_path / "b.gguf", "Q4_0"))

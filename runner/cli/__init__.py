@@ -8,7 +8,7 @@ import sys
 import click
 
 from runner import __version__
-from runner.errors import LlmrunError
+from runner.core.errors import LlmrunError
 
 
 class LlmrunGroup(click.Group):

@@ -13,7 +13,7 @@ def _yes_no(value: bool) -> str:
 
 
 def _size(entry) -> str:
-    from runner.units import format_size
+    from runner.core.units import format_size
 
     if entry.size_exact:
         return f"{format_size(entry.size_bytes)} ({entry.size_bytes:,} bytes)"
@@ -95,7 +95,7 @@ def render_show(catalog, entry) -> str:
     row("shape", shape)
     for note in entry.notes:
         lines.append(f"    * {note}")
-    from runner.units import format_size
+    from runner.core.units import format_size
 
     quants = []
     for quant in catalog.quants(entry.model):
@@ -115,7 +115,7 @@ def show(model: str, as_json: bool) -> None:
 
     MODEL is a catalog name such as llama-2-7b-chat:Q4_K_M, or a model name alone for its default quant.
     """
-    from runner.catalog import load_catalog
+    from runner.model.catalog import load_catalog
 
     catalog = load_catalog()
     entry = catalog.get(model)

@@ -26,7 +26,7 @@ def _sampling_options(f):
 def _params(temperature, top_p, seed, max_tokens):
     from dataclasses import replace
 
-    from runner.engine.llama_engine import validate_params
+    from runner.engine.batching import validate_params
     from runner.engine.types import SamplingParams
 
     p = SamplingParams()
@@ -40,35 +40,30 @@ def _params(temperature, top_p, seed, max_tokens):
 def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads: int | None = None,
                 workers: str | None = None, network: str | None = None):
     """Resolve, announce (one line) and load. Returns the engine."""
-    from runner.engine import load_engine
-    from runner.engine import report
+    from runner.app.load import load
 
     if ctx is not None and ctx < 16:
-        from runner.errors import UsageError
+        from runner.core.errors import UsageError
 
         raise UsageError(f"--ctx {ctx} is too small", hint="use at least a few hundred tokens, e.g. --ctx 4096")
     launch = resolve_launch(model, ctx, hardware, gpus, ram, n_parallel=n_parallel, workers=workers, network=network)
-    if workers:  # cluster: the engine runs in a child process, isolated from llama.cpp's abort on a dead worker
-        from runner.cluster import load_engine
-
-    engine = load_engine(launch.path, launch.settings, model_name=launch.name, threads=threads)
-    if launch.estimate is not None and engine.buffers:
-        for w in report.warnings(report.compare(engine.buffers, launch.estimate)):
-            click.secho(f"warning: {w}", fg="yellow", err=True)
-    return engine
+    loaded = load(launch, threads=threads)
+    for w in loaded.warnings:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
+    return loaded.engine
 
 
 @click.command()
 @_sampling_options
 def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, seed, max_tokens, system):
     """Chat with a model in the terminal (or answer one question piped on stdin)."""
-    from runner.chat import DEFAULT_SYSTEM, ChatSession, Repl, answer_once
+    from runner.app.chat import DEFAULT_SYSTEM, ChatSession, Repl, answer_once
 
     params = _params(temperature, top_p, seed, max_tokens)
     piped = not sys.stdin.isatty()
     question = sys.stdin.read() if piped else None
     if piped and not question.strip():
-        from runner.errors import UsageError
+        from runner.core.errors import UsageError
 
         raise UsageError("nothing on stdin to answer", hint='echo "question" | llmrun chat')
     engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
@@ -88,8 +83,8 @@ def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, 
 @_sampling_options
 def run(prompt, model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, seed, max_tokens, system):
     """Answer one PROMPT (or stdin when PROMPT is "-" or missing) and exit: for scripts."""
-    from runner.chat import DEFAULT_SYSTEM, ChatSession, answer_once
-    from runner.errors import UsageError
+    from runner.app.chat import DEFAULT_SYSTEM, ChatSession, answer_once
+    from runner.core.errors import UsageError
 
     if prompt in (None, "-"):
         if sys.stdin.isatty():
@@ -121,12 +116,12 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
     uses the result instead of its prediction."""
     from pathlib import Path
 
-    from runner import bench as benchmod
-    from runner.launch import DEMO_NAME, is_model_path
+    from runner.app import bench as benchmod
+    from runner.app.launch import DEMO_NAME, is_model_path
 
     keys: tuple[str, ...]
     if model is None:
-        from runner import fetch
+        from runner.store import fetch
 
         path, keys = fetch.demo_model_path(), (DEMO_NAME,)
         keys = (DEMO_NAME, path.name)
@@ -134,9 +129,9 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
         path = Path(model).expanduser()
         keys = (path.name,)
     else:
-        from runner import store
-        from runner.catalog import load_catalog
-        from runner.errors import ModelNotLocalError
+        from runner.store import local as store
+        from runner.model.catalog import load_catalog
+        from runner.core.errors import ModelNotLocalError
 
         entry = load_catalog().get(model)
         lm = store.local_model(entry)
@@ -144,8 +139,8 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
             raise ModelNotLocalError(f"{entry.name} is not downloaded", hint=f"llmrun pull {entry.name}")
         path = lm.path
         keys = tuple(k for k in (entry.name, entry.local_file) if k)
-    from runner import hardware as hw
-    from runner.speed import hardware_fingerprint
+    from runner.hardware import probe as hw
+    from runner.plan.speed import hardware_fingerprint
 
     fingerprint = hardware_fingerprint(hw.probe(measure=False))
     if not as_json:

@@ -21,8 +21,8 @@ import click
 def worker(host: str, port: int, devices: tuple[str, ...], threads: int | None, cache_dir: str | None,
            list_devices: bool) -> None:
     """Serve this host's GPUs (or CPU memory) to `llmrun plan/chat/serve --workers HOST:PORT`."""
-    from runner import cluster
-    from runner.engine import rpc
+    from runner.cluster import workers as cluster
+    from runner.cluster import rpc
 
     if list_devices:
         for d in rpc.local_devices():

@@ -35,12 +35,12 @@ def resolve_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str 
                      measure: bool = False, remeasure: bool = False):
     """The HardwareProfile the options describe: probe this machine (or load a profile), then apply overrides.
     Probing is instant unless `measure` (bandwidth once, then cached) or `remeasure` is asked for."""
-    from runner import hardware as hw
-    from runner.units import parse_size
+    from runner.hardware import probe as hw, profiles
+    from runner.core.units import parse_size
 
-    profile = hw.load_profile(hardware) if hardware else hw.probe(measure=measure, remeasure=remeasure)
+    profile = profiles.load_profile(hardware) if hardware else hw.probe(measure=measure, remeasure=remeasure)
     if gpus or ram:
-        profile = hw.with_overrides(
+        profile = profiles.with_overrides(
             profile,
             gpus=[parse_size(g, what="--gpu") for g in gpus] or None,
             ram=parse_size(ram, what="--ram") if ram else None,
@@ -63,7 +63,7 @@ def apply_workers(profile, workers: str | None, network: str | None = None):
     """The profile with the --workers' devices added (asks each worker for its memory)."""
     if not workers and not network:
         return profile
-    from runner import cluster
+    from runner.cluster import workers as cluster
 
     return cluster.profile_from_options(profile, workers, network)
 
@@ -74,12 +74,12 @@ def resolve_launch(model, ctx, hardware, gpus, ram, *, n_parallel: int, workers:
     model when the hub can't be reached), planned over RPC workers when --workers is given. Prints the notice and
     the one-line plan summary on stderr."""
     if workers:  # cluster: plan over local devices + RPC workers; the engine then runs in a child process
-        from runner.cluster import launch_with_workers
+        from runner.app.launch import launch_with_workers
 
         launch = launch_with_workers(model, apply_workers(resolve_hardware(hardware, gpus, ram), workers, network),
                                      n_ctx=ctx, n_parallel=n_parallel)
     else:
-        from runner.launch import resolve_model
+        from runner.app.launch import resolve_model
 
         launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
                                n_parallel=n_parallel)

@@ -28,10 +28,10 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @json_option
 def pull(name: str, accept_license: bool, license_: str, force: bool, as_json: bool) -> None:
     """Download a catalog model (resumable, sha256-verified) into the local store."""
-    from runner import fetch, store
-    from runner.catalog import load_catalog
-    from runner.errors import UsageError
-    from runner.units import format_size
+    from runner.store import fetch, local as store
+    from runner.model.catalog import load_catalog
+    from runner.core.errors import UsageError
+    from runner.core.units import format_size
 
     entry = load_catalog().get(name)
     if license_ == "open" and not entry.license_open:
@@ -54,9 +54,9 @@ def pull(name: str, accept_license: bool, license_: str, force: bool, as_json: b
 @json_option
 def list_(available: bool, as_json: bool) -> None:
     """Local models (name, quant, size, verified, path); with --available, the whole catalog."""
-    from runner import store
-    from runner.catalog import load_catalog
-    from runner.units import format_size
+    from runner.store import local as store
+    from runner.model.catalog import load_catalog
+    from runner.core.units import format_size
 
     catalog = load_catalog()
     local = {lm.name: lm for lm in store.list_local(catalog)}
@@ -87,9 +87,9 @@ def list_(available: bool, as_json: bool) -> None:
 @json_option
 def rm(name: str, as_json: bool) -> None:
     """Delete a local model's files (including partial downloads) and say how much space that freed."""
-    from runner import store
-    from runner.catalog import load_catalog
-    from runner.units import format_size
+    from runner.store import local as store
+    from runner.model.catalog import load_catalog
+    from runner.core.units import format_size
 
     entry = load_catalog().get(name)
     freed = store.remove(entry)

@@ -11,12 +11,12 @@ from runner.cli.common import apply_workers, hardware_options, json_option, prin
 def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
     """Like common.resolve_hardware, but never measures bandwidth (the plan must stay instant): the probe uses
     its cached figure, if any."""
-    from runner import hardware as hw
-    from runner.units import parse_size
+    from runner.hardware import probe as hw, profiles
+    from runner.core.units import parse_size
 
-    profile = hw.load_profile(hardware) if hardware else hw.probe(measure=False)
+    profile = profiles.load_profile(hardware) if hardware else hw.probe(measure=False)
     if gpus or ram:
-        profile = hw.with_overrides(profile, gpus=[parse_size(g, what="--gpu") for g in gpus] or None,
+        profile = profiles.with_overrides(profile, gpus=[parse_size(g, what="--gpu") for g in gpus] or None,
                                     ram=parse_size(ram, what="--ram") if ram else None)
     return profile
 
@@ -42,8 +42,8 @@ def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: 
          max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
          gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
     """Show the best configuration that fits, its memory and speed, and why the others do not."""
-    from runner.plan import Preferences, make_plan, require_fit
-    from runner.units import parse_size
+    from runner.plan.select import Preferences, make_plan, require_fit
+    from runner.core.units import parse_size
 
     prefs = Preferences(
         model=model, family=family, n_ctx=ctx_tokens, prefer=prefer,
@@ -54,7 +54,7 @@ def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: 
     if as_json:
         data = result.to_dict()
         if result.chosen is None:
-            from runner.errors import DoesNotFitError
+            from runner.core.errors import DoesNotFitError
 
             try:
                 require_fit(result)
@@ -79,7 +79,7 @@ def _kv(s) -> str:
 
 def _config(c) -> str:
     """One line: placement, layers, context, KV."""
-    from runner.plan import PLACEMENT_LABEL
+    from runner.plan.fit import PLACEMENT_LABEL
 
     s = c.settings
     n_layer = c.entry.shape.n_layer
@@ -96,7 +96,7 @@ def _config(c) -> str:
 def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
     """At most three rows per model: the quant closest to fitting among those that do not fit, the best of
     those that fit but ranked lower, and the count of those not estimated. (label, configuration, reason, dim)"""
-    from runner.catalog import quant_rank
+    from runner.model.catalog import quant_rank
 
     by_model: dict[str, list] = {}
     for c in rejected:
@@ -137,8 +137,8 @@ def render(result, *, show_all: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from runner.catalog import quant_rank
-    from runner.units import format_size
+    from runner.model.catalog import quant_rank
+    from runner.core.units import format_size
 
     con = Console()
     hw = result.hardware
@@ -148,7 +148,7 @@ def render(result, *, show_all: bool = False) -> None:
     if len(hw.gpus) > 2 and len(set(names)) == 1:
         gpus = f"{len(hw.gpus)}× {names[0]} ({format_size(min(g.free_bytes for g in hw.gpus))}+ free each)"
     else:
-        from runner.plan import device_name
+        from runner.plan.fit import device_name
 
         gpus = ", ".join(f"{device_name(g)} {escape(g.name)} ({format_size(g.free_bytes)} free)"
                          for g in hw.gpus) or "no GPU"
@@ -194,7 +194,7 @@ def render(result, *, show_all: bool = False) -> None:
         for label, _ in cols:
             mem.add_column(label, justify="right")
         mem.add_column("available", justify="right")
-        from runner.plan import capacities
+        from runner.plan.fit import capacities
 
         caps = capacities(hw)
         for dev in c.estimate.devices:

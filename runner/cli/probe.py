@@ -19,7 +19,7 @@ def render(profile) -> None:
     """The profile as a readable rich table."""
     from rich.table import Table
 
-    from runner.units import format_size
+    from runner.core.units import format_size
 
     cpu = profile.cpu
     title = profile.name if profile.source == "probe" else f"{profile.name}  ({profile.source})"
@@ -58,9 +58,9 @@ def render(profile) -> None:
     else:
         table.add_row("GPU", "none")
     if profile.disk_free_bytes is not None:
-        from runner import settings
+        from runner.core import dirs
 
-        where = " at " + str(settings.hf_cache_dir()) if profile.source == "probe" else ""
+        where = " at " + str(dirs.hf_cache_dir()) if profile.source == "probe" else ""
         table.add_row("disk", f"{format_size(profile.disk_free_bytes)} free{where}")
     for note in profile.notes:
         table.add_row("note", f"[yellow]{note}[/yellow]" if note.startswith("no NVIDIA") else note)
@@ -70,14 +70,14 @@ def render(profile) -> None:
 def _render_profiles() -> None:
     from rich.table import Table
 
-    from runner import hardware as hw
-    from runner.units import format_size
+    from runner.hardware import profiles
+    from runner.core.units import format_size
 
     table = Table(title="hardware profiles (llmrun --hardware NAME)", title_justify="left")
     for col in ("name", "RAM", "GPUs", "description"):
         table.add_column(col)
-    for name in hw.list_profiles():
-        p = hw.load_profile(name)
+    for name in profiles.list_profiles():
+        p = profiles.load_profile(name)
         gpus = ", ".join(format_size(g.total_bytes, decimals=0) for g in p.gpus) or "-"
         table.add_row(name, format_size(p.ram_total_bytes, decimals=0), gpus, p.description)
     console().print(table)
@@ -94,11 +94,11 @@ def _render_profiles() -> None:
                    "low, so the best value is kept).")
 def probe(hardware, gpus, ram, as_json, save_to, list_profiles, measure_bandwidth):
     """Show this machine's CPU, RAM, GPUs, disk and memory bandwidth (or a profile's, with --hardware)."""
-    from runner import hardware as hw
+    from runner.hardware import profiles
 
     if list_profiles:
         if as_json:
-            print_json([hw.profile_to_dict(hw.load_profile(n)) for n in hw.list_profiles()])
+            print_json([profiles.profile_to_dict(profiles.load_profile(n)) for n in profiles.list_profiles()])
         else:
             _render_profiles()
         return
@@ -111,11 +111,11 @@ def probe(hardware, gpus, ram, as_json, save_to, list_profiles, measure_bandwidt
 
             profile = dataclasses.replace(profile, name=Path(save_to).stem, description=profile.description or
                                           f"saved by `llmrun probe --save` on {time.strftime('%Y-%m-%d')}")
-        path = hw.save_profile(profile, save_to)
+        path = profiles.save_profile(profile, save_to)
         if not as_json:
             click.echo(f"saved {path}", err=True)
     if as_json:
-        print_json(hw.profile_to_dict(profile))
+        print_json(profiles.profile_to_dict(profile))
     else:
         render(profile)
 

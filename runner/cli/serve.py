@@ -16,13 +16,13 @@ CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "gene
 
 def model_card(path: Path, name: str):
     """What /api/show, /api/tags and /v1/models say: file facts plus a few GGUF metadata keys."""
-    from runner.errors import GGUFError
-    from runner.server import ModelCard
+    from runner.core.errors import GGUFError
+    from runner.server.config import ModelCard
 
     stat = path.stat()
     meta: dict = {}
     try:
-        from runner.gguf import read_header
+        from runner.model.gguf import read_header
 
         meta = read_header(path).metadata
     except (GGUFError, OSError):
@@ -66,9 +66,9 @@ def model_card(path: Path, name: str):
 def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, grace, log_level,
           hardware, gpus, ram, workers, network):
     """Serve a model over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API."""
-    from runner.server import ServerConfig
+    from runner.server.config import ServerConfig
     from runner.server.lifecycle import bind, exposure_warning, serve as run_server
-    from runner.units import parse_size
+    from runner.core.units import parse_size
 
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
@@ -78,15 +78,12 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
     slot_ctx = launch.settings.n_ctx // max(launch.settings.n_parallel, 1)
 
     def loader():
-        from runner.cluster import load_engine  # in process, or isolated from llama.cpp's abort with workers
-        from runner.engine import report
+        from runner.app.load import load  # in process, or isolated from llama.cpp's abort with workers
 
-        engine = load_engine(launch.path, launch.settings, model_name=served_name, n_parallel=parallel,
-                             threads=threads)
-        if launch.estimate is not None and engine.buffers:
-            for w in report.warnings(report.compare(engine.buffers, launch.estimate)):
-                click.secho(f"warning: {w}", fg="yellow", err=True)
-        return engine, model_card(Path(launch.path), served_name)
+        loaded = load(launch, model_name=served_name, n_parallel=parallel, threads=threads)
+        for w in loaded.warnings:
+            click.secho(f"warning: {w}", fg="yellow", err=True)
+        return loaded.engine, model_card(Path(launch.path), served_name)
 
     warning = exposure_warning(config)
     if warning:

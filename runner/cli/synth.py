@@ -19,10 +19,10 @@ from runner.cli.common import json_option, print_json
 def synth_command(spec: str, output: Path | None, layers: int | None, as_json: bool) -> None:
     """Write a GGUF with MODEL's exact tensors and llama.cpp's QUANT mix, tensor data left as a sparse hole
     (no disk used). llama.cpp loads it and decodes zeros at the real model's speed and memory use."""
-    from runner import synth
-    from runner.catalog import load_catalog
-    from runner.errors import UsageError
-    from runner.layout import known_quants
+    from runner.model import synth
+    from runner.model.catalog import load_catalog
+    from runner.core.errors import UsageError
+    from runner.model.layout import known_quants
 
     model, _, quant = spec.partition(":")
     entry = load_catalog().get(model)
@@ -46,7 +46,7 @@ def synth_command(spec: str, output: Path | None, layers: int | None, as_json: b
     if as_json:
         print_json(info)
         return
-    from runner.units import format_size
+    from runner.core.units import format_size
 
     click.echo(f"{path}")
     click.echo(f"  {entry.model} {quant}, {info['layers']} layers: {format_size(stat.st_size)} "

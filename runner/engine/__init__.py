@@ -1,20 +1,13 @@
-"""Inference engine: llama.cpp through llama-cpp-python's low-level API, with continuous batching.
-Importing this package does not import llama_cpp; `load_engine` does."""
+"""The inference engine: llama.cpp through llama-cpp-python's low-level API.
 
-from runner.engine.types import (  # noqa: F401
-    ChatMessage, Completion, Engine, EngineStats, Generation, SamplingParams, Usage,
-)
+- `types`: the engine contract (`Engine`, `Generation`) and its values (`SamplingParams`, `ChatMessage`,
+  `Completion`, `EngineStats`); no llama_cpp import;
+- `generation`: `GenerationHandle` (the one implementation of `Generation`) and the stop-string text pipeline;
+- `batching`: `LlamaEngine`, continuous batching over one llama.cpp context, and `start_engine`;
+- `native`: the llama.cpp boundary (load, tokenize, samplers); llama.cpp failures become EngineError here;
+- `ggml`: the one ctypes loader of libggml (device registry, buffer types, RPC registration);
+- `template`: chat templates (the GGUF's Jinja template, or Llama 2's format);
+- `buffers`, `report`: llama.cpp's logged buffer sizes, and their comparison with the estimate.
 
-
-def load_engine(model_path, settings=None, **kwargs):
-    """Load a GGUF and start the engine (see runner.engine.llama_engine.load_engine)."""
-    try:
-        from runner.engine.llama_engine import load_engine as _load
-    except ImportError as e:
-        if (e.name or "").startswith("llama_cpp"):
-            from runner.errors import EngineError
-
-            raise EngineError("llama-cpp-python is not installed",
-                              hint="run scripts/setup.sh (it builds llama-cpp-python for this machine)") from e
-        raise
-    return _load(model_path, settings, **kwargs)
+Importing this package imports nothing; `batching`, `native` and `ggml` import llama_cpp.
+"""

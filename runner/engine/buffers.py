@@ -137,21 +137,21 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
     """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
     flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
-    Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.engine.rpc`), so
+    Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.cluster`), so
     `n_gpu_layers` offloads to them as it would to GPUs."""
     import os
     import time
 
     import llama_cpp
 
-    from runner.errors import EngineError
+    from runner.core.errors import EngineError
 
     llama_cpp.llama_backend_init()
-    if rpc_servers:
-        from runner.engine.rpc import register_servers
+    if rpc_servers:  # this runs in a child process (measure_in_subprocess): an unreachable worker aborts only it
+        from runner.engine import ggml
 
-        register_servers(tuple(rpc_servers))
-    ggml_types = {"f16": 1, "f32": 0, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
+        ggml.register_rpc_servers(tuple(rpc_servers))
+    from runner.core.run_settings import kv_type
     result: dict = {"model": model_path, "rss_start": _status_kib("VmRSS") * 1024, "contexts": []}
     with capture_llama_logs() as cap:
         t0 = time.monotonic()
@@ -180,8 +180,8 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
                 cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if fa == "auto" else
                                       llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else
                                       llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-                cp.type_k = ggml_types[spec.get("type_k", "f16")]
-                cp.type_v = ggml_types[spec.get("type_v", "f16")]
+                cp.type_k = kv_type(spec.get("type_k", "f16")).ggml_type
+                cp.type_v = kv_type(spec.get("type_v", "f16")).ggml_type
                 t1 = time.monotonic()
                 ctx = llama_cpp.llama_init_from_model(model, cp)
                 if not ctx:
@@ -218,7 +218,7 @@ def measure_in_subprocess(model_path: str, contexts: list[dict], *, timeout: flo
     import subprocess
     import sys
 
-    from runner.errors import EngineError
+    from runner.core.errors import EngineError
 
     import os
 

@@ -101,6 +101,16 @@ class GenerationHandle:
     def done(self) -> bool:
         return self._completion is not None
 
+    @property
+    def completion(self) -> Completion | None:
+        """The end of the generation once it finished, else None (never blocks)."""
+        return self._completion
+
+    def text_so_far(self) -> str:
+        """Every delta pushed so far, joined."""
+        with self._cond:
+            return "".join(self._chunks)
+
     # ---- caller side
     def __iter__(self) -> Iterator[str]:
         i = 0
@@ -149,6 +159,7 @@ class GenerationHandle:
     def result(self, timeout: float | None = None) -> Completion:
         if not self._finished.wait(timeout):
             raise TimeoutError(f"the generation did not finish within {timeout} s")
+        assert self._completion is not None   # set before _finished
         return self._completion
 
 

@@ -1,5 +1,5 @@
 """The boundary with llama.cpp (llama-cpp-python's low-level ctypes API): loading a model and a context with
-llmrun's RunSettings, tokenizing, detokenizing, sampler chains, RPC devices and the log sink. llama.cpp
+llmrun's RunSettings, tokenizing, detokenizing, sampler chains, MoE expert placement and the log sink. llama.cpp
 failures (NULL model or context, bad grammar, decode errors) become EngineError here, once.
 
 Import this module only where a model is really loaded: it imports llama_cpp."""
@@ -15,14 +15,11 @@ from pathlib import Path
 
 import llama_cpp as lc
 
-from runner.errors import EngineError, GGUFError, UsageError
-from runner.estimate import RunSettings
+from runner.core.errors import EngineError, GGUFError, UsageError
+from runner.core.run_settings import RunSettings, kv_type
+from runner.engine import ggml
 
-KV_TYPES = {"f32": 0, "f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0, "q4_0": lc.GGML_TYPE_Q4_0,
-            "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
 EXPERT_PATTERN = rb"ffn_.*_exps"
-GGML_BACKEND_DEVICE_TYPE_CPU = 0
-_LIB_DIR = Path(lc.__file__).resolve().parent / "lib"
 
 
 # ---------------------------------------------------------------------------------------------------- logs
@@ -52,49 +49,27 @@ def _last_error(lines: list[str]) -> str:
     return "; ".join(keep[-3:])
 
 
-# ---------------------------------------------------------------------------------------------------- ggml
-
-def _ggml() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_LIB_DIR / "libggml.so"))
-    base = ctypes.CDLL(str(_LIB_DIR / "libggml-base.so"))
-    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_register.restype = None
-    base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    lib.base = base
-    return lib
-
+# ---------------------------------------------------------------------------------------------------- devices
 
 class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def experts_on_cpu_overrides():
+def experts_on_cpu_overrides() -> ctypes.Array[_BuftOverride]:
     """A NULL-terminated llama_model_tensor_buft_override array keeping MoE expert tensors in host memory."""
-    g = _ggml()
-    cpu = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
-    if not cpu:
-        raise EngineError("llama.cpp has no CPU device to keep the expert tensors on")
     arr = (_BuftOverride * 2)()
     arr[0].pattern = EXPERT_PATTERN
-    arr[0].buft = g.base.ggml_backend_dev_buffer_type(cpu)
+    arr[0].buft = ggml.cpu_buffer_type()
     return arr
 
 
-def register_rpc_servers(servers: tuple[str, ...]) -> None:
-    """Make llama.cpp RPC workers ("host:port") devices of this process, before a model is loaded (as
-    llama.cpp's own `--rpc` does). Delegates to runner.engine.rpc (cluster): it probes every worker first
-    (llama.cpp aborts the process on an unreachable one) and registers into the registry of the libggml.so.0
-    that libllama uses: `libggml.so` in the wheel is a separate copy with its own, unused registry."""
-    from runner.engine import rpc
-
-    rpc.register_servers(tuple(servers))
+def check_rpc_registered(servers: tuple[str, ...]) -> None:
+    """llama.cpp splits a model over the RPC workers registered in this process; a load that names workers not
+    registered would silently run without them."""
+    missing = [ep for ep in servers if ep not in ggml.registered_rpc_servers()]
+    if missing:
+        raise EngineError(f"RPC worker(s) {', '.join(missing)} are not registered in this process",
+                          hint="load models that use workers through runner.cluster (it probes and registers them)")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -106,7 +81,7 @@ def check_model_file(path: Path) -> None:
     if not path.is_file():
         raise EngineError(f"{path} is not a file", hint="give the path of a .gguf file")
     try:
-        from runner.gguf import read_header  # the full header check, where available
+        from runner.model.gguf import read_header  # the full header check, where available
     except ImportError:
         read_header = None
     if read_header is not None:
@@ -150,18 +125,11 @@ class Loaded:
             self.model = None
 
 
-def kv_type(name: str) -> int:
-    try:
-        return KV_TYPES[name.lower()]
-    except KeyError:
-        raise UsageError(f"unknown KV cache type {name!r}", hint="use one of: f16, q8_0, q4_0") from None
-
-
 def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv_unified: bool = False) -> Loaded:
     """Load the model and create a context with n_parallel sequences."""
     check_model_file(path)
     if settings.rpc_servers:
-        register_rpc_servers(tuple(settings.rpc_servers))
+        check_rpc_registered(tuple(settings.rpc_servers))
     keep = []  # ctypes objects that must live until the load is done
     with llama_logs() as cap:
         mp = lc.llama_model_default_params()
@@ -192,8 +160,8 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
         cp.n_seq_max = n_parallel
         cp.n_threads = threads
         cp.n_threads_batch = threads
-        cp.type_k = kv_type(settings.type_k)
-        cp.type_v = kv_type(settings.type_v)
+        cp.type_k = kv_type(settings.type_k).ggml_type
+        cp.type_v = kv_type(settings.type_v).ggml_type
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = kv_unified or settings.kv_unified
         cp.no_perf = True

@@ -74,7 +74,7 @@ def compare(buffers: dict[str, int], estimate) -> list[BufferRow]:
 
 
 def warnings(rows: list[BufferRow]) -> list[str]:
-    from runner.units import format_size
+    from runner.core.units import format_size
 
     return [f"{r.device} {r.term}: llama.cpp allocated {format_size(r.actual)}, the plan estimated "
             f"{format_size(r.estimated)} ({r.off:+.0%})" for r in rows if r.warn]

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Sequence
 
 from runner.engine.types import ChatMessage
-from runner.errors import EngineError, UsageError
+from runner.core.errors import EngineError, UsageError
 
 
 def llama2_prompt(messages: Sequence[ChatMessage]) -> str:

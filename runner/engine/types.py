@@ -4,7 +4,9 @@ adapter all use. No llama_cpp import here, so the server and tests can use these
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Literal, Protocol
+from typing import AsyncIterator, Iterator, Literal, Mapping, Protocol, Sequence
+
+from runner.core.errors import LlmrunError
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,18 @@ class EngineStats:
     tokens_in: int
     tokens_out: int
     load_seconds: float
-    buffers: dict = field(default_factory=dict, compare=False)  # llama.cpp's logged buffer sizes, bytes
+    buffers: dict[str, int] = field(default_factory=dict, compare=False)  # llama.cpp's logged buffer sizes
 
 
 class Generation(Protocol):
-    """A submitted request. Iterate (sync or async) for text deltas; `result()` waits for the end."""
+    """A submitted request. Iterate (sync or async) for text deltas; `result()` waits for the end. The one
+    implementation is runner.engine.generation.GenerationHandle; engines differ only in what produces into it."""
 
+    notice: str | None                 # what the engine had to do to fit the request, e.g. oldest turns left out
+    dropped_messages: int              # chat messages left out of the prompt to fit the context
+
+    @property
+    def completion(self) -> Completion | None: ...   # the end, once finished; never blocks
     def __iter__(self) -> Iterator[str]: ...
     def __aiter__(self) -> AsyncIterator[str]: ...
     def cancel(self) -> None: ...          # frees the slot and its KV cells within one decode step
@@ -77,12 +85,24 @@ class Generation(Protocol):
 
 
 class Engine(Protocol):
-    model_name: str
-    n_ctx: int
-    n_parallel: int
+    """What every engine offers: the in-process LlamaEngine, the cluster's IsolatedEngine (llama.cpp in a child
+    process) and the tests' fake engine. Every method is thread-safe. `chat`, `complete` and `generate` return
+    as soon as the request is queued, but may take milliseconds to seconds first (template rendering,
+    tokenizing, grammar compilation, a child-process round trip): call them off an event loop
+    (runner.server.native does, with asyncio.to_thread)."""
 
-    def chat(self, messages: list[ChatMessage], params: SamplingParams) -> Generation: ...
+    model_name: str
+    n_ctx: int                         # per sequence
+    n_parallel: int                    # slots
+
+    @property
+    def buffers(self) -> Mapping[str, int]: ...      # llama.cpp's logged buffer sizes {"CPU KV": bytes, ...}
+
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation: ...
     def complete(self, prompt: str, params: SamplingParams) -> Generation: ...
-    def tokenize(self, text: str) -> list[int]: ...
+    def generate(self, tokens: Sequence[int], params: SamplingParams) -> Generation: ...
+    def tokenize(self, text: str) -> list[int]: ...         # text as tokens, no BOS, special tokens parsed
+    def prompt_tokens(self, text: str) -> list[int]: ...    # a raw prompt as it is evaluated (BOS as the model wants)
     def stats(self) -> EngineStats: ...
+    def health(self) -> LlmrunError | None: ...             # None while serving, else the outage (HTTP 503)
     def close(self) -> None: ...

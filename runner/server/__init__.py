@@ -1,10 +1,10 @@
-"""`llmrun serve`: an OpenAI- and Ollama-compatible HTTP server over one engine. FastAPI and uvicorn are
-imported only when a server is made."""
+"""`llmrun serve`: the HTTP faces over one native path.
 
-from runner.server.config import ModelCard, ServerConfig  # noqa: F401
+- `app`: the FastAPI app (`create_app`): middleware, the error table, /health, /metrics;
+- `native`: the one generation path both APIs share (admission, submit, stream, cancel);
+- `openai_api`, `ollama_api`: thin adapters that only translate shapes;
+- `common`, `errors`, `metrics`, `config`, `lifecycle`: shared state, the status table, Prometheus metrics,
+  frozen settings, bind/serve/SIGTERM.
 
-
-def create_app(*args, **kwargs):
-    from runner.server.app import create_app as _create_app
-
-    return _create_app(*args, **kwargs)
+Importing this package imports nothing; `app` imports FastAPI.
+"""

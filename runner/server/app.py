@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__
 from runner.engine.types import Engine
-from runner.errors import LlmrunError
+from runner.core.errors import LlmrunError
 from runner.server import errors as err
 from runner.server.common import AppState
 from runner.server.config import ModelCard, ServerConfig
@@ -169,7 +169,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     @app.get("/health", tags=["server"])
     async def health():
-        outage = getattr(state.engine, "health", lambda: None)()  # cluster: IsolatedEngine, a worker is down
+        outage = state.engine.health() if state.engine is not None else None  # e.g. an RPC worker is down
         if outage is not None:
             return JSONResponse({"status": "unavailable", "error": outage.message}, status_code=503,
                                 headers={"Retry-After": str(config.retry_after_s)})
@@ -183,7 +183,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     async def metrics():
         engine = state.engine
-        stats = engine.stats() if engine is not None else None
+        # a child process's round trip (cluster) must not hold the loop
+        stats = await asyncio.to_thread(engine.stats) if engine is not None else None
         text = state.metrics.render(in_flight=state.gate.in_flight if state.gate else 0,
                                     queued=stats.queued if stats else 0,
                                     busy_slots=stats.busy_slots if stats else 0,

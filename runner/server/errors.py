@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
-from runner import errors as E
+from runner.core import errors as E
 
 log = logging.getLogger("llmrun.server")
 

@@ -10,7 +10,7 @@ import socket
 import threading
 from typing import Callable
 
-from runner.errors import ServerError
+from runner.core.errors import ServerError
 from runner.server.config import ServerConfig
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}

@@ -11,8 +11,8 @@ from typing import AsyncIterator
 
 from starlette.requests import Request
 
-from runner.engine.types import ChatMessage, Completion, Engine, SamplingParams
-from runner.errors import ContextOverflowError, LlmrunError, UsageError
+from runner.engine.types import ChatMessage, Completion, Engine, Generation, SamplingParams
+from runner.core.errors import ContextOverflowError, LlmrunError, UsageError
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 
@@ -101,7 +101,7 @@ class Run:
 
     def __init__(self, engine: Engine, gate: Gate, metrics: Metrics, request: NativeRequest, http: Request):
         self.engine, self.gate, self.metrics, self.request, self.http = engine, gate, metrics, request, http
-        self.generation = None
+        self.generation: Generation | None = None
         self.completion: Completion | None = None
         self.t0 = time.perf_counter()
         self._it: AsyncIterator[str] | None = None
@@ -113,16 +113,25 @@ class Run:
     @property
     def notice(self) -> str | None:
         """What the engine had to do to fit the request (e.g. oldest chat turns left out), if anything."""
-        return getattr(self.generation, "notice", None)
+        return self.generation.notice if self.generation is not None else None
+
+    def _submit(self) -> Generation:
+        """Runs in a worker thread: rendering the template, tokenizing, building the sampler and compiling a
+        grammar (or a child process's round trip) take milliseconds to seconds and must not hold the event loop."""
+        req = self.request
+        if req.messages is not None:
+            return self.engine.chat(req.messages, req.params)
+        return self.engine.complete(req.prompt or "", req.params)
 
     async def start(self) -> None:
         self.gate.enter()
         try:
-            req = self.request
-            if req.messages is not None:
-                self.generation = self.engine.chat(list(req.messages), req.params)
-            else:
-                self.generation = self.engine.complete(req.prompt or "", req.params)
+            submitted = asyncio.ensure_future(asyncio.to_thread(self._submit))
+            try:
+                self.generation = await asyncio.shield(submitted)
+            except asyncio.CancelledError:   # the request was cancelled while submitting: cancel what it started
+                submitted.add_done_callback(_cancel_submitted)
+                raise
             self._it = self.generation.__aiter__()
             try:
                 self._first = await _race_disconnect(self._it.__anext__(), self.http)
@@ -149,10 +158,8 @@ class Run:
     async def _finish(self) -> None:
         self._finished = True
         gen = self.generation
-        try:
-            self.completion = gen.result(timeout=0.5) if gen is not None else None
-        except TimeoutError:
-            self.completion = await asyncio.to_thread(gen.result, 60.0)
+        # the iteration ends only once the generation finished, so its completion is there: nothing to wait for
+        self.completion = gen.completion if gen is not None else None
         if self.completion is not None:
             u = self.completion.usage
             self.metrics.tokens(u.prompt_tokens, u.completion_tokens)
@@ -197,7 +204,12 @@ class Run:
         self.gate.leave()
 
 
+def _cancel_submitted(task: asyncio.Future[Generation]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().cancel()
+
+
 def _engine_error(c: Completion) -> LlmrunError:
-    from runner.errors import EngineError
+    from runner.core.errors import EngineError
 
     return EngineError(f"generation failed: {c.error or 'unknown engine error'}")

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner.engine.types import ChatMessage
-from runner.errors import UsageError
+from runner.core.errors import UsageError
 from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar

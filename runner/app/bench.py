@@ -1,0 +1,119 @@
+"""`llmrun bench`: prompt and decode speed of a model on this machine, measured through llama.cpp the way
+llama-bench does (pp: one batch of prompt tokens; tg: one token per llama_decode), medians over repeats. Results
+go to dirs.home()/bench.json, {model name: {decode_tps, prompt_tps, n_threads, fingerprint, date}}, which the
+planner (runner.speed) reads to replace its predictions with measurements."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from runner.core import dirs
+from runner.core.errors import EngineError, UsageError
+from runner.core.run_settings import RunSettings
+
+BENCH_FILE = "bench.json"
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    path: str
+    prompt_tps: float
+    decode_tps: float
+    n_prompt: int
+    n_gen: int
+    repeats: int
+    n_threads: int
+    fingerprint: str
+    date: str
+    buffers: dict
+
+
+def _decode(lc, ctx, batch, tokens: list[int], start: int) -> None:
+    for i, t in enumerate(tokens):
+        batch.token[i] = t
+        batch.pos[i] = start + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i == len(tokens) - 1
+    batch.n_tokens = len(tokens)
+    rc = lc.llama_decode(ctx, batch)
+    if rc != 0:
+        raise EngineError(f"llama_decode failed during the benchmark (code {rc})")
+
+
+def measure(path: Path, *, n_prompt: int = 256, n_gen: int = 64, repeats: int = 3, threads: int | None = None,
+            name: str | None = None, fingerprint: str = "", base: RunSettings | None = None) -> BenchResult:
+    """pp{n_prompt} and tg{n_gen} of the model at `path`, medians of `repeats` runs."""
+    import llama_cpp as lc
+
+    from runner.engine import native
+    from runner.engine.batching import default_threads
+
+    if n_prompt < 1 or n_gen < 1 or repeats < 1:
+        raise UsageError("--prompt-tokens, --gen-tokens and --repeats must be at least 1")
+    base = base or RunSettings()
+    threads = threads or base.n_threads or default_threads()
+    n_ctx = max(512, ((n_prompt + n_gen + 255) // 256) * 256)
+    rs = replace(base, n_ctx=n_ctx, n_batch=max(n_prompt, 512), n_parallel=1)
+    loaded = native.load(Path(path), rs, n_parallel=1, threads=threads)
+    try:
+        mem = lc.llama_get_memory(loaded.ctx)
+        batch = lc.llama_batch_init(max(n_prompt, 1), 0, 1)
+        rng = random.Random(0)
+        tokens = [rng.randrange(1, loaded.n_vocab) for _ in range(n_prompt + n_gen)]
+        pp, tg = [], []
+        try:
+            _decode(lc, loaded.ctx, batch, tokens[:8], 0)  # warm-up (first-touch of mmap'd weights)
+            for _ in range(repeats):
+                lc.llama_memory_clear(mem, True)
+                t0 = time.perf_counter()
+                _decode(lc, loaded.ctx, batch, tokens[:n_prompt], 0)
+                lc.llama_synchronize(loaded.ctx)
+                pp.append(n_prompt / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for i in range(n_gen):
+                    _decode(lc, loaded.ctx, batch, [tokens[n_prompt + i]], n_prompt + i)
+                    lc.llama_get_logits_ith(loaded.ctx, 0)
+                lc.llama_synchronize(loaded.ctx)
+                tg.append(n_gen / (time.perf_counter() - t0))
+        finally:
+            lc.llama_batch_free(batch)
+    finally:
+        loaded.free()
+    return BenchResult(model=name or Path(path).name, path=str(path), prompt_tps=statistics.median(pp),
+                       decode_tps=statistics.median(tg), n_prompt=n_prompt, n_gen=n_gen, repeats=repeats,
+                       n_threads=threads, fingerprint=fingerprint,
+                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       buffers=native.parse_buffer_lines(loaded.log_lines))
+
+
+def bench_file() -> Path:
+    return dirs.home() / BENCH_FILE
+
+
+def store(result: BenchResult, keys: tuple[str, ...]) -> Path:
+    """Add the result under each key (catalog name and/or file name) to bench.json, atomically."""
+    path = bench_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    rec = {"decode_tps": round(result.decode_tps, 3), "prompt_tps": round(result.prompt_tps, 3),
+           "n_threads": result.n_threads, "fingerprint": result.fingerprint, "date": result.date,
+           "n_prompt": result.n_prompt, "n_gen": result.n_gen, "path": result.path}
+    for k in keys:
+        data[k] = rec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path

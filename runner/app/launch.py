@@ -1,0 +1,109 @@
+"""From what the user asked for (a GGUF path, a catalog name, or nothing) to a file to load and the settings to
+load it with: probe → plan → pull, with the demo model when the hub is unreachable and nothing is cached.
+Shared by `llmrun chat`, `llmrun run` and `llmrun serve`; with RPC workers the plan spans them
+(`launch_with_workers`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from runner.cluster.workers import split_over_workers
+from runner.core.run_settings import RunSettings
+from runner.core.units import format_size
+from runner.hardware.types import HardwareProfile
+from runner.model.catalog import CatalogEntry
+from runner.plan.estimate import MemoryEstimate
+from runner.plan.fit import Candidate
+
+DEMO_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PATH_CTX = 4096
+
+
+@dataclass(frozen=True)
+class Launch:
+    path: Path
+    name: str
+    settings: RunSettings
+    summary: str                  # one line, printed before loading
+    notice: str | None = None     # e.g. the demo-model fallback, printed too
+    estimate: MemoryEstimate | None = None  # the plan's, to compare with llama.cpp's real buffers
+
+
+def is_model_path(model: str) -> bool:
+    p = Path(model).expanduser()
+    return model.lower().endswith(".gguf") or p.exists() or "/" in model and p.suffix != ""
+
+
+def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | None = None,
+                 notice: str | None = None) -> Launch:
+    ctx = n_ctx or DEFAULT_PATH_CTX
+    settings = RunSettings(n_ctx=ctx * n_parallel, n_parallel=n_parallel)
+    name = name or path.stem
+    summary = f"{name}: {path}, context {ctx} tokens" + (f" x {n_parallel} slots" if n_parallel > 1 else "") + ", CPU"
+    return Launch(path=path, name=name, settings=settings, summary=summary, notice=notice)
+
+
+def plan_summary(candidate: Candidate) -> str:
+    """One line: model, quant, context, placement, memory, predicted speed."""
+    parts = [f"plan: {candidate.entry.name}", f"context {candidate.n_ctx}", candidate.placement]
+    if candidate.need_bytes:
+        parts.append(f"needs {format_size(candidate.need_bytes)}")
+    if candidate.speed is not None and candidate.speed.decode_tps:
+        parts.append(f"~{candidate.speed.decode_tps:.1f} tok/s")
+    return ", ".join(parts)
+
+
+def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] | None = None, n_ctx: int | None = None,
+                  n_parallel: int = 1, accept_license: bool = False, progress: bool = True) -> Launch:
+    """What to load for `model` (a GGUF path, a catalog name, or None = the best that fits this machine).
+    `hardware` returns the HardwareProfile to plan for (default: probe this machine)."""
+    if model and is_model_path(model):
+        return _path_launch(Path(model).expanduser(), n_ctx=n_ctx, n_parallel=n_parallel)
+
+    from runner.store import fetch
+    from runner.plan import select as plan
+
+    if hardware is None:
+        from runner.hardware import probe as hw
+
+        hardware = hw.probe
+    prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
+    candidate = plan.require_fit(plan.make_plan(hardware(), prefs))
+    entry = candidate.entry
+    settings = candidate.settings
+    if n_parallel and settings.n_parallel != n_parallel:
+        settings = replace(settings, n_parallel=n_parallel)
+    if model is None and not _is_local(entry) and not fetch.hub_reachable():
+        path = fetch.demo_model_path(progress=progress)
+        return _path_launch(path, n_ctx=n_ctx, n_parallel=n_parallel, name=DEMO_NAME,
+                            notice=f"hub unreachable: using the built-in demo model {DEMO_NAME} (the plan chose "
+                                   f"{entry.name}: `llmrun pull {entry.name}` when the hub can be reached)")
+    path = fetch.ensure_local(entry, accept_license=accept_license, progress=progress)
+    return Launch(path=Path(path), name=entry.name, settings=settings, summary=plan_summary(candidate),
+                  estimate=candidate.estimate)
+
+
+def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: int | None = None,
+                        n_parallel: int = 1, n_threads: int | None = None, accept_license: bool = False,
+                        progress: bool = True) -> Launch:
+    """`chat`/`serve --workers`: what to load and how. A catalog name (or none) is planned over `profile`
+    (local devices + workers), so the plan's split and RPC servers are kept; a GGUF path gets every layer split
+    over the devices in proportion to their free memory. The Launch's settings name the workers."""
+    resolved = resolve_model(model, hardware=lambda: profile, n_ctx=n_ctx, n_parallel=n_parallel,
+                             accept_license=accept_license, progress=progress)
+    settings = resolved.settings
+    if not settings.rpc_servers:
+        settings = split_over_workers(settings, profile)
+    if n_threads:
+        settings = replace(settings, n_threads=n_threads)
+    return replace(resolved, settings=settings,
+                   summary=resolved.summary.removesuffix(", CPU") +
+                   f", split over {len(settings.rpc_servers)} RPC worker(s)")
+
+
+def _is_local(entry: CatalogEntry) -> bool:
+    from runner.store import local as store
+
+    return store.local_model(entry) is not None

@@ -1,0 +1,417 @@
+"""LlamaEngine: continuous batching over llama.cpp's low-level API.
+
+One engine thread owns the llama context. Requests arrive on a thread-safe queue and join between steps. Each
+step builds ONE llama_batch: the next token of every decoding sequence, then prompt chunks of the sequences still
+reading their prompt (at most n_ubatch tokens per step, so a long prompt never stalls the others), calls
+llama_decode once, and samples every sequence that produced logits with its own llama.cpp sampler chain.
+Slots are llama.cpp sequences; a free slot keeps its tokens' KV cells, and a new request whose prompt shares a
+prefix with them evaluates only the rest (multi-turn reuse)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp as lc
+
+from runner.engine import native
+from runner.engine.generation import GenerationHandle, StopText, completion
+from runner.engine.template import ChatFormat
+from runner.engine.types import ChatMessage, EngineStats, SamplingParams
+from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
+from runner.core.run_settings import RunSettings
+
+_WAKE = object()
+
+
+@dataclass(eq=False)
+class _Request:
+    handle: GenerationHandle
+    prompt: list[int]
+    params: SamplingParams
+    chain: object
+    stop: StopText
+    pending: list[int] = field(default_factory=list)   # prompt tokens not yet evaluated
+    next_token: int | None = None                       # sampled, to be evaluated in the next step
+    cached_tokens: int = 0
+    n_out: int = 0
+    t_first: float | None = None
+    t_last: float | None = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)     # tokens whose KV cells this sequence holds
+    req: _Request | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def validate_params(p: SamplingParams) -> None:
+    """Bad sampling values get a clear error before they reach llama.cpp."""
+    if p.temperature < 0:
+        raise UsageError(f"temperature must be 0 or more, not {p.temperature}", hint="0 = greedy; 0.7 is typical")
+    if not 0 < p.top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], not {p.top_p}")
+    if not 0 <= p.min_p <= 1:
+        raise UsageError(f"min_p must be in [0, 1], not {p.min_p}")
+    if p.top_k < 0:
+        raise UsageError(f"top_k must be 0 (off) or more, not {p.top_k}")
+    if p.max_tokens is not None and p.max_tokens < 1:
+        raise UsageError(f"max_tokens must be at least 1, not {p.max_tokens}")
+    if p.repeat_penalty <= 0:
+        raise UsageError(f"repeat_penalty must be positive, not {p.repeat_penalty}")
+
+
+class LlamaEngine:
+    """Implements runner.engine.types.Engine."""
+
+    def __init__(self, loaded: native.Loaded, *, model_name: str, load_seconds: float, buffers: dict | None = None):
+        self._m = loaded
+        self.model_name = model_name
+        self.n_ctx = loaded.n_ctx_seq          # per sequence, as EngineStats reports it
+        self.n_parallel = loaded.n_seq
+        self.load_seconds = load_seconds
+        self.buffers = dict(buffers or {})
+        self._mem = lc.llama_get_memory(loaded.ctx)
+        self._detok = native.Detokenizer(loaded.vocab)
+        self._add_bos = bool(lc.llama_vocab_get_add_bos(loaded.vocab))
+        bos, eos = lc.llama_vocab_bos(loaded.vocab), lc.llama_vocab_eos(loaded.vocab)
+        self.chat_format = ChatFormat(native.chat_template(loaded.model),
+                                      native.token_text(loaded.vocab, bos), native.token_text(loaded.vocab, eos))
+        self._slots = [_Slot(seq=i) for i in range(self.n_parallel)]
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: list[_Request] = []
+        self._lock = threading.Lock()        # guards the counters read by stats()
+        self._tokens_in = 0
+        self._tokens_out = 0
+        self._closing = False
+        self._dead: str | None = None
+        self._eog: tuple[int, ...] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ public API
+    def tokenize(self, text: str) -> list[int]:
+        return native.tokenize(self._m.vocab, text, add_special=False, parse_special=True)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """The tokens a raw prompt is evaluated as (BOS added if the model wants one and the text lacks it)."""
+        add = self._add_bos and not (self.chat_format.bos_token and text.startswith(self.chat_format.bos_token))
+        return native.tokenize(self._m.vocab, text, add_special=add, parse_special=True)
+
+    def complete(self, prompt: str, params: SamplingParams) -> GenerationHandle:
+        validate_params(params)
+        tokens = self.prompt_tokens(prompt)
+        self._check_fits(len(tokens))
+        return self._submit(tokens, params)
+
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> GenerationHandle:
+        validate_params(params)
+        tokens, dropped = self.fit_chat(messages, params)
+        notice = None
+        if dropped:
+            notice = (f"context full: left out the {dropped} oldest message{'s' if dropped > 1 else ''} "
+                      f"to fit the {self.n_ctx}-token context")
+        return self._submit(tokens, params, notice=notice, dropped=dropped)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self.prompt_tokens(self.chat_format.render(messages))
+
+    def fit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt tokens of the conversation, dropping the oldest turns (never the system prompt) until it
+        leaves room for the answer. Returns (tokens, number of messages dropped). The cut is found by bisection
+        over the places a kept conversation may start (a user or tool turn, or the last message): a few renders
+        however long the conversation, not one per dropped turn."""
+        if not messages:
+            raise UsageError("a chat needs at least one message")
+        reserve = min(params.max_tokens or self.n_ctx // 4, self.n_ctx // 4)
+        system = [m for m in messages if m.role == "system"]
+        turns = [m for m in messages if m.role != "system"]
+        rendered: dict[int, list[int]] = {}
+
+        def tokens_from(k: int) -> list[int]:
+            if k not in rendered:
+                rendered[k] = self.render_chat(system + turns[k:])
+            return rendered[k]
+
+        def fits(k: int) -> bool:
+            return len(tokens_from(k)) + reserve <= self.n_ctx
+
+        # where a kept conversation may start: the whole of it, then every later turn that is not the assistant's
+        # (keep turns starting with the user), and the last message alone as the last resort
+        cuts = [0] + [k for k in range(1, len(turns)) if turns[k].role != "assistant" or k == len(turns) - 1]
+        if fits(0) or len(turns) <= 1:
+            k = 0
+        else:
+            lo, hi = 1, len(cuts) - 1      # cuts[hi] is used when nothing fits
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fits(cuts[mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            k = cuts[lo]
+        tokens = tokens_from(k)
+        self._check_fits(len(tokens), what="the last message (with the system prompt)" if k else "the conversation")
+        return tokens, k
+
+    def _check_fits(self, n: int, what: str = "the prompt") -> None:
+        if n >= self.n_ctx:
+            raise ContextOverflowError(
+                f"{what} is {n} tokens; the context holds {self.n_ctx} tokens per sequence"
+                + (f" ({self._m.n_ctx} shared by {self.n_parallel} slots)" if self.n_parallel > 1 else ""),
+                hint="shorten it, or load the model with a larger --ctx (or fewer parallel slots)")
+
+    def generate(self, tokens: Sequence[int], params: SamplingParams) -> GenerationHandle:
+        """Submit already tokenized prompt tokens (benchmarks, tests)."""
+        validate_params(params)
+        self._check_fits(len(tokens))
+        return self._submit(list(tokens), params)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            busy = sum(1 for s in self._slots if s.req is not None)
+            return EngineStats(model=self.model_name, n_ctx=self.n_ctx, n_parallel=self.n_parallel, busy_slots=busy,
+                               queued=len(self._waiting) + self._inbox.qsize(), tokens_in=self._tokens_in,
+                               tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers))
+
+    def health(self) -> LlmrunError | None:
+        """None while serving; the internal error that stopped the engine thread otherwise."""
+        return EngineError(f"the engine stopped after an internal error: {self._dead}") if self._dead else None
+
+    def close(self) -> None:
+        if self._m.ctx is None:
+            return
+        self._closing = True
+        self._inbox.put(_WAKE)
+        self._thread.join()
+        self._m.free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ submission
+    def _submit(self, tokens: list[int], params: SamplingParams, *, notice: str | None = None,
+                dropped: int = 0) -> GenerationHandle:
+        if self._closing or self._m.ctx is None:
+            raise EngineError("the engine is closed")
+        if self._dead:
+            raise EngineError(f"the engine stopped after an internal error: {self._dead}")
+        if params.ignore_eos and self._eog is None:
+            self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
+        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or ())
+        handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
+        req = _Request(handle=handle, prompt=tokens, params=params, chain=chain, stop=StopText(params.stop))
+        self._inbox.put(req)
+        return handle
+
+    def _on_cancel(self, handle: GenerationHandle) -> None:
+        self._inbox.put(_WAKE)  # the engine thread notices handle.cancelled at the start of its next step
+
+    # ------------------------------------------------------------------------------------------ engine thread
+    def _busy(self) -> list[_Slot]:
+        return [s for s in self._slots if s.req is not None]
+
+    def _run(self) -> None:
+        batch = lc.llama_batch_init(max(self._m.n_batch, self.n_parallel), 0, 1)
+        try:
+            while True:
+                idle = not self._busy() and not self._waiting
+                self._take_inbox(block=idle)
+                if self._closing:
+                    break
+                self._reap_cancelled()
+                self._assign()
+                if self._busy():
+                    self._step(batch)
+        except Exception as e:  # noqa: BLE001 - last resort of the thread: fail every request, never hang callers
+            self._dead = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            for slot in self._busy():
+                self._finish(slot.req, "cancelled" if self._closing else "error", slot=slot, clear=True,
+                             error=None if self._closing else self._dead)
+            for req in self._waiting + self._drain_inbox():
+                self._finish(req, "cancelled" if self._closing else "error", error=self._dead)
+            self._waiting.clear()
+            lc.llama_batch_free(batch)
+
+    def _drain_inbox(self) -> list[_Request]:
+        out = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not _WAKE:
+                out.append(item)
+
+    def _take_inbox(self, block: bool) -> None:
+        if block:
+            item = self._inbox.get()
+            if item is not _WAKE:
+                self._waiting.append(item)
+        self._waiting.extend(self._drain_inbox())
+
+    def _reap_cancelled(self) -> None:
+        for req in [r for r in self._waiting if r.handle.cancelled]:
+            self._waiting.remove(req)
+            self._finish(req, "cancelled")
+        for slot in self._busy():
+            if slot.req.handle.cancelled:
+                self._finish(slot.req, "cancelled", slot=slot, clear=True)
+
+    def _assign(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.req is None]
+            if not free:
+                return
+            req = self._waiting.pop(0)
+            best = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
+            # Re-evaluate at least 2 prompt tokens: the last one must give logits, and llama.cpp's one-row matmul
+            # kernels round differently from its multi-row ones (up to ~0.8 logits measured on the demo model),
+            # so a 2-row tail keeps a reused prefix bit-identical to a fresh evaluation (seeds stay reproducible).
+            common = max(0, min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - 2))
+            if common < len(best.tokens) and not lc.llama_memory_seq_rm(self._mem, best.seq, common, -1):
+                lc.llama_memory_seq_rm(self._mem, best.seq, -1, -1)
+                common = 0
+            with self._lock:
+                best.tokens = best.tokens[:common]
+                best.req = req
+            req.cached_tokens = common
+            req.pending = req.prompt[common:]
+
+    def _step(self, batch) -> None:
+        b = batch
+        n = 0
+        outputs: list[tuple[_Slot, int]] = []
+        busy = self._busy()
+
+        def put(slot: _Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n] = token
+            b.pos[n] = len(slot.tokens)
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = slot.seq
+            b.logits[n] = logits
+            slot.tokens.append(token)
+            n += 1
+
+        for slot in busy:
+            if slot.req.next_token is not None:
+                put(slot, slot.req.next_token, True)
+                slot.req.next_token = None
+                outputs.append((slot, n - 1))
+        budget = max(self._m.n_ubatch, n)
+        prompt_tokens = 0
+        for slot in sorted(busy, key=lambda s: s.req.handle.submitted_at):
+            req = slot.req
+            if not req.pending or n >= budget:
+                continue
+            chunk = req.pending[:budget - n]
+            req.pending = req.pending[len(chunk):]
+            for i, tok in enumerate(chunk):
+                put(slot, tok, not req.pending and i == len(chunk) - 1)
+            prompt_tokens += len(chunk)
+            if not req.pending:
+                outputs.append((slot, n - 1))
+        b.n_tokens = n
+        rc = lc.llama_decode(self._m.ctx, b)
+        if rc != 0:
+            why = {1: "no room left in the KV cache", 2: "aborted"}.get(rc, f"llama_decode returned {rc}")
+            for slot in busy:
+                self._finish(slot.req, "error", slot=slot, clear=True, error=f"llama.cpp could not decode: {why}")
+            return
+        with self._lock:
+            self._tokens_in += prompt_tokens
+        for slot, idx in outputs:
+            self._sample(slot, idx)
+
+    def _sample(self, slot: _Slot, idx: int) -> None:
+        req = slot.req
+        tok = lc.llama_sampler_sample(req.chain, self._m.ctx, idx)
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        req.t_last = now
+        if lc.llama_vocab_is_eog(self._m.vocab, tok):
+            self._finish(req, "stop", slot=slot)
+            return
+        req.n_out += 1
+        with self._lock:
+            self._tokens_out += 1
+        delta, stopped = req.stop.feed(self._detok.piece(tok))
+        req.handle.push(delta)
+        if stopped:
+            self._finish(req, "stop", slot=slot)
+        elif (req.params.max_tokens is not None and req.n_out >= req.params.max_tokens) \
+                or len(slot.tokens) >= self.n_ctx:
+            self._finish(req, "length", slot=slot)
+        else:
+            req.next_token = tok
+
+    def _finish(self, req: _Request, reason: str, *, slot: _Slot | None = None, clear: bool = False,
+                error: str | None = None) -> None:
+        if reason in ("stop", "length"):
+            req.handle.push(req.stop.flush())
+        if slot is not None:
+            with self._lock:
+                slot.req = None
+                slot.last_used = time.perf_counter()
+                if clear:  # cancelled or failed: free the sequence's KV cells now
+                    lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+                    slot.tokens = []
+        native.free_sampler(req.chain)
+        req.chain = None
+        ttft = (req.t_first - req.handle.submitted_at) if req.t_first else 0.0
+        span = (req.t_last - req.t_first) if req.t_first and req.t_last else 0.0
+        tps = (req.n_out - 1) / span if req.n_out > 1 and span > 0 else 0.0
+        req.handle.finish(completion(req.stop.text, reason, prompt_tokens=len(req.prompt), completion_tokens=req.n_out,
+                                     cached_tokens=req.cached_tokens, ttft=ttft, decode_tps=tps, error=error,
+                                     notice=req.handle.notice, dropped_messages=req.handle.dropped_messages))
+
+
+def default_threads() -> int:
+    """Threads llama.cpp should use: usable physical cores (affinity and cgroup CPU quota respected), from the
+    hardware probe (runner.hardware.types.CPU.threads)."""
+    from runner.hardware import probe as hw
+
+    try:
+        return hw.probe(measure=False).cpu.threads
+    except LlmrunError:
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def start_engine(model_path: str | Path, settings: RunSettings | None = None, *, model_name: str | None = None,
+                n_parallel: int | None = None, threads: int | None = None, kv_unified: bool = False) -> LlamaEngine:
+    """Load a GGUF with the settings a plan chose and start the engine thread (in this process: a model split over
+    RPC workers is loaded by runner.cluster.isolated instead, which registers the workers first)."""
+    settings = settings or RunSettings()
+    path = Path(model_path).expanduser()
+    n_par = n_parallel or settings.n_parallel or 1
+    if n_par < 1:
+        raise UsageError(f"n_parallel must be at least 1, not {n_par}")
+    n_threads = threads or settings.n_threads or default_threads()
+    t0 = time.perf_counter()
+    loaded = native.load(path, settings, n_parallel=n_par, threads=n_threads, kv_unified=kv_unified)
+    load_s = time.perf_counter() - t0
+    return LlamaEngine(loaded, model_name=model_name or path.stem, load_seconds=load_s,
+                       buffers=native.parse_buffer_lines(loaded.log_lines))

@@ -1,0 +1,379 @@
+"""Configurations of one catalog entry on one machine: whether a configuration fits each device (with the
+estimate's margins), and the ladder of configurations the planner walks for an entry, best first:
+
+    full GPU offload → dense layers on GPU with MoE experts in RAM → partial offload (most layers that fit)
+    → CPU only;   each at the wanted context, then halving down to MIN_AUTO_CTX (unless the context is fixed),
+                  each with an f16 KV cache, then q8_0 (which needs flash attention), then both again without
+                  the CPU repack copy of the weights (when this CPU repacks them)
+
+`runner.plan` chooses among the entries; this module knows nothing of preferences beyond context and
+parallel sequences. No llama_cpp, numpy or huggingface_hub import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from runner.model.layout import WeightsLayout, layout_from_recipe
+from runner.plan import estimate as estimator
+from runner.plan import speed as speedmod
+from runner.model.catalog import CatalogEntry
+from runner.core.run_settings import RunSettings
+from runner.hardware.types import HardwareProfile
+from runner.core.units import format_size
+
+MIN_AUTO_CTX = 2048               # context is never reduced below this without the user asking (--ctx)
+KV_TYPES = ("f16", "q8_0")
+NO_REPACK_PROMPT_FACTOR = 0.5     # CPU prompt speed without llama.cpp's repacked weight kernels
+PLACEMENTS = ("gpu", "experts-in-ram", "partial", "cpu")   # best first
+PLACEMENT_LABEL = {"gpu": "full GPU offload", "experts-in-ram": "dense layers on GPU, experts in RAM",
+                   "partial": "partial GPU offload", "cpu": "CPU only"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    entry: CatalogEntry
+    settings: RunSettings
+    estimate: Any | None              # runner.estimate.MemoryEstimate; None when ruled out before estimating
+    speed: speedmod.SpeedPrediction | None
+    fits: bool
+    reason: str                       # the one number that ruled it out, or why it ranked lower
+    placement: str = "cpu"            # one of PLACEMENTS
+    shortfall: float = 0.0            # worst need/capacity ratio over devices (>1 = does not fit); for ranking
+    need_bytes: int = 0               # total bytes over all devices
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def n_ctx(self) -> int:
+        """Context per sequence."""
+        return self.settings.n_ctx // max(self.settings.n_parallel, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.settings
+        d: dict[str, Any] = {
+            "name": self.entry.name, "model": self.entry.model, "quant": self.entry.quant,
+            "family": self.entry.family, "fits": self.fits, "reason": self.reason, "placement": self.placement,
+            "n_ctx": self.n_ctx, "n_ctx_total": s.n_ctx, "n_parallel": s.n_parallel,
+            "n_gpu_layers": s.n_gpu_layers, "n_layer": self.entry.shape.n_layer,
+            "tensor_split": list(s.tensor_split), "type_k": s.type_k, "type_v": s.type_v,
+            "flash_attn": s.flash_attn, "experts_on_cpu": s.experts_on_cpu,
+            "download_bytes": self.entry.size_bytes, "download_exact": self.entry.size_exact,
+            "license": self.entry.license,
+            "license_osi_approved": self.entry.license_open,
+            "need_bytes": self.need_bytes,
+        }
+        if self.estimate is not None:
+            d["memory"] = {dev.device: _device_dict(dev) for dev in _devices(self.estimate)}
+        if self.speed is not None:
+            d["speed"] = {"decode_tps": round(self.speed.decode_tps, 2), "prompt_tps": round(self.speed.prompt_tps, 1),
+                          "aggregate_decode_tps": round(self.speed.aggregate_decode_tps, 2),
+                          "at_tokens": self.speed.at_tokens, "bottleneck": self.speed.bottleneck,
+                          "basis": self.speed.basis}
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+def _devices(est: Any) -> tuple:
+    return tuple(est.devices)
+
+
+def _device_dict(dev: Any) -> dict[str, int]:
+    return {k: v for k, v in dev.as_dict().items() if k != "device"}
+
+
+def capacity_total(hardware: HardwareProfile) -> int:
+    """Bytes all devices together may use (the shared RAM on unified memory)."""
+    if hardware.unified_memory:
+        return hardware.ram_available_bytes
+    return sum(capacities(hardware).values())
+
+
+def where_label(hardware: HardwareProfile) -> str:
+    if hardware.unified_memory:
+        return "of unified memory available"
+    return "in RAM and VRAM together" if hardware.gpus else "RAM available"
+
+
+def device_name(g) -> str:
+    """The estimate's name for a GPU entry: "GPU<i>", or "RPC<i>" for an RPC worker's device (cluster)."""
+    return f"{'RPC' if g.vendor == 'rpc' else 'GPU'}{g.index}"
+
+
+def local_gpus(hardware: HardwareProfile) -> tuple:
+    """The GPUs in this host (RPC workers' devices left out)."""
+    return tuple(g for g in hardware.gpus if g.vendor != "rpc")
+
+
+def rpc_servers(hardware: HardwareProfile) -> tuple[str, ...]:
+    """The RPC workers whose devices are in the profile (runner.cluster.profile_with_workers), in order."""
+    return tuple(dict.fromkeys(g.endpoint for g in hardware.gpus if g.vendor == "rpc" and g.endpoint))
+
+
+def capacities(hardware: HardwareProfile) -> dict[str, int]:
+    """Bytes each device may use: host RAM available, each GPU's free VRAM, each RPC worker's free memory."""
+    caps = {"CPU": hardware.ram_available_bytes}
+    for g in hardware.gpus:
+        caps[device_name(g)] = g.free_bytes
+    return caps
+
+
+def _device_label(name: str, hardware: HardwareProfile) -> tuple[str, str]:
+    """("GPU0", "free") or ("RAM", "available") for messages."""
+    if name == "CPU":
+        return ("unified memory" if hardware.unified_memory else "RAM"), "available"
+    return f"on {name}", "free"
+
+
+def check_fit(est: Any, hardware: HardwareProfile) -> tuple[bool, str, float]:
+    """(fits, the one number that rules it out, worst need/capacity ratio)."""
+    caps = capacities(hardware)
+    worst_ratio, worst = 0.0, ""
+    # `needed` = total less host file pages read once at load (behind a repacked copy): the kernel drops those
+    # under pressure, so they show in peak RSS but never cause an out-of-memory
+    totals = {dev.device: int(dev.needed) for dev in _devices(est)}
+    for name, need in totals.items():
+        cap = caps.get(name, 0)
+        ratio = need / cap if cap > 0 else (float("inf") if need > 0 else 0.0)
+        if ratio > worst_ratio:
+            label, verb = _device_label(name, hardware)
+            worst_ratio, worst = ratio, f"needs {format_size(need)} {label}, {format_size(cap)} {verb}"
+    if hardware.unified_memory:
+        need = sum(totals.values())
+        cap = hardware.ram_available_bytes
+        ratio = need / cap if cap > 0 else float("inf")
+        if ratio > worst_ratio:
+            worst_ratio = ratio
+            worst = f"needs {format_size(need)} of unified memory, {format_size(cap)} available"
+    return worst_ratio <= 1.0, worst, worst_ratio
+
+
+# ---------------------------------------------------------------------------------------------------------- ladder
+def contexts(entry: CatalogEntry, n_ctx: int | None) -> list[int]:
+    """Contexts to try: exactly `n_ctx` when given, else the training context halved down to MIN_AUTO_CTX."""
+    if n_ctx:
+        return [n_ctx]
+    ctx = entry.shape.n_ctx_train or 4096
+    out = [ctx]
+    while ctx // 2 >= MIN_AUTO_CTX:
+        ctx //= 2
+        out.append(ctx)
+    return out
+
+
+def placements(entry: CatalogEntry, hardware: HardwareProfile) -> list[str]:
+    if not hardware.gpus:
+        return ["cpu"]
+    out = ["gpu"]
+    if entry.shape.is_moe and not hardware.unified_memory:
+        out.append("experts-in-ram")
+    out += ["partial", "cpu"]
+    return out
+
+
+def _tensor_split(hardware: HardwareProfile) -> tuple[float, ...]:
+    if len(hardware.gpus) < 2:
+        return ()
+    free = [max(g.free_bytes, 0) for g in hardware.gpus]
+    total = sum(free) or 1
+    return tuple(round(f / total, 4) for f in free)
+
+
+class Memo:
+    """Layouts and estimates shared across entries: a chat model and its base model have the same shape and
+    quant, so they cost one estimate. Keyed by values, so it is only valid for one hardware profile."""
+
+    def __init__(self, hardware: HardwareProfile):
+        self.est, self.hardware = estimator, hardware
+        self.layouts: dict[tuple, Any] = {}
+        self.estimates: dict[tuple, Any] = {}
+        self.gpu_free = tuple(g.free_bytes for g in local_gpus(hardware))  # RPC devices: settings.rpc_servers
+
+    def layout(self, entry: CatalogEntry) -> Any:
+        key = (entry.shape, entry.quant)
+        if key not in self.layouts:
+            self.layouts[key] = layout_from_recipe(entry.shape, entry.quant)
+        return self.layouts[key]
+
+    def layout_facts(self, entry: CatalogEntry) -> tuple[int, int, int, bool]:
+        """(weight bytes, token embedding bytes, expert bytes, whether this CPU repacks any tensor) of an entry's
+        layout."""
+        key = ("facts", entry.shape, entry.quant)
+        if key not in self.layouts:
+            layout = self.layout(entry)
+            repackable = self.est.repacked_types(self.hardware.cpu.flags)
+            self.layouts[key] = (
+                layout.weights_bytes,
+                sum(t.n_bytes for t in layout.tensors if t.name.startswith("token_embd")),
+                sum(t.n_bytes for t in layout.tensors if "_exps" in t.name),
+                any(t.type_name in repackable for t in layout.tensors))
+        return self.layouts[key]
+
+    def estimate(self, entry: CatalogEntry, settings: RunSettings) -> Any:
+        key = (entry.shape, entry.quant, settings)
+        if key not in self.estimates:
+            hw = self.hardware
+            self.estimates[key] = self.est.estimate(
+                entry.shape, self.layout(entry), settings, gpus=len(local_gpus(hw)), gpu_free=self.gpu_free,
+                cpu_flags=hw.cpu.flags, unified=hw.unified_memory)
+        return self.estimates[key]
+
+
+class EntryPlanner:
+    """Evaluates configurations of one catalog entry on one machine."""
+
+    def __init__(self, entry: CatalogEntry, hardware: HardwareProfile, *, n_ctx: int | None, n_parallel: int,
+                 specs: dict[str, speedmod.DeviceSpec], memo: Memo):
+        self.entry, self.hardware, self.specs, self.memo = entry, hardware, specs, memo
+        self.n_ctx, self.n_parallel = n_ctx, n_parallel
+        self.layout = memo.layout(entry)
+        self.tried: list[Candidate] = []
+        self.weights, self.embd_bytes, self.expert_bytes, self.repacks = memo.layout_facts(entry)
+
+    def settings(self, placement: str, ctx: int, kv: str, ngl: int | None = None, repack: bool = True) -> RunSettings:
+        n_layer = self.entry.shape.n_layer
+        n_gpu_layers = {"gpu": n_layer + 1, "experts-in-ram": n_layer + 1, "cpu": 0}.get(placement, ngl or 0)
+        if not self.hardware.gpus:
+            n_gpu_layers = 0
+        # a quantized V cache needs flash attention; architectures llama.cpp runs without it quantize K only
+        no_fa = self.entry.shape.arch in getattr(estimator, "NO_FLASH_ATTN_ARCHS", frozenset())
+        type_v = "f16" if no_fa else kv
+        return RunSettings(
+            n_ctx=ctx * self.n_parallel, n_parallel=self.n_parallel,
+            type_k=kv, type_v=type_v, flash_attn=type_v != "f16",
+            n_gpu_layers=n_gpu_layers,
+            tensor_split=_tensor_split(self.hardware) if n_gpu_layers else (),
+            experts_on_cpu=placement == "experts-in-ram",
+            n_threads=self.hardware.cpu.threads,
+            repack=repack,
+            rpc_servers=rpc_servers(self.hardware) if n_gpu_layers else (),  # cluster: workers join the split
+        )
+
+    def evaluate(self, placement: str, settings: RunSettings, *, record: bool = True) -> Candidate:
+        memory = self.memo.estimate(self.entry, settings)
+        fits, why, ratio = check_fit(memory, self.hardware)
+        need = sum(int(d.total) for d in _devices(memory))
+        pred = self.predict(memory, settings) if fits else None
+        cand = Candidate(self.entry, settings, memory, pred, fits, "" if fits else why, placement, ratio, need)
+        if record:
+            self.tried.append(cand)
+        return cand
+
+    def predict(self, memory: Any, settings: RunSettings) -> speedmod.SpeedPrediction:
+        shape = self.entry.shape
+        weights = {d.device: int(d.weights) for d in _devices(memory)}
+        kv = {d.device: int(d.kv_cache) for d in _devices(memory)}
+        n_params = float(shape.n_params or self.entry.params_b * 1e9)
+        total_w = sum(weights.values()) or 1
+        bytes_per_param = total_w / n_params
+        expert_params = 3 * shape.n_embd * shape.n_ff * shape.n_expert * shape.n_layer if shape.is_moe else 0
+        ctx = settings.n_ctx // max(settings.n_parallel, 1)
+        at = max(1, ctx // 2)
+        flows = speedmod.traffic(
+            weights=weights, kv_cache=kv, n_ctx=settings.n_ctx, at_tokens=at, n_params=n_params,
+            token_embd_bytes=int(shape.n_vocab * shape.n_embd * bytes_per_param),
+            expert_bytes=int(expert_params * bytes_per_param), n_expert=shape.n_expert,
+            n_expert_used=shape.n_expert_used, experts_on_cpu=settings.experts_on_cpu)
+        specs = self.specs
+        if not settings.repack:  # without repacked kernels CPU matrix products run at about half speed
+            cpu = specs["CPU"]
+            specs = {**specs, "CPU": replace(cpu, tflops=cpu.tflops * NO_REPACK_PROMPT_FACTOR)}
+        # cluster: every token crosses the network to and from each RPC worker that holds layers
+        network_s = 0.0
+        if settings.rpc_servers:
+            _, out_dev, _ = estimator.layer_devices(shape.n_layer, settings, len(local_gpus(self.hardware)),
+                                                    self.memo.gpu_free)
+            network_s = speedmod.network_seconds(
+                self.hardware, {d.device: d.n_layers for d in _devices(memory) if d.device.startswith("RPC")},
+                n_embd=shape.n_embd, n_vocab=shape.n_vocab, output_device=out_dev, n_parallel=settings.n_parallel)
+        return speedmod.predict(flows, self.hardware, at_tokens=at, n_parallel=settings.n_parallel,
+                                n_ubatch=settings.n_ubatch, specs=specs, network_s=network_s)
+
+    def gpu_ok(self, memory: Any) -> bool:
+        caps = capacities(self.hardware)
+        return all(int(d.total) <= caps.get(d.device, 0) for d in _devices(memory) if d.device != "CPU")
+
+    def _gpu_ratio(self, memory: Any) -> float:
+        caps = capacities(self.hardware)
+        return max((int(d.total) / max(caps.get(d.device, 0), 1) for d in _devices(memory) if d.device != "CPU"),
+                   default=0.0)
+
+    def max_layers(self, ctx: int, kv: str, repack: bool = True) -> Candidate:
+        """Partial offload: the most layers (1..n_layer) whose GPU share fits, then checked against host RAM too.
+        GPU use grows about linearly with the layer count: interpolate between one layer and all of them, then
+        step to the exact boundary (two to four estimates instead of a bisection's seven). Records and returns
+        that candidate, or the one-layer attempt when not even one layer fits on the GPUs."""
+        n = self.entry.shape.n_layer
+        one = self.evaluate("partial", self.settings("partial", ctx, kv, 1, repack), record=False)
+        if not self.gpu_ok(one.estimate):
+            self.tried.append(one)
+            return one
+        full = self.memo.estimate(self.entry, self.settings("partial", ctx, kv, n + 1, repack))
+        r1, rf = self._gpu_ratio(one.estimate), self._gpu_ratio(full)
+        guess = n if rf <= r1 else int(1 + (1.0 - r1) * n / (rf - r1))
+        k = max(1, min(n, guess))
+        cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
+        if self.gpu_ok(cand.estimate):
+            while k < n:
+                nxt = self.evaluate("partial", self.settings("partial", ctx, kv, k + 1, repack), record=False)
+                if not self.gpu_ok(nxt.estimate):
+                    break
+                cand, k = nxt, k + 1
+        else:
+            while k > 1:
+                k -= 1
+                cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
+                if self.gpu_ok(cand.estimate):
+                    break
+            else:
+                cand = one
+        self.tried.append(cand)
+        return cand
+
+    def possible(self, placement: str) -> bool:
+        """Cheap lower bounds from the layout alone: can this placement fit at all?"""
+        gpu_free = sum(g.free_bytes for g in self.hardware.gpus)
+        if placement == "gpu":
+            return self.weights - self.embd_bytes <= gpu_free
+        if placement == "experts-in-ram":
+            return self.weights - self.embd_bytes - self.expert_bytes <= gpu_free
+        return True
+
+    def first_fit(self, allowed: list[str] | None = None) -> Candidate | None:
+        """The first configuration of the ladder that fits; with `allowed`, only those placements (the ones
+        that could still rank above the best fit so far)."""
+        ctxs = contexts(self.entry, self.n_ctx)
+        ladder = [p for p in placements(self.entry, self.hardware) if allowed is None or p in allowed]
+        if self.weights > capacity_total(self.hardware):
+            # cannot fit anywhere: one estimate of the most frugal configuration gives the number to report
+            c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
+            self.tried[-1] = replace(c, reason=f"needs {format_size(c.need_bytes)} at least, "
+                                               f"{format_size(capacity_total(self.hardware))} "
+                                               f"{where_label(self.hardware)}")
+            return None
+        for placement in ladder:
+            if not self.possible(placement):
+                # ruled out by the weights alone: one estimate of its most frugal form gives the number
+                kv, repack = self.kv_rungs()[-1]
+                self.evaluate(placement, self.settings(placement, ctxs[-1], kv, 1, repack))
+                continue
+            for ctx in ctxs:
+                for kv, repack in self.kv_rungs():
+                    if placement == "partial":
+                        c = self.max_layers(ctx, kv, repack)
+                    else:
+                        c = self.evaluate(placement, self.settings(placement, ctx, kv, repack=repack))
+                    if c.fits:
+                        return c
+        return None
+
+    def kv_rungs(self) -> list[tuple[str, bool]]:
+        """(KV type, repack) in order: f16, q8_0, then both again without the CPU repack copy of the weights
+        (llama.cpp --no-repack) when this CPU would repack some of this model's weights."""
+        rungs = [(kv, True) for kv in KV_TYPES]
+        if self.repacks:
+            rungs += [(kv, False) for kv in KV_TYPES]
+        return rungs
