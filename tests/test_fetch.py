@@ -231,6 +231,30 @@ def test_a_file_changed_on_disk_is_rehashed_and_deleted_before_use(hub, ggufs):
     assert not blob.exists() and store.local_model(e) is None
 
 
+def test_a_cached_copy_with_no_known_sha_is_checked_against_the_hub_not_deleted(hub, ggufs):
+    """A hub cache without symlinks (Windows, HF_HUB_DISABLE_SYMLINKS) holds snapshot files as copies whose name
+    says nothing of their sha256. With an unpinned entry (no sha256 in the catalog) and another file missing, the
+    pull checks the copy against the hub's sha256 (it used to verify it against None: deleted, then a mismatch)."""
+    names = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
+    files = {names[0]: ggufs["a"], names[1]: ggufs["b"]}
+    hub.add_repo("org/m-GGUF", files)
+    e = entry("m:Q4_0", "org/m-GGUF", files, layout="shards", with_sha=False)
+    first, second = fetch.pull(e, progress=False).paths
+    data = first.read_bytes()
+    first.unlink()
+    first.write_bytes(data)  # a copy, as a cache without symlinks holds it
+    blob = Path(os.path.realpath(second))
+    second.unlink()
+    blob.unlink()
+    gets = len(hub.gets(names[0]))
+
+    lm = fetch.pull(e, progress=False)
+
+    assert lm.verified and lm.paths[0] == first and first.read_bytes() == ggufs["a"]
+    assert lm.paths[1].read_bytes() == ggufs["b"]
+    assert len(hub.gets(names[0])) == gets  # the copy was kept, not downloaded again
+
+
 # ------------------------------------------------------------------------------------------ shards, byte-split
 
 def test_shards_all_fetched_first_returned(hub, ggufs):

@@ -16,6 +16,7 @@ cache under its sha256 and the client links it into its snapshot, so the cache s
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.core import dirs
 from runner.store import local as store
@@ -34,6 +36,9 @@ from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError
 from runner.store.licenses import require_acceptance
 from runner.store.local import LocalModel, local_model, remove
 from runner.core.units import format_size
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -148,12 +153,17 @@ def _verify_local(entry: CatalogEntry, lm: LocalModel, *, progress: bool) -> Loc
                           progress=progress)
     else:
         for f, p in zip(entry.files, lm.paths):
-            sha = store.expected_sha256(entry, f.name, p)
-            if sha is None:
-                raise FetchError(f"{entry.name}: cannot verify {f.name}: neither the catalog nor the hub cache "
-                                 "records its sha256", hint=f"`llmrun pull --force {entry.name}` downloads it again")
+            sha = _known_sha256(entry, f.name, store.expected_sha256(entry, f.name, p))
             store.verify_file(p, sha, label=f"{entry.name}: {f.name}", progress=progress)
     return local_model(entry) or lm
+
+
+def _known_sha256(entry: CatalogEntry, filename: str, sha: str | None) -> str:
+    """`sha`, or a FetchError when nothing records it (verifying against nothing would delete a good file)."""
+    if sha is None:
+        raise FetchError(f"{entry.name}: cannot verify {filename}: neither the catalog nor the hub cache "
+                         "records its sha256", hint=f"`llmrun pull --force {entry.name}` downloads it again")
+    return sha
 
 
 # ---------------------------------------------------------------------------------------------------- the hub
@@ -166,14 +176,18 @@ class RemoteFile:
 
 
 def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> None:
-    cached = {f.name: store.cached_hub_file(entry, f.name) for f in entry.files}
-    missing = [name for name, p in cached.items() if p is None or not p.exists()]
+    cached: dict[str, Path] = {}
+    for f in entry.files:
+        p = store.cached_hub_file(entry, f.name)
+        if p is not None and p.exists():
+            cached[f.name] = p
+    missing = [f.name for f in entry.files if f.name not in cached]
     if offline():
         if missing:
             raise HubUnreachableError(
                 f"offline (HF_HUB_OFFLINE is set) and {entry.name} is not fully cached; missing: "
                 + ", ".join(missing), hint="unset HF_HUB_OFFLINE to download, or pull on a connected machine")
-    commit, remote = _remote_files(entry) if missing else (entry.revision, {})
+    commit, remote = _remote_files(entry) if missing else (entry.revision or "main", {})
     need: dict[Path, int] = {}
     for name in missing:
         rf = remote[name]
@@ -189,8 +203,10 @@ def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> N
             paths.append(_download(entry, remote[f.name], commit, progress=progress))
         else:
             p = cached[f.name]
-            sha = store.expected_sha256(entry, f.name, p)
-            store.verify_file(p, sha, label=f"{entry.name}: {f.name}", progress=progress)
+            # a cache without symlinks names no blob: the hub's sha256 (fetched when another file is missing)
+            sha = store.expected_sha256(entry, f.name, p) or (remote[f.name].sha256 if f.name in remote else None)
+            store.verify_file(p, _known_sha256(entry, f.name, sha), label=f"{entry.name}: {f.name}",
+                              progress=progress)
             paths.append(p)
     if entry.layout == "byte-split":
         _join(entry, paths, progress=progress)
@@ -200,7 +216,7 @@ def _add(need: dict[Path, int], where: Path, n: int) -> None:
     need[where] = need.get(where, 0) + max(n, 0)
 
 
-def _file_size(entry: CatalogEntry, f: ModelFile, remote: dict, cached: dict) -> int:
+def _file_size(entry: CatalogEntry, f: ModelFile, remote: dict[str, RemoteFile], cached: dict[str, Path]) -> int:
     if f.name in remote:
         return remote[f.name].size
     p = cached.get(f.name)
@@ -269,19 +285,19 @@ def _partial_size(entry: CatalogEntry, rf: RemoteFile) -> int:
     return p.stat().st_size if p.exists() else 0
 
 
-class _HashingWriter:
-    """The file object handed to the hub client's http_get: appends to the partial file and hashes as it goes
-    (prefix already on disk hashed first), so a finished download is verified without reading it again."""
+class _HashingWriter(io.BufferedWriter):
+    """The file handed to the hub client's http_get: appends to the partial file and hashes as it goes (prefix
+    already on disk hashed first), so a finished download is verified without reading it again."""
 
-    def __init__(self, f):
-        self._f = f
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "ab"))
         self._h = hashlib.sha256()
-        self._rehash(f.seek(0, os.SEEK_END))
+        self._rehash(self.seek(0, os.SEEK_END))
 
     def _rehash(self, upto: int) -> None:
         self._h = hashlib.sha256()
-        self._f.flush()
-        with open(self._f.name, "rb") as r:
+        self.flush()
+        with open(self.name, "rb") as r:
             remaining = upto
             while remaining > 0:
                 chunk = r.read(min(_JOIN_CHUNK, remaining))
@@ -290,19 +306,13 @@ class _HashingWriter:
                 self._h.update(chunk)
                 remaining -= len(chunk)
 
-    def write(self, data: bytes) -> int:
-        n = self._f.write(data)
+    def write(self, data: ReadableBuffer) -> int:
+        n = super().write(data)
         self._h.update(data)
         return n
 
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self._f.seek(pos, whence)
-
     def truncate(self, size: int | None = None) -> int:  # the client restarts from 0 when a server ignores Range
-        n = self._f.truncate(size)
+        n = super().truncate(size)
         self._rehash(n)
         return n
 
@@ -334,12 +344,11 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
                                  "quant stored as shards or parts")
             url = hf_hub_url(entry.repo, rf.name, revision=commit, endpoint=hub_endpoint())
             try:
-                with open(partial, "ab") as f:
-                    writer = _HashingWriter(f)
+                with _HashingWriter(partial) as writer:
                     http_get(url, writer, resume_size=resume, headers=build_hf_headers(), expected_size=rf.size,
                              displayed_filename=Path(rf.name).name, tqdm_class=None if progress else _silent_tqdm())
-                    f.flush()
-                    os.fsync(f.fileno())
+                    writer.flush()
+                    os.fsync(writer.fileno())
             except _hub_errors() as e:
                 _drop_if_empty(partial)
                 raise _translate(e, entry, revision, rf.name, partial=partial) from e
@@ -364,7 +373,7 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
     from huggingface_hub import hf_hub_download
 
     try:
-        pointer = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
+        downloaded = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
     except _hub_errors() as e:
         raise _translate(e, entry, commit, rf.name) from e
@@ -374,7 +383,7 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
         tmp = ref.with_name(f"main.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(commit)
         os.replace(tmp, ref)
-    pointer = Path(pointer)
+    pointer = Path(downloaded)
     # free when the blob carries its mark; hashes a blob another tool put in the cache, or one the client fetched
     # itself because the hub's etag differed from the model info
     store.verify_file(pointer, rf.sha256, label=f"{entry.name}: {rf.name}", progress=progress)
