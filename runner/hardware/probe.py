@@ -476,11 +476,12 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasur
         cpu, total, available, gpus, unified = _probe_macos(src)
     else:
         cpu = _probe_linux_cpu(src)
-        total, available = parse_meminfo(src.read_text("/proc/meminfo") or "")
-        if total is None:
+        mem_total, mem_available = parse_meminfo(src.read_text("/proc/meminfo") or "")
+        if mem_total is None:
             vm = src.virtual_memory()
-            total, available = vm if vm else (0, 0)
-        available = total if available is None else min(available, total)
+            mem_total, mem_available = vm if vm else (0, 0)
+        total = mem_total
+        available = total if mem_available is None else min(mem_available, total)
         host_total = total
         cg_limit, cg_available = cgroup_memory(src)
         if cg_limit is not None and cg_limit < total:

@@ -154,10 +154,17 @@ class _Reader:
             raise self.fail(full, f"expected {what}, got {value!r}")
         return value
 
-    def size(self, data: dict, key: str, default: Any = ..., *, path: str = "") -> int | None:
-        full = f"{path}.{key}" if path else key
-        if key not in data and default is not ...:
+    def size(self, data: dict, key: str, default: int | None = None, *, path: str = "") -> int:
+        """A required size, or `default` when the key is absent and a default is given."""
+        if key not in data and default is not None:
             return default
+        return self._size(data, key, path)
+
+    def optional_size(self, data: dict, key: str, *, path: str = "") -> int | None:
+        return self._size(data, key, path) if key in data else None
+
+    def _size(self, data: dict, key: str, path: str) -> int:
+        full = f"{path}.{key}" if path else key
         value = self.get(data, key, (int, float, str), "a size such as \"24 GiB\" or a number of bytes", path=path)
         try:
             n = parse_size(value, what=full)
@@ -229,11 +236,11 @@ def profile_from_dict(data: dict, *, source: str = "profile", default_name: str 
     return HardwareProfile(
         name=r.get(data, "name", (str,), "the profile's name", default_name),
         cpu=cpu, ram_total_bytes=total, ram_available_bytes=available, gpus=tuple(gpus),
-        disk_free_bytes=r.size(disk_t, "free", None, path="disk"), unified_memory=unified,
+        disk_free_bytes=r.optional_size(disk_t, "free", path="disk"), unified_memory=unified,
         memory_bandwidth_gbps=float(bandwidth) if bandwidth is not None else None,
         notes=tuple(str(n) for n in notes), source=r.get(data, "source", (str,), "a string", source),
-        ram_limit_bytes=r.size(ram_t, "cgroup_limit", None, path="ram"),
-        host_ram_total_bytes=r.size(ram_t, "host_total", None, path="ram"),
+        ram_limit_bytes=r.optional_size(ram_t, "cgroup_limit", path="ram"),
+        host_ram_total_bytes=r.optional_size(ram_t, "host_total", path="ram"),
         description=r.get(data, "description", (str,), "a string", ""),
     )
 
