@@ -3,9 +3,16 @@ memory divides over the devices, how fast it should run, and why every other opt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import click
 
 from runner.cli.common import apply_workers, hardware_options, json_option, print_json, workers_options
+
+if TYPE_CHECKING:  # the plan modules are imported where used: `llmrun --help` stays light
+    from runner.plan.fit import Candidate
+    from runner.plan.select import Prefer
 
 
 def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
@@ -38,7 +45,7 @@ def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | N
 @workers_options
 @json_option
 @click.pass_context
-def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: str,
+def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: Prefer,
          max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
          gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
     """Show the best configuration that fits, its memory and speed, and why the others do not."""
@@ -93,19 +100,19 @@ def _config(c) -> str:
     return ", ".join(parts)
 
 
-def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
+def summarize(rejected: Sequence[Candidate], chosen: Candidate | None = None) -> list[tuple[str, str, str, bool]]:
     """At most three rows per model: the quant closest to fitting among those that do not fit, the best of
     those that fit but ranked lower, and the count of those not estimated. (label, configuration, reason, dim)"""
     from runner.model.catalog import quant_rank
 
-    by_model: dict[str, list] = {}
+    by_model: dict[str, list[Candidate]] = {}
     for c in rejected:
         if chosen is not None and c.entry == chosen.entry:
             continue  # the chosen entry's richer configurations that did not fit: --all shows them
         by_model.setdefault(c.entry.model, []).append(c)
     rows = []
     for model, cands in by_model.items():
-        per_quant: dict[str, object] = {}
+        per_quant: dict[str, Candidate] = {}
         for c in cands:  # one candidate per quant: a fitting one, else the one closest to fitting
             cur = per_quant.get(c.entry.quant)
             if cur is None or (c.fits, -c.shortfall) > (cur.fits, -cur.shortfall):
@@ -122,7 +129,7 @@ def summarize(rejected, chosen=None) -> list[tuple[str, str, str, bool]]:
             best = max(fit, key=lambda c: quant_rank(c.entry.quant))
             more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
             rows.append((best.name + more, _config(best), best.reason, True))
-        groups: dict[str, list] = {}
+        groups: dict[str, list[Candidate]] = {}
         for c in skipped:  # "too slow here: …" and "ranked below …" are listed apart
             groups.setdefault(" ".join(c.reason.split()[:2]), []).append(c)
         for group in groups.values():
