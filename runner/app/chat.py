@@ -14,6 +14,7 @@ from typing import Any, Callable, TextIO
 
 from runner.engine.types import ChatMessage, Completion, Engine, Generation, SamplingParams
 from runner.core.errors import LlmrunError, UsageError
+from runner.core.files import atomic_write_json
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 SETTABLE = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
@@ -126,10 +127,8 @@ class ChatSession:
                 "messages": [asdict(m) for m in self.messages],
                 "params": {k: getattr(self.params, k) for k in SETTABLE}}
         path = Path(path).expanduser()
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_json(path, data, ensure_ascii=False)
         except OSError as e:
             raise UsageError(f"cannot save to {path}: {e.strerror}") from e
 

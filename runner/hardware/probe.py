@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json
 from runner.core.errors import HardwareError
 from runner.core.units import GiB, format_size
 from runner.hardware.types import CPU, GPU, HardwareProfile
@@ -538,9 +539,7 @@ def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None,
                                                                                      time.gmtime())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        tmp.replace(path)
+        atomic_write_json(path, cache)
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return value

