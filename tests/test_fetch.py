@@ -233,8 +233,9 @@ def test_a_file_changed_on_disk_is_rehashed_and_deleted_before_use(hub, ggufs):
 
 def test_a_cached_copy_with_no_known_sha_is_checked_against_the_hub_not_deleted(hub, ggufs):
     """A hub cache on a filesystem without symlinks (exFAT, some network mounts) holds snapshot files as copies
-    whose name says nothing of their sha256. With an unpinned entry (no sha256 in the catalog) and another file missing, the
-    pull checks the copy against the hub's sha256 (it used to verify it against None: deleted, then a mismatch)."""
+    whose name says nothing of their sha256. With an unpinned entry (no sha256 in the catalog) and another file
+    missing, the pull checks the copy against the hub's sha256 (it used to verify it against None: the good copy
+    was deleted and a mismatch raised)."""
     names = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
     files = {names[0]: ggufs["a"], names[1]: ggufs["b"]}
     hub.add_repo("org/m-GGUF", files)
