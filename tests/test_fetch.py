@@ -155,6 +155,23 @@ def test_corrupt_partial_is_caught_by_the_checksum_and_deleted(hub, ggufs):
     assert fetch.pull(e, progress=False).verified  # the next pull starts clean
 
 
+def test_a_server_ignoring_range_restarts_the_partial_from_zero(hub, ggufs):
+    """A proxy answering 200 to a Range request: the client truncates the partial file and writes the whole body;
+    the hash restarts with it (the stale prefix must not count)."""
+    name = "tiny.Q4_0.gguf"
+    data = ggufs["a"]
+    repo = hub.add_repo("org/tiny-GGUF", {name: data})
+    hub.ignore_range.add(name)
+    e = entry("tiny:Q4_0", "org/tiny-GGUF", {name: data}, revision=repo.commit)
+    partial = store.partial_dir(e) / f"{name}.{repo.sha256(name)}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:12345])
+
+    lm = fetch.pull(e, progress=False)
+    assert [g.headers.get("range") for g in hub.gets(name)] == ["bytes=12345-"]
+    assert lm.verified and lm.path.read_bytes() == data and not partial.exists()
+
+
 def test_two_pulls_at_once_download_the_file_once(hub, ggufs):
     import threading
 
