@@ -1,7 +1,10 @@
 """A FAKE engine for HTTP-behaviour tests of the server (429, disconnects, bad input, fuzzing). It implements
 the Engine protocol of runner/engine/types.py deterministically, without a model: every reply is the same
 scripted text, one word per "token", with a configurable delay per token. It does NOT enforce grammars (with a
-grammar it just emits a fixed JSON object) and its token counts are word counts. Only the producer is fake: what
+grammar it just emits a fixed JSON object), its token counts are word counts, it gives no log probabilities
+(an empty list when asked), and with tools it either answers its text (`auto`, `none`) or makes one scripted
+call of the first offered function with the arguments {"fake": true} (`required`, a named function). Tool
+definitions and histories are checked by the real runner.engine.tools.check. Only the producer is fake: what
 the server iterates is the real GenerationHandle, so HTTP tests exercise the real sync and async iteration,
 cancellation and completion. Tests of real generation use the real engine with the demo model instead."""
 
@@ -9,11 +12,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from runner.core.errors import ContextOverflowError, LlmrunError
+from runner.core.errors import ContextOverflowError, LlmrunError, UsageError
+from runner.engine import tools as tool_formats
 from runner.engine.generation import GenerationHandle, completion
-from runner.engine.types import ChatMessage, EngineStats, SamplingParams
+from runner.engine.types import ChatMessage, Delta, EngineStats, SamplingParams, ToolCall, ToolCallDelta, Tools
 
 REPLY = "Hello from the fake engine , one word per token , until the limit or the end ."
 JSON_REPLY = ['{"fake"', ': ', 'true}']
@@ -24,10 +28,13 @@ class FakeGeneration(GenerationHandle):
     """The real handle, produced into by a thread of the fake engine (one per request, slots a semaphore)."""
 
     def __init__(self, engine: "FakeEngine", pieces: list[str], prompt_tokens: int, params: SamplingParams,
-                 fail: bool):
+                 fail: bool, call: str | None = None):
         super().__init__(lambda handle: None)
         self.engine, self.pieces, self.prompt_tokens, self.params, self.fail = engine, pieces, prompt_tokens, params, fail
+        self.call = call                  # the function to call: pieces are then its arguments
         self.slot_released = threading.Event()
+
+    def start(self) -> None:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -42,6 +49,8 @@ class FakeGeneration(GenerationHandle):
         t0 = time.perf_counter()
         ttft = 0.0
         text, n, reason, error = "", 0, "stop", None
+        if self.call is not None:
+            self.push(Delta(tool_calls=(ToolCallDelta(0, id="call_fake0", name=self.call),)))
         try:
             limit = self.params.max_tokens
             for piece in self.pieces:
@@ -67,7 +76,10 @@ class FakeGeneration(GenerationHandle):
                 if n == 1:
                     ttft = time.perf_counter() - t0
                 text = candidate
-                self.push(piece)
+                if self.call is not None:
+                    self.push(Delta(tool_calls=(ToolCallDelta(0, arguments=piece),)))
+                else:
+                    self.push(Delta(piece, logprobs=()))
             if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces):
                 reason = "length"
         finally:
@@ -78,9 +90,13 @@ class FakeGeneration(GenerationHandle):
             e._slots.release()
             self.slot_released.set()
             elapsed = time.perf_counter() - t0
+            calls: tuple[ToolCall, ...] = ()
+            if self.call is not None:
+                calls, text = (ToolCall("call_fake0", self.call, text),), ""
+                reason = "tool_calls" if reason == "stop" else reason
             self.finish(completion(text, reason, prompt_tokens=self.prompt_tokens, completion_tokens=n,
                                    cached_tokens=0, ttft=ttft, decode_tps=n / elapsed if elapsed > 0 else 0.0,
-                                   error=error))
+                                   error=error, tool_calls=calls, logprobs=() if self.params.logprobs else None))
 
 
 class FakeEngine:
@@ -98,6 +114,7 @@ class FakeEngine:
         self.tokens_out = 0
         self.generations: list[FakeGeneration] = []
         self.submitted: list[tuple[str, object, SamplingParams]] = []
+        self.chat_options: list[tuple[Tools | None, Mapping[str, Any] | None]] = []   # tools, template kwargs
         self.closed = False
         self.outage: LlmrunError | None = None   # what health() reports
 
@@ -111,19 +128,32 @@ class FakeEngine:
     def prompt_tokens(self, text: str) -> list[int]:
         return [1] + self.tokenize(text)
 
-    def _submit(self, prompt_text: str, params: SamplingParams) -> FakeGeneration:
+    def _submit(self, prompt_text: str, params: SamplingParams, call: str | None = None) -> FakeGeneration:
         n = len(self.tokenize(prompt_text)) + 1
         if n >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {n} tokens; the context holds {self.n_ctx}",
                                        hint="shorten the prompt or start with a larger --ctx")
-        pieces = list(JSON_REPLY) if params.grammar else [(" " if i else "") + w for i, w in enumerate(REPLY.split())]
-        gen = FakeGeneration(self, pieces, n, params, fail=FAIL_PROMPT in prompt_text)
-        self.generations.append(gen)
-        return gen
+        if params.n > self.n_parallel:
+            raise UsageError(f"n={params.n} choices need {params.n} slots; the fake engine has {self.n_parallel}",
+                             field="n")
+        pieces = list(JSON_REPLY) if params.grammar or call else \
+            [(" " if i else "") + w for i, w in enumerate(REPLY.split())]
+        gens = [FakeGeneration(self, pieces, n, params, fail=FAIL_PROMPT in prompt_text, call=call)
+                for _ in range(params.n)]
+        for gen in gens:
+            gen.set_choices(gens)
+            self.generations.append(gen)
+            gen.start()
+        return gens[0]
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> FakeGeneration:
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, tools: Tools | None = None,
+             template_kwargs: Mapping[str, Any] | None = None) -> FakeGeneration:
+        tool_formats.check(tools, messages)
         self.submitted.append(("chat", list(messages), params))
-        return self._submit(" ".join(f"{m.role}: {m.content}" for m in messages), params)
+        self.chat_options.append((tools, template_kwargs))
+        forced = tools is not None and tools.choice in ("required", "function")
+        call = (tools.function or tools.functions[0].name) if forced and tools is not None else None
+        return self._submit(" ".join(f"{m.role}: {m.content}" for m in messages), params, call=call)
 
     def complete(self, prompt: str, params: SamplingParams) -> FakeGeneration:
         self.submitted.append(("complete", prompt, params))

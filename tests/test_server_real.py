@@ -136,8 +136,8 @@ def test_openai_unknown_model_and_bad_request(oai):
 
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError) as e:   # more choices than the 4 sequences decoding together
+        oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], n=5)
     assert e.value.body["param"] == "n"
 
 

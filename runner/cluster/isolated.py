@@ -28,7 +28,8 @@ from runner.core import errors
 from runner.core.errors import ClusterError, EngineError, LlmrunError
 from runner.core.run_settings import RunSettings
 from runner.engine.generation import GenerationHandle, completion
-from runner.engine.types import ChatMessage, Completion, Engine, EngineStats, SamplingParams
+from runner.engine import types
+from runner.engine.types import ChatMessage, Completion, Engine, EngineStats, SamplingParams, Tools
 
 CALL_TIMEOUT_S = 120.0               # a child that answers no call within this long is reported, never waited on
 
@@ -74,6 +75,8 @@ class Generate:
     op: GenerationOp
     payload: Any                     # messages, prompt text or tokens
     params: SamplingParams
+    tools: Tools | None = None                       # chat only
+    template_kwargs: Mapping[str, Any] | None = None  # chat only
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,16 @@ class Started:
 
 
 @dataclass(frozen=True)
-class Delta:
+class Piece:
     rid: int
-    text: str
+    index: int                       # the choice (SamplingParams.n)
+    delta: types.Delta
 
 
 @dataclass(frozen=True)
 class Done:
     rid: int
+    index: int
     completion: Completion
 
 
@@ -138,10 +143,10 @@ class Raised:
     error: ErrorInfo
 
 
-_GENERATIONS: Mapping[str, Callable[[Engine, Any, SamplingParams], Any]] = {
-    "chat": lambda e, payload, params: e.chat(payload, params),
-    "complete": lambda e, payload, params: e.complete(payload, params),
-    "generate": lambda e, payload, params: e.generate(payload, params),
+_GENERATIONS: Mapping[str, Callable[[Engine, Generate], Any]] = {
+    "chat": lambda e, m: e.chat(m.payload, m.params, tools=m.tools, template_kwargs=m.template_kwargs),
+    "complete": lambda e, m: e.complete(m.payload, m.params),
+    "generate": lambda e, m: e.generate(m.payload, m.params),
 }
 _QUERIES: Mapping[str, Callable[[Engine, str], Any]] = {
     "tokenize": lambda e, text: e.tokenize(text),
@@ -235,11 +240,12 @@ def _child_main(conn: Connection, load: Load) -> None:
     send(Ready(engine.model_name, engine.n_ctx, engine.n_parallel, dict(engine.buffers)))
     handles: dict[int, GenerationHandle] = {}
 
-    def pump(rid: int, handle: GenerationHandle) -> None:
-        for delta in handle:
-            send(Delta(rid, delta))
-        send(Done(rid, handle.result()))
-        handles.pop(rid, None)
+    def pump(rid: int, index: int, handle: GenerationHandle) -> None:
+        for delta in handle.deltas():
+            send(Piece(rid, index, delta))
+        send(Done(rid, index, handle.result()))
+        if all(h.done for h in handle.choices):
+            handles.pop(rid, None)
 
     while True:
         try:
@@ -250,14 +256,16 @@ def _child_main(conn: Connection, load: Load) -> None:
             break
         if isinstance(msg, Cancel):
             if msg.rid in handles:
-                handles[msg.rid].cancel()
+                for choice in handles[msg.rid].choices:
+                    choice.cancel()
             continue
         try:
             if isinstance(msg, Generate) and msg.op in _GENERATIONS:
-                handle = _GENERATIONS[msg.op](engine, msg.payload, msg.params)
+                handle = _GENERATIONS[msg.op](engine, msg)
                 handles[msg.rid] = handle
                 send(Started(msg.rid, handle.notice, handle.dropped_messages))
-                threading.Thread(target=pump, args=(msg.rid, handle), daemon=True).start()
+                for i, choice in enumerate(handle.choices):
+                    threading.Thread(target=pump, args=(msg.rid, i, choice), daemon=True).start()
             elif isinstance(msg, Query) and msg.op in _QUERIES:
                 send(Reply(msg.rid, _QUERIES[msg.op](engine, msg.text)))
             else:
@@ -298,7 +306,7 @@ class IsolatedEngine:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._send_lock = threading.Lock()
-        self._pending: dict[int, GenerationHandle] = {}
+        self._pending: dict[int, list[GenerationHandle]] = {}     # a request's choices, by request id
         self._calls: dict[int, _Call] = {}
         self._down: ClusterError | None = None
         self._closing = False
@@ -376,12 +384,15 @@ class IsolatedEngine:
                 break
             self._last_msg = time.monotonic()
             with self._lock:
-                if isinstance(msg, Delta):
+                if isinstance(msg, Piece):
                     if msg.rid in self._pending:
-                        self._pending[msg.rid].push(msg.text)
+                        self._pending[msg.rid][msg.index].push(msg.delta)
                 elif isinstance(msg, Done):
                     if msg.rid in self._pending:
-                        self._pending.pop(msg.rid).finish(msg.completion)
+                        choices = self._pending[msg.rid]
+                        choices[msg.index].finish(msg.completion)
+                        if all(h.done for h in choices):
+                            del self._pending[msg.rid]
                 elif isinstance(msg, (Started, Reply, Raised)) and msg.rid in self._calls:
                     call = self._calls[msg.rid]
                     call.reply = msg
@@ -403,7 +414,7 @@ class IsolatedEngine:
             self._down = err
             pending, self._pending = self._pending, {}
             calls, self._calls = self._calls, {}
-        for handle in pending.values():
+        for handle in (h for choices in pending.values() for h in choices):
             handle.finish(completion(handle.text_so_far(), "error", prompt_tokens=0, completion_tokens=0,
                                      cached_tokens=0, ttft=0.0, decode_tps=0.0, error=err.message))
         for call in calls.values():
@@ -472,12 +483,13 @@ class IsolatedEngine:
             raise ClusterError("the engine process using the RPC workers is gone",
                                hint="the model reloads by itself once every worker answers") from e
 
-    def _round_trip(self, rid: int, msg: Generate | Query, handle: GenerationHandle | None = None) -> Started | Reply:
+    def _round_trip(self, rid: int, msg: Generate | Query,
+                    choices: list[GenerationHandle] | None = None) -> Started | Reply:
         call = _Call()
         with self._lock:
             self._calls[rid] = call
-            if handle is not None:    # registered before sending: deltas may arrive right after Started
-                self._pending[rid] = handle
+            if choices is not None:   # registered before sending: deltas may arrive right after Started
+                self._pending[rid] = choices
         try:
             self._send(msg)
             if not call.event.wait(self._call_timeout_s):
@@ -498,13 +510,18 @@ class IsolatedEngine:
             raise reply.error.error() if reply is not None else EngineError("no reply from the engine process")
         return reply
 
-    def _generate(self, op: GenerationOp, payload: Any, params: SamplingParams) -> GenerationHandle:
+    def _generate(self, op: GenerationOp, payload: Any, params: SamplingParams, tools: Tools | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> GenerationHandle:
         rid = next(self._ids)
-        handle = GenerationHandle(lambda _handle: self._cancel(rid))
-        started = self._round_trip(rid, Generate(rid, op, payload, params), handle)
+        choices = [GenerationHandle(lambda _handle: self._cancel(rid)) for _ in range(max(1, params.n))]
+        for h in choices:
+            h.set_choices(choices)
+        msg = Generate(rid, op, payload, params, tools, dict(template_kwargs) if template_kwargs else None)
+        started = self._round_trip(rid, msg, choices)
         assert isinstance(started, Started)
-        handle.notice, handle.dropped_messages = started.notice, started.dropped_messages
-        return handle
+        for h in choices:
+            h.notice, h.dropped_messages = started.notice, started.dropped_messages
+        return choices[0]
 
     def _query(self, op: QueryOp, text: str = "") -> Any:
         rid = next(self._ids)
@@ -518,8 +535,9 @@ class IsolatedEngine:
         except LlmrunError:
             pass
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> GenerationHandle:
-        return self._generate("chat", list(messages), params)
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, tools: Tools | None = None,
+             template_kwargs: Mapping[str, Any] | None = None) -> GenerationHandle:
+        return self._generate("chat", list(messages), params, tools, template_kwargs)
 
     def complete(self, prompt: str, params: SamplingParams) -> GenerationHandle:
         return self._generate("complete", prompt, params)

@@ -43,7 +43,13 @@ class LlmrunError(Exception):
 
 
 class UsageError(LlmrunError, ValueError):
+    """`field`, when set, names the request field at fault (the server's `param`: `tools[0].function.name`)."""
+
     exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None, field: str | None = None):
+        super().__init__(message, hint=hint)
+        self.field = field
 
 
 class ConfigError(LlmrunError, ValueError):

@@ -9,19 +9,21 @@ prefix with them evaluates only the rest (multi-turn reuse)."""
 
 from __future__ import annotations
 
+import functools
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import llama_cpp as lc
 
-from runner.engine import native
-from runner.engine.generation import GenerationHandle, StopText, completion
+from runner.engine import native, tools as tool_formats
+from runner.engine.generation import GenerationHandle, Output, completion
 from runner.engine.template import ChatFormat
-from runner.engine.types import ChatMessage, EngineStats, FinishReason, SamplingParams
+from runner.engine.types import ChatMessage, Delta, EngineStats, FinishReason, SamplingParams, Tools
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.core.run_settings import RunSettings
 
@@ -34,9 +36,12 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     chain: object
-    stop: StopText
+    out: Output
+    limit: int                                          # context for this request (tokens per sequence)
+    special: frozenset[int] = frozenset()               # control tokens shown as text (a tool format's markers)
     pending: list[int] = field(default_factory=list)   # prompt tokens not yet evaluated
     next_token: int | None = None                       # sampled, to be evaluated in the next step
+    followers: "list[_Request]" = field(default_factory=list)   # choices 2..n, waiting for this one's prompt
     cached_tokens: int = 0
     n_out: int = 0
     t_first: float | None = None
@@ -73,6 +78,22 @@ def validate_params(p: SamplingParams) -> None:
         raise UsageError(f"max_tokens must be at least 1, not {p.max_tokens}")
     if p.repeat_penalty <= 0:
         raise UsageError(f"repeat_penalty must be positive, not {p.repeat_penalty}")
+    if not 0 < p.typical_p <= 1:
+        raise UsageError(f"typical_p must be in (0, 1], not {p.typical_p}")
+    for name in ("frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"):
+        if not math.isfinite(getattr(p, name)):
+            raise UsageError(f"{name} must be a finite number, not {getattr(p, name)}")
+    if p.mirostat not in (0, 1, 2):
+        raise UsageError(f"mirostat must be 0 (off), 1 or 2, not {p.mirostat}")
+    if p.n < 1:
+        raise UsageError(f"n must be at least 1, not {p.n}")
+    if not 0 <= p.top_logprobs <= 20:
+        raise UsageError(f"top_logprobs must be 0 to 20, not {p.top_logprobs}")
+    if p.n_ctx is not None and p.n_ctx < 1:
+        raise UsageError(f"the request's context must be at least 1 token, not {p.n_ctx}")
+    for token, bias in p.logit_bias:
+        if math.isnan(bias) or bias == math.inf:
+            raise UsageError(f"the logit bias of token {token} must be a number or -inf, not {bias}")
 
 
 class LlamaEngine:
@@ -87,6 +108,7 @@ class LlamaEngine:
         self.buffers = dict(buffers or {})
         self._mem = lc.llama_get_memory(loaded.ctx)
         self._detok = native.Detokenizer(loaded.vocab)
+        self._logprobs = native.Logprobs(loaded.ctx, loaded.n_vocab, self._detok)
         self._add_bos = bool(lc.llama_vocab_get_add_bos(loaded.vocab))
         bos, eos = lc.llama_vocab_bos(loaded.vocab), lc.llama_vocab_eos(loaded.vocab)
         self.chat_format = ChatFormat(native.chat_template(loaded.model),
@@ -113,42 +135,73 @@ class LlamaEngine:
         return native.tokenize(self._m.vocab, text, add_special=add, parse_special=True)
 
     def complete(self, prompt: str, params: SamplingParams) -> GenerationHandle:
-        validate_params(params)
+        self._validate(params)
         tokens = self.prompt_tokens(prompt)
-        self._check_fits(len(tokens))
+        self._check_fits(len(tokens), limit=self._limit(params))
         return self._submit(tokens, params)
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> GenerationHandle:
-        validate_params(params)
-        tokens, dropped = self.fit_chat(messages, params)
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, tools: Tools | None = None,
+             template_kwargs: Mapping[str, Any] | None = None) -> GenerationHandle:
+        """A chat turn. With `tools`, the conversation is rendered the way the model's template family expects
+        (runner.engine.tools), calls are constrained by a grammar and parsed out of the reply."""
+        self._validate(params)
+        tool_formats.check(tools, messages)
+        fmt = self.tool_format
+        offered = tool_formats.offered(tools)
+        template_tools = None
+        if tools is not None or any(m.tool_calls or m.role == "tool" for m in messages):
+            messages = tool_formats.normalize(messages, fmt)
+            if not fmt.native:
+                messages = tool_formats.generic_messages(messages, tools)
+            elif offered:
+                template_tools = tool_formats.template_tools(offered)
+        grammar = tool_formats.grammar(fmt, tools) if tools is not None else None
+        if grammar is not None:
+            if params.grammar:
+                raise UsageError("a response format cannot be combined with tools the model may call",
+                                 hint='leave response_format out, or send tool_choice "none"', field="response_format")
+            params = replace(params, grammar=grammar.text, grammar_triggers=grammar.triggers)
+
+        def render(msgs: Sequence[ChatMessage]) -> list[int]:
+            return self.prompt_tokens(self.chat_format.render(msgs, tools=template_tools, extra=template_kwargs))
+
+        tokens, dropped = self.fit_chat(messages, params, render=render)
         notice = None
         if dropped:
             notice = (f"context full: left out the {dropped} oldest message{'s' if dropped > 1 else ''} "
-                      f"to fit the {self.n_ctx}-token context")
-        return self._submit(tokens, params, notice=notice, dropped=dropped)
+                      f"to fit the {self._limit(params)}-token context")
+        return self._submit(tokens, params, notice=notice, dropped=dropped, tool_format=fmt if offered else None)
+
+    @functools.cached_property
+    def tool_format(self) -> tool_formats.ToolFormat:
+        """How this model's chat template takes tools and writes calls."""
+        return tool_formats.detect(self.chat_format.template, self.chat_format.takes_tools)
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self.prompt_tokens(self.chat_format.render(messages))
 
-    def fit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> tuple[list[int], int]:
+    def fit_chat(self, messages: Sequence[ChatMessage], params: SamplingParams,
+                 render: Callable[[Sequence[ChatMessage]], list[int]] | None = None) -> tuple[list[int], int]:
         """The prompt tokens of the conversation, dropping the oldest turns (never the system prompt) until it
         leaves room for the answer. Returns (tokens, number of messages dropped). The cut is found by bisection
         over the places a kept conversation may start (a user or tool turn, or the last message): a few renders
         however long the conversation, not one per dropped turn."""
         if not messages:
             raise UsageError("a chat needs at least one message")
-        reserve = min(params.max_tokens or self.n_ctx // 4, self.n_ctx // 4)
+        render = render or self.render_chat
+        limit = self._limit(params)
+        reserve = min(params.max_tokens or limit // 4, limit // 4)
         system = [m for m in messages if m.role == "system"]
         turns = [m for m in messages if m.role != "system"]
         rendered: dict[int, list[int]] = {}
 
         def tokens_from(k: int) -> list[int]:
             if k not in rendered:
-                rendered[k] = self.render_chat(system + turns[k:])
+                rendered[k] = render(system + turns[k:])
             return rendered[k]
 
         def fits(k: int) -> bool:
-            return len(tokens_from(k)) + reserve <= self.n_ctx
+            return len(tokens_from(k)) + reserve <= limit
 
         # where a kept conversation may start: the whole of it, then every later turn that is not the assistant's
         # (keep turns starting with the user), and the last message alone as the last resort
@@ -165,20 +218,42 @@ class LlamaEngine:
                     lo = mid + 1
             k = cuts[lo]
         tokens = tokens_from(k)
-        self._check_fits(len(tokens), what="the last message (with the system prompt)" if k else "the conversation")
+        self._check_fits(len(tokens), what="the last message (with the system prompt)" if k else "the conversation",
+                         limit=limit)
         return tokens, k
 
-    def _check_fits(self, n: int, what: str = "the prompt") -> None:
-        if n >= self.n_ctx:
+    def _limit(self, params: SamplingParams) -> int:
+        """The context a request may use: the loaded one per sequence, or less when it asks (Ollama num_ctx)."""
+        return min(self.n_ctx, params.n_ctx) if params.n_ctx else self.n_ctx
+
+    def _validate(self, params: SamplingParams) -> None:
+        validate_params(params)
+        if params.n > self.n_parallel:
+            raise UsageError(f"n={params.n} choices need {params.n} sequences decoding together; this engine has "
+                             f"{self.n_parallel}", hint="ask for fewer choices, or serve with a larger --parallel",
+                             field="n")
+        if params.n_ctx and params.n_ctx > self.n_ctx:
+            raise UsageError(f"a context of {params.n_ctx} tokens was asked for; the model is loaded with "
+                             f"{self.n_ctx} tokens per sequence", hint="ask for at most that, or reload the model "
+                             "with a larger --ctx", field="num_ctx")
+        bad = next((t for t, _ in params.logit_bias if not 0 <= t < self._m.n_vocab), None)
+        if bad is not None:
+            raise UsageError(f"logit_bias names token {bad}; this model's tokens are 0 to {self._m.n_vocab - 1}",
+                             field="logit_bias")
+
+    def _check_fits(self, n: int, what: str = "the prompt", limit: int | None = None) -> None:
+        limit = limit or self.n_ctx
+        if n >= limit:
             raise ContextOverflowError(
-                f"{what} is {n} tokens; the context holds {self.n_ctx} tokens per sequence"
-                + (f" ({self._m.n_ctx} shared by {self.n_parallel} slots)" if self.n_parallel > 1 else ""),
+                f"{what} is {n} tokens; the context holds {limit} tokens per sequence"
+                + (f" ({self._m.n_ctx} shared by {self.n_parallel} slots)" if self.n_parallel > 1
+                   and limit == self.n_ctx else ""),
                 hint="shorten it, or load the model with a larger --ctx (or fewer parallel slots)")
 
     def generate(self, tokens: Sequence[int], params: SamplingParams) -> GenerationHandle:
         """Submit already tokenized prompt tokens (benchmarks, tests)."""
-        validate_params(params)
-        self._check_fits(len(tokens))
+        self._validate(params)
+        self._check_fits(len(tokens), limit=self._limit(params))
         return self._submit(list(tokens), params)
 
     def stats(self) -> EngineStats:
@@ -208,18 +283,42 @@ class LlamaEngine:
 
     # ------------------------------------------------------------------------------------------ submission
     def _submit(self, tokens: list[int], params: SamplingParams, *, notice: str | None = None,
-                dropped: int = 0) -> GenerationHandle:
+                dropped: int = 0, tool_format: tool_formats.ToolFormat | None = None) -> GenerationHandle:
         if self._closing or self._m.ctx is None:
             raise EngineError("the engine is closed")
         if self._dead:
             raise EngineError(f"the engine stopped after an internal error: {self._dead}")
         if params.ignore_eos and self._eog is None:
             self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
-        chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or ())
-        handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
-        req = _Request(handle=handle, prompt=tokens, params=params, chain=chain, stop=StopText(params.stop))
-        self._inbox.put(req)
-        return handle
+        special = self._special(tool_format.preserved) if tool_format is not None else frozenset()
+        limit = self._limit(params)
+        reqs: list[_Request] = []
+        try:
+            for i in range(params.n):
+                chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or (),
+                                             seed_offset=i, n_ctx=limit)
+                handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
+                out = Output(params.stop, tool_format.stream() if tool_format is not None else None, params.logprobs)
+                reqs.append(_Request(handle=handle, prompt=tokens, params=params, chain=chain, out=out, limit=limit,
+                                     special=special))
+        except BaseException:
+            for r in reqs:
+                native.free_sampler(r.chain)
+            raise
+        for r in reqs:
+            r.handle.set_choices([q.handle for q in reqs])
+        reqs[0].followers = reqs[1:]
+        self._inbox.put(reqs[0])
+        return reqs[0].handle
+
+    def _special(self, texts: tuple[str, ...]) -> frozenset[int]:
+        """The token ids of control tokens (`[TOOL_CALLS]`) that must show as text in a reply."""
+        ids = set()
+        for text in texts:
+            toks = self.tokenize(text)
+            if len(toks) == 1:
+                ids.add(toks[0])
+        return frozenset(ids)
 
     def _on_cancel(self, handle: GenerationHandle) -> None:
         self._inbox.put(_WAKE)  # the engine thread notices handle.cancelled at the start of its next step
@@ -278,12 +377,16 @@ class LlamaEngine:
             if req.handle.cancelled:
                 self._finish(req, "cancelled", slot=slot, clear=True)
 
+    def _slot_of(self, req: _Request) -> _Slot | None:
+        return next((s for s in self._slots if s.req is req), None)
+
     def _assign(self) -> None:
         while self._waiting:
+            req = self._waiting[0]
             free = [s for s in self._slots if s.req is None]
-            if not free:
+            if len(free) < 1 + len(req.followers):      # the n choices of a request start together
                 return
-            req = self._waiting.pop(0)
+            self._waiting.pop(0)
             best = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
             # Re-evaluate at least 2 prompt tokens: the last one must give logits, and llama.cpp's one-row matmul
             # kernels round differently from its multi-row ones (up to ~0.8 logits measured on the demo model),
@@ -297,6 +400,13 @@ class LlamaEngine:
                 best.req = req
             req.cached_tokens = common
             req.pending = req.prompt[common:]
+            others = sorted((s for s in free if s is not best), key=lambda s: s.last_used)
+            for slot, follower in zip(others, req.followers):   # they get the prompt's cells when it is read
+                lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+                with self._lock:
+                    slot.tokens = []
+                    slot.req = follower
+                follower.cached_tokens = common
 
     def _step(self, batch) -> None:
         b = batch
@@ -331,6 +441,8 @@ class LlamaEngine:
             prompt_tokens += len(chunk)
             if not req.pending:
                 outputs.append((slot, req, n - 1))
+        if n == 0:                 # only choices waiting for a prompt another step reads
+            return
         b.n_tokens = n
         rc = lc.llama_decode(self._m.ctx, b)
         if rc != 0:
@@ -341,7 +453,23 @@ class LlamaEngine:
         with self._lock:
             self._tokens_in += prompt_tokens
         for slot, req, idx in outputs:
+            if req.followers:
+                self._fork(slot, req, idx)
             self._sample(slot, req, idx)
+
+    def _fork(self, slot: _Slot, req: _Request, idx: int) -> None:
+        """The prompt of a request with n choices is read: the other choices' sequences get its KV cells
+        (llama_memory_seq_cp; across streams llama.cpp copies the buffer before the next decode) and sample
+        their first token from the same logits, each with its own chain and seed."""
+        followers, req.followers = req.followers, []
+        for f in followers:
+            fslot = self._slot_of(f)
+            if fslot is None or f.chain is None:     # cancelled meanwhile
+                continue
+            lc.llama_memory_seq_cp(self._mem, slot.seq, fslot.seq, -1, -1)
+            with self._lock:
+                fslot.tokens = list(slot.tokens)
+            self._sample(fslot, f, idx)
 
     def _sample(self, slot: _Slot, req: _Request, idx: int) -> None:
         tok = lc.llama_sampler_sample(req.chain, self._m.ctx, idx)
@@ -355,20 +483,26 @@ class LlamaEngine:
         req.n_out += 1
         with self._lock:
             self._tokens_out += 1
-        delta, stopped = req.stop.feed(self._detok.piece(tok))
+        special = bool(req.special) and tok in req.special
+        logprob = self._logprobs.at(idx, tok, req.params.top_logprobs, req.special) if req.params.logprobs else None
+        delta, stopped = req.out.feed(self._detok.piece(tok, special), logprob)
         req.handle.push(delta)
         if stopped:
-            self._finish(req, "stop", slot=slot)
+            self._finish(req, "stop", slot=slot, stop_string=True)
         elif (req.params.max_tokens is not None and req.n_out >= req.params.max_tokens) \
-                or len(slot.tokens) >= self.n_ctx:
+                or len(slot.tokens) >= req.limit:
             self._finish(req, "length", slot=slot)
         else:
             req.next_token = tok
 
     def _finish(self, req: _Request, reason: FinishReason, *, slot: _Slot | None = None, clear: bool = False,
-                error: str | None = None) -> None:
+                error: str | None = None, stop_string: bool = False) -> None:
+        if req.chain is None:      # finished already (a choice that ended with the request's first one)
+            return
         if reason in ("stop", "length"):
-            req.handle.push(req.stop.flush())
+            req.handle.push(req.out.end(stopped=stop_string))
+            if reason == "stop" and req.out.tool_calls:
+                reason = "tool_calls"
         if slot is not None:
             with self._lock:
                 slot.req = None
@@ -378,12 +512,18 @@ class LlamaEngine:
                     slot.tokens = []
         native.free_sampler(req.chain)
         req.chain = None
+        followers, req.followers = req.followers, []
+        for f in followers:        # choices that were waiting for this one's prompt end with it
+            self._finish(f, "error" if reason == "error" else "cancelled", slot=self._slot_of(f), clear=True,
+                         error=error)
         ttft = (req.t_first - req.handle.submitted_at) if req.t_first else 0.0
         span = (req.t_last - req.t_first) if req.t_first and req.t_last else 0.0
         tps = (req.n_out - 1) / span if req.n_out > 1 and span > 0 else 0.0
-        req.handle.finish(completion(req.stop.text, reason, prompt_tokens=len(req.prompt), completion_tokens=req.n_out,
+        logprobs = tuple(req.out.logprobs) if req.out.logprobs is not None else None
+        req.handle.finish(completion(req.out.text, reason, prompt_tokens=len(req.prompt), completion_tokens=req.n_out,
                                      cached_tokens=req.cached_tokens, ttft=ttft, decode_tps=tps, error=error,
-                                     notice=req.handle.notice, dropped_messages=req.handle.dropped_messages))
+                                     notice=req.handle.notice, dropped_messages=req.handle.dropped_messages,
+                                     tool_calls=req.out.tool_calls, logprobs=logprobs))
 
 
 def default_threads() -> int:

@@ -8,9 +8,10 @@ import asyncio
 import codecs
 import threading
 import time
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
-from runner.engine.types import Completion, FinishReason, Usage
+from runner.engine.tool_stream import ToolStream
+from runner.engine.types import Completion, Delta, FinishReason, TokenLogprob, ToolCall, ToolCallDelta, Usage
 
 
 class StopText:
@@ -26,6 +27,11 @@ class StopText:
     def _emit(self, s: str) -> str:
         self.text += s
         return s
+
+    @property
+    def decoded(self) -> int:
+        """Characters decoded so far: emitted, plus held back."""
+        return len(self.text) + len(self._held)
 
     def feed(self, piece: bytes) -> tuple[str, bool]:
         held = self._held + self._decoder.decode(piece)
@@ -56,6 +62,60 @@ class StopText:
         return self._emit(rest)
 
 
+class Output:
+    """One request's output pipeline on the engine thread: token bytes → text with stop strings held back →
+    answer text and tool calls (when the request offers tools). With logprobs, each token's entry is released
+    with the first character of its text, so a delta's logprobs are those of the tokens behind its text, and
+    the tokens of a matched stop string are left out as their text is."""
+
+    def __init__(self, stops: tuple[str, ...], tools: ToolStream | None = None, logprobs: bool = False):
+        self.stop = StopText(stops)
+        self.tools = tools
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        self._pending: list[tuple[int, TokenLogprob]] = []    # (offset of the token's text, entry)
+
+    def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> tuple[Delta, bool]:
+        """(what to push, whether a stop string matched)."""
+        if logprob is not None:
+            self._pending.append((self.stop.decoded, logprob))
+        text, stopped = self.stop.feed(piece)
+        return self._delta(text), stopped
+
+    def end(self, stopped: bool) -> Delta:
+        """The rest at the end: what stop strings held back (unless one matched), and the tool calls' tail."""
+        text = "" if stopped else self.stop.flush()
+        calls: list[ToolCallDelta] = []
+        if self.tools is not None:
+            more, calls = self.tools.feed(text) if text else ("", [])
+            tail, last = self.tools.close()
+            text, calls = more + tail, calls + last
+        return Delta(text, self._release(final=not stopped), tuple(calls))
+
+    def _delta(self, text: str) -> Delta:
+        calls: list[ToolCallDelta] = []
+        lps = self._release(final=False) if self._pending else ()
+        if self.tools is not None and text:
+            text, calls = self.tools.feed(text)
+        return Delta(text, lps, tuple(calls))
+
+    def _release(self, *, final: bool) -> tuple[TokenLogprob, ...]:
+        if self.logprobs is None:
+            return ()
+        emitted = len(self.stop.text)
+        out = [lp for start, lp in self._pending if final or start < emitted]
+        self._pending = [] if final else [(start, lp) for start, lp in self._pending if start >= emitted]
+        self.logprobs.extend(out)
+        return tuple(out)
+
+    @property
+    def text(self) -> str:
+        return self.tools.text if self.tools is not None else self.stop.text
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self.tools.tool_calls if self.tools is not None else ()
+
+
 class GenerationHandle:
     """Implements runner.engine.types.Generation. The engine thread pushes deltas and finishes it; callers
     iterate from any thread or event loop."""
@@ -64,7 +124,7 @@ class GenerationHandle:
                  dropped_messages: int = 0):
         self._cond = threading.Condition()      # wakes sync iterators on each delta
         self._finished = threading.Event()      # wakes result() once, at the end (not on every delta)
-        self._chunks: list[str] = []
+        self._chunks: list[Delta] = []
         self._completion: Completion | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._on_cancel = on_cancel
@@ -72,6 +132,15 @@ class GenerationHandle:
         self.notice = notice                    # e.g. "context full: dropped the 2 oldest messages"
         self.dropped_messages = dropped_messages
         self.submitted_at = time.perf_counter()
+        self._choices: tuple[GenerationHandle, ...] = (self,)
+
+    @property
+    def choices(self) -> "tuple[GenerationHandle, ...]":
+        """Every choice of the request (SamplingParams.n), this one first."""
+        return self._choices
+
+    def set_choices(self, choices: "Sequence[GenerationHandle]") -> None:
+        self._choices = tuple(choices)
 
     # ---- engine side
     def _wake(self) -> None:
@@ -81,8 +150,12 @@ class GenerationHandle:
             except RuntimeError:  # loop closed
                 pass
 
-    def push(self, delta: str) -> None:
-        if not delta:
+    def push(self, delta: str | Delta) -> None:
+        if isinstance(delta, str):
+            if not delta:
+                return
+            delta = Delta(delta)
+        elif not (delta.text or delta.logprobs or delta.tool_calls):
             return
         with self._cond:
             self._chunks.append(delta)
@@ -107,12 +180,12 @@ class GenerationHandle:
         return self._completion
 
     def text_so_far(self) -> str:
-        """Every delta pushed so far, joined."""
+        """Every delta's text pushed so far, joined."""
         with self._cond:
-            return "".join(self._chunks)
+            return "".join(d.text for d in self._chunks)
 
     # ---- caller side
-    def __iter__(self) -> Iterator[str]:
+    def deltas(self) -> Iterator[Delta]:
         i = 0
         while True:
             with self._cond:
@@ -125,7 +198,10 @@ class GenerationHandle:
             if finished and i >= len(self._chunks):
                 return
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    def __iter__(self) -> Iterator[str]:
+        return (d.text for d in self.deltas() if d.text)
+
+    async def adeltas(self) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         with self._cond:
@@ -151,6 +227,11 @@ class GenerationHandle:
             with self._cond:
                 self._waiters = [w for w in self._waiters if w[1] is not event]
 
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for d in self.adeltas():
+            if d.text:
+                yield d.text
+
     def cancel(self) -> None:
         if self._completion is None and not self.cancelled:
             self.cancelled = True
@@ -165,8 +246,9 @@ class GenerationHandle:
 
 def completion(text: str, reason: FinishReason, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
                ttft: float, decode_tps: float, error: str | None = None, notice: str | None = None,
-               dropped_messages: int = 0) -> Completion:
+               dropped_messages: int = 0, tool_calls: tuple[ToolCall, ...] = (),
+               logprobs: tuple[TokenLogprob, ...] | None = None) -> Completion:
     return Completion(text=text, finish_reason=reason,
                       usage=Usage(prompt_tokens, completion_tokens, cached_tokens),
                       time_to_first_token_s=ttft, decode_tokens_per_s=decode_tps, error=error,
-                      notice=notice, dropped_messages=dropped_messages)
+                      notice=notice, dropped_messages=dropped_messages, tool_calls=tool_calls, logprobs=logprobs)

@@ -18,6 +18,7 @@ import llama_cpp as lc
 from runner.core.errors import EngineError, GGUFError, UsageError
 from runner.core.run_settings import RunSettings, kv_type
 from runner.engine import ggml
+from runner.engine.types import SamplingParams, TokenLogprob, TopLogprob
 from runner.model.gguf import read_header
 
 EXPERT_PATTERN = rb"ffn_.*_exps"
@@ -204,18 +205,51 @@ def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True)
 
 
 class Detokenizer:
-    """Token ids -> bytes (llama_token_to_piece, control tokens not rendered)."""
+    """Token ids -> bytes (llama_token_to_piece; control tokens not rendered unless `special`)."""
 
     def __init__(self, vocab):
         self.vocab = vocab
         self._buf = ctypes.create_string_buffer(256)
 
-    def piece(self, token: int) -> bytes:
-        n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         if n < 0:
             self._buf = ctypes.create_string_buffer(-n + 16)
-            n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+            n = lc.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
         return self._buf.raw[:max(n, 0)]
+
+
+class Logprobs:
+    """Log probabilities of a sampled step from its real logits (llama_get_logits_ith): the log-softmax of the
+    raw logits over the whole vocabulary, i.e. the model's own distribution before penalties, logit bias,
+    grammar, temperature and truncation (as llama-server reports by default and OpenAI documents). Only
+    requests that ask for logprobs pay for it: one pass over n_vocab floats, plus a partial sort for the top."""
+
+    def __init__(self, ctx, n_vocab: int, detok: Detokenizer):
+        import numpy as np
+
+        self._np = np
+        self.ctx, self.n_vocab, self.detok = ctx, n_vocab, detok
+
+    def at(self, idx: int, token: int, top: int, special: frozenset[int] = frozenset()) -> TokenLogprob:
+        np = self._np
+        ptr = lc.llama_get_logits_ith(self.ctx, idx)
+        if not ptr:
+            raise EngineError(f"llama.cpp kept no logits for batch position {idx}")
+        x = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        m = float(x.max())
+        lse = m + float(np.log(np.exp(x - m, dtype=np.float64).sum()))
+        alts: tuple[TopLogprob, ...] = ()
+        if top:
+            ids = np.argpartition(x, -top)[-top:]
+            ids = ids[np.argsort(-x[ids], kind="stable")]
+            alts = tuple(self._top(int(t), float(x[t]) - lse, special) for t in ids)
+        b = self.detok.piece(token, token in special)
+        return TokenLogprob(b.decode("utf-8", errors="replace"), b, float(x[token]) - lse, alts)
+
+    def _top(self, token: int, logprob: float, special: frozenset[int]) -> TopLogprob:
+        b = self.detok.piece(token, token in special)
+        return TopLogprob(b.decode("utf-8", errors="replace"), b, logprob)
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -225,41 +259,67 @@ def eog_tokens(vocab, n_vocab: int) -> tuple[int, ...]:
     return tuple(t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t))
 
 
-def sampler_chain(vocab, n_vocab: int, params, *, eog: tuple[int, ...] = ()) -> object:
-    """A llama.cpp sampler chain for one request; the caller frees it with free_sampler(). With
-    params.ignore_eos, `eog` tokens get a -inf logit bias."""
+def sampler_chain(vocab, n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...] = (), seed_offset: int = 0,
+                  n_ctx: int = 0) -> object:
+    """A llama.cpp sampler chain for one request (the caller frees it with free_sampler()), in llama.cpp's
+    common order: logit bias, penalties, grammar, then top-k, typical-p, top-p, min-p, temperature and the
+    seeded draw (or Mirostat in place of the truncations). With params.ignore_eos, `eog` tokens get a -inf
+    bias. `seed_offset`: choice i of a request with n > 1 draws from seed + i."""
     sp = lc.llama_sampler_chain_default_params()
     sp.no_perf = True
     chain = lc.llama_sampler_chain_init(sp)
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
     try:
-        if getattr(params, "ignore_eos", False) and eog:
-            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
-            add(lc.llama_sampler_init_logit_bias(n_vocab, len(eog), biases))
-        if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
-            add(lc.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        biases = list(params.logit_bias)
+        if params.ignore_eos and eog:
+            biases += [(t, float("-inf")) for t in eog]
+        if biases:
+            arr = (lc.llama_logit_bias * len(biases))(*[lc.llama_logit_bias(t, b) for t, b in biases])
+            add(lc.llama_sampler_init_logit_bias(n_vocab, len(biases), arr))
+        last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+        if last_n and (params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
+            add(lc.llama_sampler_init_penalties(n_vocab, last_n, params.repeat_penalty, params.frequency_penalty,
+                                                params.presence_penalty))
         if params.grammar:
-            g = lc.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
-            if not g:
-                raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
-                                 hint="see llama.cpp's grammars/README.md; the start rule must be named root")
-            add(g)
+            add(_grammar_sampler(vocab, params.grammar, params.grammar_triggers))
+        seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else (params.seed + seed_offset) & 0xFFFFFFFF
         if params.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
+        elif params.mirostat:
+            add(lc.llama_sampler_init_temp(params.temperature))
+            if params.mirostat == 1:
+                add(lc.llama_sampler_init_mirostat(n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100))
+            else:
+                add(lc.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
         else:
             if params.top_k > 0:
                 add(lc.llama_sampler_init_top_k(params.top_k))
+            if 0 < params.typical_p < 1:
+                add(lc.llama_sampler_init_typical(params.typical_p, 1))
             if 0 < params.top_p < 1:
                 add(lc.llama_sampler_init_top_p(params.top_p, 1))
             if params.min_p > 0:
                 add(lc.llama_sampler_init_min_p(params.min_p, 1))
             add(lc.llama_sampler_init_temp(params.temperature))
-            seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             add(lc.llama_sampler_init_dist(seed))
     except BaseException:
         lc.llama_sampler_free(chain)
         raise
     return chain
+
+
+def _grammar_sampler(vocab, grammar: str, triggers: tuple[str, ...]) -> object:
+    """A grammar sampler; with `triggers` a lazy one, free until a trigger pattern matches the output."""
+    if triggers:
+        pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
+        g = lc.llama_sampler_init_grammar_lazy_patterns(vocab, grammar.encode(), b"root", pats, len(triggers),
+                                                        None, 0)
+    else:
+        g = lc.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not g:
+        raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
+                         hint="see llama.cpp's grammars/README.md; the start rule must be named root")
+    return g
 
 
 def free_sampler(chain) -> None:

@@ -7,10 +7,14 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from runner.engine.types import ChatMessage
 from runner.core.errors import EngineError, UsageError
+
+# what the server sets itself; chat_template_kwargs may not replace them
+RESERVED_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "raise_exception", "strftime_now"})
 
 
 def llama2_prompt(messages: Sequence[ChatMessage]) -> str:
@@ -51,6 +55,19 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+@functools.lru_cache(maxsize=8)
+def _variables(template: str) -> frozenset[str]:
+    import jinja2
+    from jinja2 import meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+        return frozenset(meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateError:
+        return frozenset()
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """Renders a conversation into the prompt text the model was trained on."""
@@ -63,16 +80,40 @@ class ChatFormat:
     def name(self) -> str:
         return "gguf" if self.template else "llama2"
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def variables(self) -> frozenset[str]:
+        """The variables the template reads from its caller (`tools`, `enable_thinking`, ...)."""
+        if not self.template:
+            return frozenset()
+        return _variables(self.template)
+
+    @property
+    def takes_tools(self) -> bool:
+        return "tools" in self.variables
+
+    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, extra: Mapping[str, Any] | None = None) -> str:
+        """The prompt. `tools` (OpenAI-shaped) go to templates that take them; `extra` are more template
+        variables (chat_template_kwargs). Messages carry tool calls and results as Hugging Face templates
+        expect them."""
         if not self.template:
             return llama2_prompt(messages)
         import jinja2
 
+        from runner.engine.tools import message_dict
+
+        bad = sorted(RESERVED_VARIABLES & set(extra or {}))
+        if bad:
+            raise UsageError(f"chat_template_kwargs may not set {', '.join(bad)}: the server sets it",
+                             field=f"chat_template_kwargs.{bad[0]}")
+        variables: dict[str, Any] = dict(extra or {})
+        if tools is not None:
+            variables["tools"] = tools
         try:
             tmpl = _compile(self.template)
-            return tmpl.render(messages=[{"role": m.role, "content": m.content} for m in messages],
+            return tmpl.render(messages=[message_dict(m) for m in messages],
                                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                               eos_token=self.eos_token)
+                               eos_token=self.eos_token, **variables)
         except jinja2.TemplateError as e:
             raise EngineError(f"the model's chat template could not be rendered: {e}",
                               hint="the GGUF's tokenizer.chat_template is broken; use `llmrun run` with a raw prompt") from e

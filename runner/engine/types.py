@@ -4,7 +4,7 @@ adapter all use. No llama_cpp import here, so the server and tests can use these
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Iterator, Literal, Mapping, Protocol, Sequence
 
 from runner.core.errors import LlmrunError
 
@@ -15,19 +15,106 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    typical_p: float = 1.0            # 1 = off (locally typical sampling)
     repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64           # the window of the three penalties (-1 = the whole context)
+    frequency_penalty: float = 0.0    # OpenAI's: minus this times the count of each token in the window
+    presence_penalty: float = 0.0     # OpenAI's: minus this once for each token present in the window
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit); -inf bans the token
+    mirostat: Literal[0, 1, 2] = 0    # 1 or 2 replace top-k/top-p/min-p/typical-p with Mirostat (v1, v2)
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     seed: int | None = None           # None = random
     max_tokens: int | None = None     # None = until end of generation or context end
     stop: tuple[str, ...] = ()
-    grammar: str | None = None        # GBNF text (JSON mode / json_schema are compiled to this)
+    grammar: str | None = None        # GBNF text (JSON mode / json_schema / tool calls are compiled to this)
+    grammar_triggers: tuple[str, ...] = ()   # lazy grammar: free text until one of these regexes matches
     ignore_eos: bool = False          # never sample end-of-generation tokens (benchmarks: fixed lengths)
+    n: int = 1                        # choices from one prompt evaluation; choice i samples with seed + i
+    logprobs: bool = False            # report each sampled token's log probability (Completion.logprobs)
+    top_logprobs: int = 0             # and this many most likely alternatives per position (0-20)
+    n_ctx: int | None = None          # a per-request context smaller than the loaded one (Ollama num_ctx)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made (or made in an earlier turn). `arguments` is JSON text, as OpenAI sends
+    it; `id` pairs it with the `tool` message that answers it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments object."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The tools a chat offers and how the model may use them: `auto` (call or answer), `none` (answer; the
+    tools are not described), `required` (call at least one) or `function` (call `function`). With `required`
+    and `function` a grammar makes every call valid JSON matching its schema; with `auto` the grammar takes
+    over once the model starts a call. `parallel`: several calls in one turn."""
+
+    functions: tuple[Tool, ...]
+    choice: Literal["auto", "none", "required", "function"] = "auto"
+    function: str | None = None       # with choice "function"
+    parallel: bool = True
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()   # an assistant turn's calls
+    tool_call_id: str | None = None         # a tool turn: the call it answers
+    name: str | None = None                 # a tool turn: the function's name (Ollama's tool_name)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token: its log probability under the model's distribution at that step (log-softmax of the
+    raw logits over the whole vocabulary, before penalties, bias, grammar, temperature or truncation), and the
+    `top` most likely tokens of that same distribution, most likely first."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: the first piece of call `index` carries its id and name, the next ones
+    fragments of its arguments JSON (their concatenation is ToolCall.arguments)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a generation produced since the last delta: text, the log probabilities of the tokens behind it
+    (when asked for), and tool-call pieces."""
+
+    text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,12 +128,12 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
 class Completion:
-    text: str
+    text: str                         # the answer's text (without the tool calls' markup)
     finish_reason: FinishReason
     usage: Usage
     time_to_first_token_s: float
@@ -54,6 +141,8 @@ class Completion:
     error: str | None = None
     notice: str | None = None         # e.g. "context full: dropped the 2 oldest messages" (chat only)
     dropped_messages: int = 0         # messages left out of the prompt to fit the context
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None   # with SamplingParams.logprobs: one per sampled token
 
 
 @dataclass(frozen=True)
@@ -70,16 +159,23 @@ class EngineStats:
 
 
 class Generation(Protocol):
-    """A submitted request. Iterate (sync or async) for text deltas; `result()` waits for the end. The one
-    implementation is runner.engine.generation.GenerationHandle; engines differ only in what produces into it."""
+    """A submitted request. Iterate (sync or async) for text deltas, or `deltas()` / `adeltas()` for Delta
+    values (text, logprobs, tool-call pieces); `result()` waits for the end. With SamplingParams.n > 1 the
+    engine returns the first choice and `choices` holds all n (itself first); otherwise `choices` is (self,).
+    The one implementation is runner.engine.generation.GenerationHandle; engines differ only in what produces
+    into it."""
 
     notice: str | None                 # what the engine had to do to fit the request, e.g. oldest turns left out
     dropped_messages: int              # chat messages left out of the prompt to fit the context
 
     @property
+    def choices(self) -> "tuple[Generation, ...]": ...
+    @property
     def completion(self) -> Completion | None: ...   # the end, once finished; never blocks
     def __iter__(self) -> Iterator[str]: ...
     def __aiter__(self) -> AsyncIterator[str]: ...
+    def deltas(self) -> Iterator[Delta]: ...
+    def adeltas(self) -> AsyncIterator[Delta]: ...
     def cancel(self) -> None: ...          # frees the slot and its KV cells within one decode step
     def result(self, timeout: float | None = None) -> Completion: ...
 
@@ -98,7 +194,8 @@ class Engine(Protocol):
     @property
     def buffers(self) -> Mapping[str, int]: ...      # llama.cpp's logged buffer sizes {"CPU KV": bytes, ...}
 
-    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Generation: ...
+    def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, tools: Tools | None = None,
+             template_kwargs: Mapping[str, Any] | None = None) -> Generation: ...
     def complete(self, prompt: str, params: SamplingParams) -> Generation: ...
     def generate(self, tokens: Sequence[int], params: SamplingParams) -> Generation: ...
     def tokenize(self, text: str) -> list[int]: ...         # text as tokens, no BOS, special tokens parsed

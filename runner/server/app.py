@@ -228,6 +228,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     app.add_middleware(GuardMiddleware, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"], max_age=600)
+                           allow_headers=["*"], max_age=600,
+                           expose_headers=["X-Llmrun-Ignored-Fields", "X-Llmrun-Notice"])
     app.add_middleware(MetricsMiddleware, state=state)
     return app

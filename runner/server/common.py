@@ -3,9 +3,12 @@ always releases its generation."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -17,6 +20,9 @@ from runner.server.metrics import Metrics
 from runner.server.native import Gate, NativeRequest, Run
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
+IGNORED_HEADER = "X-Llmrun-Ignored-Fields"
+
+log = logging.getLogger("llmrun.server")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class AppState:
     ready: Ready | None = None
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
+    logged_ignored: set[str] = field(default_factory=set)    # ignored request fields already logged
 
     def set_ready(self, engine: Engine, card: ModelCard) -> None:
         self.ready = Ready(engine, card, Gate(engine.n_parallel, self.config.queue, self.config.retry_after_s))
@@ -67,18 +74,57 @@ def state_of(request: Request) -> AppState:
     return request.app.state.llm
 
 
-def sampling(*, temperature=None, top_p=None, top_k=None, min_p=None, repeat_penalty=None, repeat_last_n=None,
-             seed=None, max_tokens=None, stop=None, grammar=None) -> SamplingParams:
+def sampling(*, temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None, repeat_penalty=None,
+             repeat_last_n=None, frequency_penalty=None, presence_penalty=None, logit_bias=None, mirostat=None,
+             mirostat_tau=None, mirostat_eta=None, seed=None, max_tokens=None, stop=None, grammar=None, n=None,
+             logprobs=None, top_logprobs=None, n_ctx=None) -> SamplingParams:
     """SamplingParams from the values a request set (None = engine default)."""
     given = {
-        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-        "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n,
-        "seed": None if seed is None else seed % SEED_MOD, "max_tokens": max_tokens, "grammar": grammar,
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "typical_p": typical_p,
+        "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n, "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty, "mirostat": mirostat, "mirostat_tau": mirostat_tau,
+        "mirostat_eta": mirostat_eta, "seed": None if seed is None else seed % SEED_MOD, "max_tokens": max_tokens,
+        "grammar": grammar, "n": n, "logprobs": logprobs, "top_logprobs": top_logprobs, "n_ctx": n_ctx,
     }
-    kwargs = {k: v for k, v in given.items() if v is not None}
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if stop:
         kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+    if logit_bias:
+        kwargs["logit_bias"] = tuple(logit_bias)
     return SamplingParams(**kwargs)
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> Iterator[str]:
+    """The fields of a request that the server does not use: those its model does not define (pydantic's
+    extras), nested ones as `stream_options.include_obfuscation`, in list items as `messages[].name`."""
+    for name in body.model_extra or {}:
+        yield prefix + name
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel):
+            yield from ignored_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    yield from ignored_fields(item, f"{prefix}{name}[].")
+
+
+def _header_safe(name: str) -> str:
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.-[]$@:/") else "?" for c in name)
+    return safe[:64] + ("..." if len(safe) > 64 else "")
+
+
+def note_ignored(request: Request, body: BaseModel) -> tuple[str, ...]:
+    """The request's ignored fields (made safe for a header: ASCII, no separators, at most 64 characters
+    each, 32 names), each logged the first time this server sees it."""
+    names = tuple(dict.fromkeys(_header_safe(n) for n in ignored_fields(body)))[:32]
+    state = state_of(request)
+    for name in names:
+        if name not in state.logged_ignored:
+            state.logged_ignored.add(name)
+            log.warning("ignoring the request field %r on %s (no effect here; named in the %s response header "
+                        "of each request that sends it)", name, request.url.path, IGNORED_HEADER)
+    return names
 
 
 async def start_run(request: Request, native: NativeRequest) -> Run:
@@ -95,9 +141,14 @@ async def start_run(request: Request, native: NativeRequest) -> Run:
 
 
 def notice_headers(run: Run) -> dict[str, str]:
-    """Never truncate silently: when the engine left old chat turns out to fit the context, say so."""
-    notice = run.notice
-    return {"X-Llmrun-Notice": notice.encode("ascii", "replace").decode()} if notice else {}
+    """Never truncate silently: when the engine left old chat turns out to fit the context, say so. Never
+    ignore silently: name the request fields that had no effect."""
+    headers = {}
+    if run.notice:
+        headers["X-Llmrun-Notice"] = run.notice.encode("ascii", "replace").decode()
+    if run.request.ignored:
+        headers[IGNORED_HEADER] = ", ".join(run.request.ignored).encode("ascii", "replace").decode()
+    return headers
 
 
 class RunStream(StreamingResponse):

@@ -41,6 +41,8 @@ class ApiError(Exception):
 
 def from_llmrun(e: E.LlmrunError, *, param: str | None = None) -> ApiError:
     """The one place an llmrun error becomes an HTTP status."""
+    if param is None and isinstance(e, E.UsageError):
+        param = e.field                   # the request field the engine found at fault, if it knows
     for cls, status, type_, code in STATUS_TABLE:
         if isinstance(e, cls):
             message = e.message + (f" (hint: {e.hint})" if e.hint else "")

@@ -4,26 +4,32 @@ disconnect handling, finish with the engine's Completion. The adapters only tran
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 from starlette.requests import Request
 
-from runner.engine.types import ChatMessage, Completion, Engine, Generation, SamplingParams
-from runner.core.errors import ContextOverflowError, LlmrunError, UsageError
+from runner.engine.grammar import json_grammar
+from runner.engine.types import ChatMessage, Completion, Delta, Engine, Generation, SamplingParams, Tools
+from runner.core.errors import ContextOverflowError, LlmrunError
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
+
+__all__ = ["NativeRequest", "Run", "Gate", "ClientGone", "json_grammar"]
 
 
 @dataclass(frozen=True)
 class NativeRequest:
-    """Exactly one of `messages` (chat) and `prompt` (raw completion)."""
+    """Exactly one of `messages` (chat) and `prompt` (raw completion). `ignored`: request fields that had no
+    effect (the X-Llmrun-Ignored-Fields header)."""
 
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    tools: Tools | None = None
+    template_kwargs: Mapping[str, Any] | None = None
+    ignored: tuple[str, ...] = ()
 
 
 class ClientGone(Exception):
@@ -49,23 +55,6 @@ class Gate:
 
     def leave(self) -> None:
         self.in_flight -= 1
-
-
-def json_grammar(schema: object | None = None, *, param: str) -> str:
-    """GBNF text for "any JSON object" (schema None) or for a JSON schema, via llama.cpp's own converter in
-    llama-cpp-python (pure Python text conversion; the engine does the constrained sampling)."""
-    from llama_cpp import llama_grammar
-
-    if schema is None:
-        return llama_grammar.JSON_GBNF
-    if not isinstance(schema, dict):
-        raise UsageError(f"{param} must be a JSON schema object", hint='e.g. {"type": "object", "properties": {}}')
-    try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    # the converter signals unsupported schemas with assertions and attribute/key errors on odd shapes
-    except (AssertionError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
-        raise UsageError(f"{param} is not a JSON schema llama.cpp grammars support: {e}",
-                         hint="use plain types, properties, required, enum, arrays; no remote $ref") from e
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -95,20 +84,30 @@ async def _race_disconnect(awaitable, request: Request):
 
 
 class Run:
-    """One admitted generation. `start()` submits and waits for the first delta (so bad input and context
-    overflow still get a proper HTTP status); then iterate `deltas()` or `collect()`; `completion` at the end.
-    `close()` always runs (the response wrappers call it): cancels an unfinished generation, frees the gate."""
+    """One admitted generation (all its choices). `start()` submits and waits for the first delta (so bad input
+    and context overflow still get a proper HTTP status); then iterate `deltas()` or `collect()`;
+    `completions` (one per choice) at the end. `close()` always runs (the response wrappers call it): cancels
+    an unfinished generation, frees the gate."""
 
     def __init__(self, engine: Engine, gate: Gate, metrics: Metrics, request: NativeRequest, http: Request):
         self.engine, self.gate, self.metrics, self.request, self.http = engine, gate, metrics, request, http
         self.generation: Generation | None = None
-        self.completion: Completion | None = None
+        self.completions: tuple[Completion, ...] = ()
         self.t0 = time.perf_counter()
-        self._it: AsyncIterator[str] | None = None
-        self._first: str | None = None
+        self._it: AsyncIterator[tuple[int, Delta]] | None = None
+        self._first: tuple[int, Delta] | None = None
         self._finished = False
         self._closed = False
         self._last = self.t0
+
+    @property
+    def completion(self) -> Completion | None:
+        """The first choice's end (the only one unless n > 1)."""
+        return self.completions[0] if self.completions else None
+
+    @property
+    def choices(self) -> tuple[Generation, ...]:
+        return self.generation.choices if self.generation is not None else ()
 
     @property
     def notice(self) -> str | None:
@@ -120,7 +119,7 @@ class Run:
         grammar (or a child process's round trip) take milliseconds to seconds and must not hold the event loop."""
         req = self.request
         if req.messages is not None:
-            return self.engine.chat(req.messages, req.params)
+            return self.engine.chat(req.messages, req.params, tools=req.tools, template_kwargs=req.template_kwargs)
         return self.engine.complete(req.prompt or "", req.params)
 
     async def start(self) -> None:
@@ -132,7 +131,7 @@ class Run:
             except asyncio.CancelledError:   # the request was cancelled while submitting: cancel what it started
                 submitted.add_done_callback(_cancel_submitted)
                 raise
-            self._it = self.generation.__aiter__()
+            self._it = _merge(self.generation.choices)
             try:
                 self._first = await _race_disconnect(self._it.__anext__(), self.http)
             except StopAsyncIteration:
@@ -157,17 +156,17 @@ class Run:
 
     async def _finish(self) -> None:
         self._finished = True
-        gen = self.generation
-        # the iteration ends only once the generation finished, so its completion is there: nothing to wait for
-        self.completion = gen.completion if gen is not None else None
-        if self.completion is not None:
-            u = self.completion.usage
-            self.metrics.tokens(u.prompt_tokens, u.completion_tokens)
-            if self.completion.finish_reason == "error":
-                raise from_llmrun(_engine_error(self.completion))
+        # the iteration ends only once every choice finished, so their completions are there: nothing to wait for
+        self.completions = tuple(c for c in (g.completion for g in self.choices) if c is not None)
+        if self.completions:
+            self.metrics.tokens(self.completions[0].usage.prompt_tokens,
+                                sum(c.usage.completion_tokens for c in self.completions))
+            failed = next((c for c in self.completions if c.finish_reason == "error"), None)
+            if failed is not None:
+                raise from_llmrun(_engine_error(failed))
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas, the first one included. Raises ApiError if the engine fails mid-way."""
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta), the first one included. Raises ApiError if the engine fails mid-way."""
         try:
             if self._first:
                 yield self._first
@@ -176,11 +175,11 @@ class Run:
             if self._it is None:
                 raise RuntimeError("Run.deltas() before Run.start()")
             try:
-                async for delta in self._it:
+                async for item in self._it:
                     now = time.perf_counter()
                     self.metrics.token_gap(now - self._last)
                     self._last = now
-                    yield delta
+                    yield item
                 await self._finish()
             except LlmrunError as e:
                 raise from_llmrun(e) from e
@@ -188,11 +187,14 @@ class Run:
             if not self._finished:
                 await self.close()
 
-    async def collect(self) -> str:
-        async def drain() -> str:
-            return "".join([d async for d in self.deltas()])
+    async def collect(self) -> tuple[Completion, ...]:
+        """Wait for every choice; their completions."""
+        async def drain() -> None:
+            async for _ in self.deltas():
+                pass
         try:
-            return await _race_disconnect(drain(), self.http)
+            await _race_disconnect(drain(), self.http)
+            return self.completions
         finally:
             await self.close()
 
@@ -201,9 +203,39 @@ class Run:
             return
         self._closed = True
         if self.generation is not None and not self._finished:
-            self.generation.cancel()
+            for choice in self.generation.choices:
+                choice.cancel()
             self.metrics.cancel()
         self.gate.leave()
+
+
+async def _merge(choices: tuple[Generation, ...]) -> AsyncIterator[tuple[int, Delta]]:
+    """The deltas of every choice as they come, tagged with the choice's index."""
+    if len(choices) == 1:
+        async for d in choices[0].adeltas():
+            yield 0, d
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None]] = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
+        try:
+            async for d in g.adeltas():
+                await queue.put((i, d))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(choices)]
+    try:
+        running = len(tasks)
+        while running:
+            i, d = await queue.get()
+            if d is None:
+                running -= 1
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _cancel_submitted(task: asyncio.Future[Generation]) -> None:

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner import __version__
-from runner.engine.types import ChatMessage
+from runner.engine.types import ChatMessage, Tool, ToolCall, ToolCallDelta, Tools
 from runner.core.errors import UsageError
-from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
 from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
@@ -26,27 +26,63 @@ router = APIRouter()
 
 
 class Options(BaseModel):
-    """Ollama's runtime options; the ones llama.cpp sampling understands are used, others are ignored as
-    Ollama itself ignores options that do not apply."""
+    """Ollama's runtime options: every one llama.cpp's sampling can honour is used. The others (load-time
+    settings such as num_gpu, num_thread, num_batch, use_mmap; num_keep; options llama.cpp dropped such as
+    tfs_z and penalize_newline) are ignored, as Ollama ignores options that do not apply, and named in the
+    X-Llmrun-Ignored-Fields header."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     temperature: float | None = Field(default=None, ge=0, le=100)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    typical_p: float | None = Field(default=None, gt=0, le=1)
     repeat_penalty: float | None = Field(default=None, gt=0, le=10)
-    repeat_last_n: int | None = Field(default=None, ge=-1, le=2 ** 31 - 1)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=2 ** 31 - 1)   # -1 = the whole context
+    presence_penalty: float | None = Field(default=None, ge=-100, le=100)
+    frequency_penalty: float | None = Field(default=None, ge=-100, le=100)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(default=None, gt=0, le=100)
+    mirostat_eta: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
     num_predict: int | None = Field(default=None, ge=-2, le=2 ** 31 - 1)   # -1 = no limit, -2 = fill context
     stop: list[str] | str | None = None
     num_ctx: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
 
 
-class Message(BaseModel):
+class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FunctionCall(_Loose):
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class ToolCallIn(_Loose):
+    id: str | None = None
+    function: FunctionCall
+
+
+class Message(_Loose):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_name: str | None = None          # a tool result: the function's name (Ollama >= 0.9)
+    name: str | None = None               # older clients' spelling
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Loose):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(_Loose):
+    type: str = "function"
+    function: FunctionDef
 
 
 class _Base(BaseModel):
@@ -61,7 +97,7 @@ class _Base(BaseModel):
 
 class ChatRequest(_Base):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = None
 
 
 class GenerateRequest(_Base):
@@ -78,11 +114,15 @@ def _bad(param: str, why: str) -> ApiError:
     return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
 
 
-def _params(req: _Base):
+def _params(req: _Base, n_ctx: int):
     o = req.options or Options()
     max_tokens = o.num_predict if o.num_predict and o.num_predict > 0 else None
     if o.num_predict == 0:
         max_tokens = 1      # Ollama's 0 means "evaluate the prompt only"; one token is the least we generate
+    if o.num_ctx is not None and o.num_ctx > n_ctx:
+        raise ApiError(400, f"options.num_ctx {o.num_ctx} is larger than the loaded context of {n_ctx} tokens "
+                            "per sequence; ask for at most that, or restart the server with a larger --ctx",
+                       param="options.num_ctx", code="invalid_value")
     grammar = None
     try:
         if req.format == "json":
@@ -91,16 +131,57 @@ def _params(req: _Base):
             grammar = json_grammar(req.format, param="format")
     except UsageError as e:
         raise ApiError(400, e.message, param="format") from e
-    return sampling(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
-                    repeat_penalty=o.repeat_penalty,
-                    repeat_last_n=o.repeat_last_n if o.repeat_last_n is not None and o.repeat_last_n >= 0 else None,
-                    seed=o.seed, max_tokens=max_tokens, stop=o.stop, grammar=grammar)
+    return sampling(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p, typical_p=o.typical_p,
+                    repeat_penalty=o.repeat_penalty, repeat_last_n=o.repeat_last_n,
+                    presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
+                    mirostat=o.mirostat, mirostat_tau=o.mirostat_tau, mirostat_eta=o.mirostat_eta,
+                    seed=o.seed, max_tokens=max_tokens, stop=o.stop, grammar=grammar, n_ctx=o.num_ctx or None)
 
 
-def _checks(req: _Base, request: Request) -> None:
+def _checks(req: _Base, request: Request) -> int:
+    """The loaded context per sequence, once the request may go on."""
     if req.think not in (None, False, "", "false"):
         raise _bad("think", f"{req.model!r} does not support thinking")
-    state_of(request).check_model(req.model)
+    return state_of(request).check_model(req.model).engine.n_ctx
+
+
+def _tools(body: ChatRequest) -> Tools | None:
+    if not body.tools:
+        return None
+    funcs = []
+    for i, t in enumerate(body.tools):
+        if t.type != "function":
+            raise _bad(f"tools[{i}].type", f"tools of type {t.type!r} are not supported (function tools only)")
+        f = t.function
+        funcs.append(Tool(f.name, f.description or "",
+                          f.parameters if f.parameters is not None else {"type": "object", "properties": {}}))
+    if body.format:
+        raise _bad("format", "cannot be combined with tools (the model either calls a tool or answers)")
+    return Tools(tuple(funcs))
+
+
+def _message(i: int, m: Message) -> ChatMessage:
+    if m.images:
+        raise _bad(f"messages[{i}].images", "image input is not supported")
+    if m.role == "tool":
+        return ChatMessage("tool", m.content, tool_call_id=m.tool_call_id, name=m.tool_name or m.name)
+    calls = tuple(ToolCall(c.id or "", c.function.name, c.function.arguments if isinstance(c.function.arguments, str)
+                           else json.dumps(c.function.arguments, ensure_ascii=False)) for c in m.tool_calls or ())
+    return ChatMessage(m.role, m.content, tool_calls=calls)
+
+
+def _calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    """Tool calls as Ollama answers them: arguments as an object (a call whose arguments are not a JSON object,
+    cut short by num_predict, is left out; the reply's done_reason says "length")."""
+    out = []
+    for i, c in enumerate(calls):
+        try:
+            args = json.loads(c.arguments)
+        except ValueError:
+            continue
+        if isinstance(args, dict):
+            out.append({"id": c.id, "function": {"index": i, "name": c.name, "arguments": args}})
+    return out
 
 
 def _now() -> str:
@@ -122,7 +203,7 @@ def _final_stats(run: Run, t_start: float) -> dict:
 
 def _done_reason(run: Run) -> str:
     c = run.completion
-    return "length" if c and c.finish_reason == "length" else "stop"
+    return "length" if c and c.finish_reason == "length" else "stop"     # Ollama says "stop" after tool calls
 
 
 def _line(obj: dict) -> str:
@@ -130,23 +211,45 @@ def _line(obj: dict) -> str:
 
 
 async def _answer(request: Request, native: NativeRequest, stream: bool, model: str, shape):
-    """Run `native`; `shape(text)` builds the per-chunk payload (message or response field)."""
+    """Run `native`; `shape(text, calls)` builds the per-chunk payload (message or response field). Tool calls
+    stream whole, each as soon as the next one starts or the reply ends, as Ollama streams them."""
     t_start = time.perf_counter()
     run = await start_run(request, native)
     if not stream:
-        text = await run.collect()
-        return JSONResponse({"model": model, "created_at": _now(), **shape(text), "done": True,
+        done = await run.collect()
+        c = done[0] if done else None
+        return JSONResponse({"model": model, "created_at": _now(),
+                             **shape(c.text if c else "", c.tool_calls if c else ()), "done": True,
                              "done_reason": _done_reason(run), **_final_stats(run, t_start)},
                             headers=notice_headers(run))
 
     async def lines():
+        pending: list[ToolCallDelta] = []
+        sent = 0
+
+        def ready_calls(final: bool) -> tuple[ToolCall, ...]:
+            nonlocal sent
+            heads = [d for d in pending if d.name is not None]
+            upto = len(heads) if final else len(heads) - 1       # the last call may still be growing
+            calls = tuple(ToolCall(h.id or "", h.name or "", "".join(d.arguments for d in pending
+                                                                      if d.index == h.index))
+                          for h in heads[sent:upto])
+            sent = max(sent, upto)
+            return calls
+
         try:
-            async for delta in run.deltas():
-                yield _line({"model": model, "created_at": _now(), **shape(delta), "done": False})
+            async for _, delta in run.deltas():
+                pending.extend(delta.tool_calls)
+                calls = ready_calls(final=False) if delta.tool_calls else ()
+                if delta.text or calls:
+                    yield _line({"model": model, "created_at": _now(), **shape(delta.text, calls), "done": False})
         except ApiError as e:
             yield _line({"error": e.message})
             return
-        yield _line({"model": model, "created_at": _now(), **shape(""), "done": True,
+        calls = ready_calls(final=True)
+        if calls:
+            yield _line({"model": model, "created_at": _now(), **shape("", calls), "done": False})
+        yield _line({"model": model, "created_at": _now(), **shape("", ()), "done": True,
                      "done_reason": _done_reason(run), **_final_stats(run, t_start)})
 
     return RunStream(run, lines(), media_type="application/x-ndjson")
@@ -154,32 +257,31 @@ async def _answer(request: Request, native: NativeRequest, stream: bool, model: 
 
 def _loaded(model: str, shape) -> dict:
     """Ollama answers an empty chat/generate by loading the model and returning at once; so do we."""
-    return {"model": model, "created_at": _now(), **shape(""), "done": True, "done_reason": "load"}
+    return {"model": model, "created_at": _now(), **shape("", ()), "done": True, "done_reason": "load"}
 
 
 @router.post("/api/chat", tags=["ollama"])
 async def chat(body: ChatRequest, request: Request):
-    _checks(body, request)
-    if body.tools:
-        raise _bad("tools", "tool calling is not supported")
-    messages = []
-    for i, m in enumerate(body.messages):
-        if m.images:
-            raise _bad(f"messages[{i}].images", "image input is not supported")
-        messages.append(ChatMessage(role=m.role, content=m.content))
+    n_ctx = _checks(body, request)
+    tools = _tools(body)
+    messages = [_message(i, m) for i, m in enumerate(body.messages)]
 
-    def shape(text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def shape(text: str, calls: tuple[ToolCall, ...]) -> dict:
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            msg["tool_calls"] = _calls(calls)
+        return {"message": msg}
 
     if not messages:
         return _loaded(body.model, shape)
-    native = NativeRequest(params=_params(body), messages=tuple(messages))
+    native = NativeRequest(params=_params(body, n_ctx), messages=tuple(messages), tools=tools,
+                           ignored=note_ignored(request, body))
     return await _answer(request, native, body.stream, body.model, shape)
 
 
 @router.post("/api/generate", tags=["ollama"])
 async def generate(body: GenerateRequest, request: Request):
-    _checks(body, request)
+    n_ctx = _checks(body, request)
     if body.images:
         raise _bad("images", "image input is not supported")
     if body.suffix:
@@ -189,17 +291,18 @@ async def generate(body: GenerateRequest, request: Request):
     if body.context:
         raise _bad("context", "continuing from a context array is not supported; use /api/chat with messages")
 
-    def shape(text: str) -> dict:
+    def shape(text: str, calls: tuple[ToolCall, ...]) -> dict:
         return {"response": text}
 
     if not body.prompt:
         return _loaded(body.model, shape)
-    params = _params(body)
+    params = _params(body, n_ctx)
+    ignored = note_ignored(request, body)
     if body.raw:
-        native = NativeRequest(params=params, prompt=body.prompt)
+        native = NativeRequest(params=params, prompt=body.prompt, ignored=ignored)
     else:
         msgs = ([ChatMessage("system", body.system)] if body.system else []) + [ChatMessage("user", body.prompt)]
-        native = NativeRequest(params=params, messages=tuple(msgs))
+        native = NativeRequest(params=params, messages=tuple(msgs), ignored=ignored)
     return await _answer(request, native, body.stream, body.model, shape)
 
 
@@ -249,7 +352,7 @@ async def show(body: ShowRequest, request: Request):
     info = {"general.architecture": card.family or "unknown", "general.name": card.name,
             f"{card.family or 'llm'}.context_length": engine.n_ctx, **card.extra}
     return {"modelfile": f"FROM {card.path or card.name}\n", "parameters": "", "template": card.chat_template,
-            "details": _details(card), "model_info": info, "capabilities": ["completion"],
+            "details": _details(card), "model_info": info, "capabilities": ["completion", "tools"],
             "modified_at": _modified(card, state.started_at)}
 
 

@@ -1,5 +1,9 @@
 """OpenAI-compatible adapter: /v1/chat/completions, /v1/completions, /v1/models. Translates request shapes to
-the native path and native events to OpenAI's JSON / server-sent events; nothing else."""
+the native path and native events to OpenAI's JSON / server-sent events; nothing else.
+
+Lenient as OpenAI-compatible servers are: a field the models below do not define is accepted, has no effect,
+and is named in the X-Llmrun-Ignored-Fields header. A field is refused (400) only where ignoring it would
+change the answer (audio output, image input, fill-in-the-middle...)."""
 
 from __future__ import annotations
 
@@ -12,57 +16,98 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.engine.types import ChatMessage
+from runner.engine.template import RESERVED_VARIABLES
+from runner.engine.types import ChatMessage, Tool, ToolCall, Tools
 from runner.core.errors import UsageError
-from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server import openai_shapes as shapes
+from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
 from runner.server.errors import ApiError
-from runner.server.native import NativeRequest, Run, json_grammar
+from runner.server.native import NativeRequest, json_grammar
 
 router = APIRouter()
 
 Int64 = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class ContentPart(_Model):
     type: str
     text: str | None = None
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)   # name, tool_call_id, refusal... are tolerated
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCallIn(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None                  # a tool or function result: the function's name
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None    # the legacy functions API
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class JsonSchemaSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+class JsonSchemaSpec(_Model):
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = None               # schemas are always enforced (a grammar)
+    description: str | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class _Sampling(_Strict):
+class FunctionDef(_Model):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None               # calls are always grammar-constrained when forced
+
+
+class ToolDef(_Model):
+    type: str
+    function: FunctionDef | None = None
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedTool(_Model):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _Sampling(_Model):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=2 ** 31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)          # llama.cpp extension
     min_p: float | None = Field(default=None, ge=0, le=1)                  # llama.cpp extension
+    typical_p: float | None = Field(default=None, gt=0, le=1)              # llama.cpp extension
     repeat_penalty: float | None = Field(default=None, gt=0, le=10)        # llama.cpp extension
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=2 ** 31 - 1)  # llama.cpp extension
+    mirostat: Literal[0, 1, 2] | None = None                               # llama.cpp extension
+    mirostat_tau: float | None = Field(default=None, gt=0, le=100)
+    mirostat_eta: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Int64
     stop: str | list[str] | None = Field(default=None)
     stream: bool = False
@@ -70,22 +115,23 @@ class _Sampling(_Strict):
     n: int | None = Field(default=None, ge=1, le=128)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=2 ** 31 - 1)
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedTool | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None                             # the legacy functions API
+    function_call: Literal["auto", "none"] | NamedFunction | None = None
+    chat_template_kwargs: dict[str, Any] | None = None                     # llama.cpp / vLLM extension
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -93,6 +139,7 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     response_format: ResponseFormat | None = None
 
 
@@ -100,160 +147,166 @@ def _unsupported(param: str, why: str) -> ApiError:
     return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
 
 
-def _common_checks(req: _Sampling) -> None:
-    if req.n not in (None, 1):
-        raise _unsupported("n", "only n=1 is supported (one choice per request); send several requests instead")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise _unsupported(name, "not supported; use repeat_penalty (llama.cpp) instead, or leave it out")
-    if req.logprobs not in (None, False, 0):
-        raise _unsupported("logprobs", "log probabilities are not supported")
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "not supported")
-    if isinstance(req.stop, list) and len(req.stop) > 16:
-        raise _unsupported("stop", "at most 16 stop sequences")
+def _invalid(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param}: {why}", param=param, code="invalid_value")
+
+
+def _logit_bias(bias: dict[str, float] | None) -> list[tuple[int, float]]:
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise _invalid("logit_bias", f"keys are token ids (whole numbers as strings), not {key!r}")
+        if not -100 <= value <= 100:
+            raise _invalid("logit_bias", f"biases are -100 to 100, not {value} (token {key})")
+        out.append((int(key), value))
+    return out
 
 
 def _grammar(fmt: ResponseFormat | None) -> str | None:
     """GBNF text enforcing `response_format` (None for plain text); a schema llama.cpp can't compile is a 400."""
+    if fmt is None or fmt.type == "text":
+        return None
     try:
-        return _grammar_of(fmt)
+        if fmt.type == "json_object":
+            return json_grammar(None, param="response_format")
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise _invalid("response_format.json_schema.schema", "this field is required for type json_schema")
+        return json_grammar(fmt.json_schema.schema_, param="response_format.json_schema.schema")
     except UsageError as e:
         raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
 
 
-def _grammar_of(fmt: ResponseFormat | None) -> str | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return json_grammar(None, param="response_format")
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise ApiError(400, "response_format.json_schema.schema is required for type json_schema",
-                       param="response_format.json_schema.schema", code="invalid_value")
-    return json_grammar(fmt.json_schema.schema_, param="response_format.json_schema.schema")
-
-
-def _params(req: _Sampling, max_tokens: int | None, grammar: str | None):
+def _params(req: _Sampling, max_tokens: int | None, grammar: str | None, *, logprobs: bool, top: int):
+    if isinstance(req.stop, list) and len(req.stop) > 16:
+        raise _unsupported("stop", "at most 16 stop sequences")
     return sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                    repeat_penalty=req.repeat_penalty, seed=req.seed, max_tokens=max_tokens, stop=req.stop,
-                    grammar=grammar)
+                    typical_p=req.typical_p, repeat_penalty=req.repeat_penalty, repeat_last_n=req.repeat_last_n,
+                    frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                    logit_bias=_logit_bias(req.logit_bias), mirostat=req.mirostat, mirostat_tau=req.mirostat_tau,
+                    mirostat_eta=req.mirostat_eta, seed=req.seed, max_tokens=max_tokens, stop=req.stop,
+                    grammar=grammar, n=req.n, logprobs=logprobs or None, top_logprobs=top or None)
+
+
+def _text(content: str | list[ContentPart] | None, where: str) -> str:
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type == "refusal":
+            continue
+        if part.type != "text" or part.text is None:
+            raise _unsupported(f"{where}[{j}]", f"content parts of type {part.type!r} are not supported (text only)")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _arguments(args: str | dict[str, Any]) -> str:
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
 def _messages(messages: list[Message]) -> tuple[ChatMessage, ...]:
     out = []
     for i, m in enumerate(messages):
-        extra = m.model_extra or {}
-        if extra.get("tool_calls"):
-            raise _unsupported(f"messages[{i}].tool_calls", "tool calls are not supported")
-        if isinstance(m.content, list):
-            texts = []
-            for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise _unsupported(f"messages[{i}].content[{j}]",
-                                       f"content parts of type {part.type!r} are not supported (text only)")
-                texts.append(part.text)
-            content = "".join(texts)
+        if m.content is None and m.role not in ("assistant",):
+            raise _invalid(f"messages[{i}].content", "this field is required")
+        content = _text(m.content, f"messages[{i}].content")
+        calls = tuple(ToolCall(c.id or "", c.function.name, _arguments(c.function.arguments))
+                      for c in m.tool_calls or ())
+        if m.function_call is not None:
+            calls += (ToolCall("", m.function_call.name, _arguments(m.function_call.arguments)),)
+        if m.role in ("tool", "function"):
+            out.append(ChatMessage("tool", content, tool_call_id=m.tool_call_id, name=m.name))
+        elif calls and m.role == "assistant":
+            out.append(ChatMessage("assistant", content, tool_calls=calls))
         else:
-            content = m.content or ""
-        if m.content is None and m.role != "assistant":
-            raise ApiError(400, f"messages[{i}].content is required", param=f"messages[{i}].content",
-                           code="invalid_value")
-        out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=content))
+            out.append(ChatMessage("system" if m.role == "developer" else m.role, content))
     return tuple(out)
 
 
-def _usage(run: Run) -> dict[str, Any]:
-    c = run.completion
-    p, n = (c.usage.prompt_tokens, c.usage.completion_tokens) if c else (0, 0)
-    usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
-    if c and c.usage.cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": c.usage.cached_tokens}
-    return usage
+def _tools(body: ChatCompletionRequest) -> Tools | None:
+    """`tools` + `tool_choice` + `parallel_tool_calls`, or the legacy `functions` + `function_call`."""
+    if body.tools is not None and body.functions is not None:
+        raise _unsupported("functions", "send tools or the older functions, not both")
+    if body.functions is not None:
+        funcs = [_tool(f) for f in body.functions]
+        choice: Any = body.function_call
+        named = choice.name if isinstance(choice, NamedFunction) else None
+        parallel = False
+    else:
+        funcs = []
+        for i, t in enumerate(body.tools or []):
+            if t.type != "function":
+                raise _unsupported(f"tools[{i}].type", f"tools of type {t.type!r} are not supported (function "
+                                   "tools only)")
+            if t.function is None:
+                raise _invalid(f"tools[{i}].function", "this field is required for a function tool")
+            funcs.append(_tool(t.function))
+        choice = body.tool_choice
+        named = choice.function.name if isinstance(choice, NamedTool) else None
+        parallel = body.parallel_tool_calls is not False
+    mode = "function" if named is not None else (choice or "auto")
+    if not funcs:
+        if mode in ("required", "function"):
+            raise _invalid("tool_choice", f"{'a named function' if named else repr(mode)} needs tools")
+        return None
+    return Tools(tuple(funcs), choice=mode, function=named, parallel=parallel)
 
 
-def _finish_reason(run: Run) -> str:
-    c = run.completion
-    return "length" if c and c.finish_reason == "length" else "stop"
+def _tool(f: FunctionDef) -> Tool:
+    return Tool(f.name, f.description or "",
+                f.parameters if f.parameters is not None else {"type": "object", "properties": {}})
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _error_event(e: ApiError) -> str:
-    return _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-
-
-def _stream(run: Run, head: dict, include_usage: bool, piece, end: dict, start: dict | None = None) -> RunStream:
-    """The SSE stream of one completion, as OpenAI sends it: an optional `start` chunk, one chunk per text delta
-    (`piece(delta)` is the endpoint's choice body), an `end` chunk with the finish reason, the usage chunk when
-    asked for, then `[DONE]`. `head` holds id, object, created and model."""
-
-    def chunk(body: dict, finish: str | None) -> dict:
-        obj = {**head, "system_fingerprint": "llmrun",
-               "choices": [{"index": 0, **body, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            obj["usage"] = None
-        return obj
-
-    async def events():
-        if start is not None:
-            yield _sse(chunk(start, None))
-        try:
-            async for delta in run.deltas():
-                yield _sse(chunk(piece(delta), None))
-        except ApiError as e:
-            yield _error_event(e)
-            return
-        yield _sse(chunk(end, _finish_reason(run)))
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(run)})
-        yield "data: [DONE]\n\n"
-
-    return RunStream(run, events(), media_type="text/event-stream")
-
-
-def _include_usage(body) -> bool:
+def _include_usage(body: _Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
 @router.post("/v1/chat/completions", tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    _common_checks(body)
-    if body.tools:
-        raise _unsupported("tools", "tool calling is not supported")
-    if body.top_logprobs:
-        raise _unsupported("top_logprobs", "log probabilities are not supported")
+    if body.audio is not None or (body.modalities and set(body.modalities) != {"text"}):
+        raise _unsupported("modalities" if body.modalities else "audio", "only text output is supported")
+    tools = _tools(body)
+    legacy = body.functions is not None
+    reserved = sorted(RESERVED_VARIABLES & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise _invalid(f"chat_template_kwargs.{reserved[0]}", "is set by the server from the request")
     state_of(request).check_model(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     grammar = _grammar(body.response_format)
-    native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages))
+    if grammar and tools is not None and tools.choice != "none":
+        raise _unsupported("response_format", "cannot be combined with tools the model may call; leave it out, "
+                           'or send tool_choice "none"')
+    top = body.top_logprobs or 0
+    params = _params(body, max_tokens, grammar, logprobs=bool(body.logprobs) or top > 0, top=top)
+    native = NativeRequest(params=params, messages=_messages(body.messages), tools=tools,
+                           template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body))
     run = await start_run(request, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
-        text = await run.collect()
+        completions = await run.collect()
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": _finish_reason(run)}],
-            "usage": _usage(run), "system_fingerprint": "llmrun",
+            "choices": [{"index": i, "message": shapes.message(c, legacy=legacy),
+                         "logprobs": shapes.chat_logprobs(c.logprobs), "finish_reason": shapes.finish(c, legacy)}
+                        for i, c in enumerate(completions)],
+            "usage": shapes.usage(run), "system_fingerprint": "llmrun",
         }, headers=notice_headers(run))
 
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    return _stream(run, head, _include_usage(body), lambda delta: {"delta": {"content": delta}},
-                   end={"delta": {}}, start={"delta": {"role": "assistant", "content": ""}})
+    return RunStream(run, shapes.chat_events(run, head, _include_usage(body), legacy=legacy),
+                     media_type="text/event-stream")
 
 
 @router.post("/v1/completions", tags=["openai"])
 async def completions(body: CompletionRequest, request: Request):
-    _common_checks(body)
-    if body.echo:
-        raise _unsupported("echo", "echoing the prompt is not supported")
     if body.suffix:
         raise _unsupported("suffix", "fill-in-the-middle suffixes are not supported")
-    if body.best_of not in (None, 1):
-        raise _unsupported("best_of", "only best_of=1 is supported")
+    if body.best_of not in (None, 1, body.n or 1):
+        raise _unsupported("best_of", "only best_of equal to n (or 1) is supported: the choices are not ranked")
+    if body.echo and body.logprobs:
+        raise _unsupported("echo", "echo with logprobs would need the prompt's log probabilities, which are not "
+                           "computed")
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise _unsupported("prompt", "exactly one prompt per request (a list of one string at most)")
@@ -262,18 +315,24 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt
     state_of(request).check_model(body.model)
     grammar = _grammar(body.response_format)
-    native = NativeRequest(params=_params(body, body.max_tokens, grammar), prompt=prompt)
+    params = _params(body, body.max_tokens, grammar, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+    native = NativeRequest(params=params, prompt=prompt, ignored=note_ignored(request, body))
     run = await start_run(request, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    echo = prompt if body.echo else ""
 
     if not body.stream:
-        text = await run.collect()
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(run)}],
-                "usage": _usage(run), "system_fingerprint": "llmrun"}
+        done = await run.collect()
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": echo + c.text, "logprobs": shapes.completion_logprobs(c.logprobs,
+                                                                                                    len(echo)),
+                         "finish_reason": shapes.finish(c)} for i, c in enumerate(done)],
+            "usage": shapes.usage(run), "system_fingerprint": "llmrun"}, headers=notice_headers(run))
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
-    return _stream(run, head, _include_usage(body), lambda delta: {"text": delta}, end={"text": ""})
+    return RunStream(run, shapes.completion_events(run, head, _include_usage(body), echo=echo),
+                     media_type="text/event-stream")
 
 
 @router.get("/v1/models", tags=["openai"])
