@@ -9,7 +9,6 @@ prefix with them evaluates only the rest (multi-turn reuse)."""
 
 from __future__ import annotations
 
-import functools
 import math
 import queue
 import threading
@@ -35,7 +34,7 @@ class _Request:
     handle: GenerationHandle
     prompt: list[int]
     params: SamplingParams
-    chain: object
+    sampler: native.Sampler | None                      # None once finished
     out: Output
     limit: int                                          # context for this request (tokens per sequence)
     special: frozenset[int] = frozenset()               # control tokens shown as text (a tool format's markers)
@@ -172,7 +171,7 @@ class LlamaEngine:
                       f"to fit the {self._limit(params)}-token context")
         return self._submit(tokens, params, notice=notice, dropped=dropped, tool_format=fmt if offered else None)
 
-    @functools.cached_property
+    @property
     def tool_format(self) -> tool_formats.ToolFormat:
         """How this model's chat template takes tools and writes calls."""
         return tool_formats.detect(self.chat_format.template, self.chat_format.takes_tools)
@@ -295,15 +294,16 @@ class LlamaEngine:
         reqs: list[_Request] = []
         try:
             for i in range(params.n):
-                chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or (),
-                                             seed_offset=i, n_ctx=limit)
+                smp = native.sampler(self._m.vocab, self._m.n_vocab, params, eog=self._eog or (), seed_offset=i,
+                                     n_ctx=limit)
                 handle = GenerationHandle(self._on_cancel, notice=notice, dropped_messages=dropped)
                 out = Output(params.stop, tool_format.stream() if tool_format is not None else None, params.logprobs)
-                reqs.append(_Request(handle=handle, prompt=tokens, params=params, chain=chain, out=out, limit=limit,
+                reqs.append(_Request(handle=handle, prompt=tokens, params=params, sampler=smp, out=out, limit=limit,
                                      special=special))
         except BaseException:
             for r in reqs:
-                native.free_sampler(r.chain)
+                if r.sampler is not None:
+                    r.sampler.free()
             raise
         for r in reqs:
             r.handle.set_choices([q.handle for q in reqs])
@@ -464,7 +464,7 @@ class LlamaEngine:
         followers, req.followers = req.followers, []
         for f in followers:
             fslot = self._slot_of(f)
-            if fslot is None or f.chain is None:     # cancelled meanwhile
+            if fslot is None or f.sampler is None:   # cancelled meanwhile
                 continue
             lc.llama_memory_seq_cp(self._mem, slot.seq, fslot.seq, -1, -1)
             with self._lock:
@@ -472,7 +472,12 @@ class LlamaEngine:
             self._sample(fslot, f, idx)
 
     def _sample(self, slot: _Slot, req: _Request, idx: int) -> None:
-        tok = lc.llama_sampler_sample(req.chain, self._m.ctx, idx)
+        assert req.sampler is not None
+        tok = req.sampler.sample(self._m.ctx, idx, self._m.vocab)
+        if tok is None:
+            self._finish(req, "error", slot=slot, clear=True, error="no token satisfies the grammar (the response "
+                         "format or the tools) together with the logit bias")
+            return
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -497,7 +502,7 @@ class LlamaEngine:
 
     def _finish(self, req: _Request, reason: FinishReason, *, slot: _Slot | None = None, clear: bool = False,
                 error: str | None = None, stop_string: bool = False) -> None:
-        if req.chain is None:      # finished already (a choice that ended with the request's first one)
+        if req.sampler is None:    # finished already (a choice that ended with the request's first one)
             return
         if reason in ("stop", "length"):
             req.handle.push(req.out.end(stopped=stop_string))
@@ -510,8 +515,8 @@ class LlamaEngine:
                 if clear:  # cancelled or failed: free the sequence's KV cells now
                     lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
                     slot.tokens = []
-        native.free_sampler(req.chain)
-        req.chain = None
+        req.sampler.free()
+        req.sampler = None
         followers, req.followers = req.followers, []
         for f in followers:        # choices that were waiting for this one's prompt end with it
             self._finish(f, "error" if reason == "error" else "cancelled", slot=self._slot_of(f), clear=True,

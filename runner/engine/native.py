@@ -259,12 +259,83 @@ def eog_tokens(vocab, n_vocab: int) -> tuple[int, ...]:
     return tuple(t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t))
 
 
-def sampler_chain(vocab, n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...] = (), seed_offset: int = 0,
+class Sampler:
+    """One request's sampling: a llama.cpp chain (bias, penalties, truncation, temperature, the seeded draw),
+    and its grammar apart from it, as llama.cpp's common sampler keeps it. A grammar checked against the whole
+    vocabulary costs milliseconds per token (every token's text against every parse stack), so the chain draws
+    first and the grammar only checks the drawn token; only when it refuses it is the grammar applied to all
+    candidates and the draw made again. A request without a grammar samples in one C call
+    (llama_sampler_sample). `sample()` returns None when no token satisfies the grammar (with a logit bias or
+    ignore_eos that bans the only ones it allows): a grammar never sees a token it refuses (llama.cpp aborts
+    the process on that)."""
+
+    def __init__(self, chain: object, grammar: object | None, n_vocab: int):
+        self.chain, self.grammar, self.n_vocab = chain, grammar, n_vocab
+        self._cur: object | None = None
+
+    def sample(self, ctx, idx: int, vocab) -> int | None:
+        if self.grammar is None:
+            return int(lc.llama_sampler_sample(self.chain, ctx, idx))
+        cur = self._candidates(ctx, idx)
+        lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        tok = int(cur.data[cur.selected].id)
+        single = lc.llama_token_data(tok, 1.0, 0.0)
+        one = lc.llama_token_data_array(ctypes.pointer(single), 1, -1, False)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(one))
+        if single.logit == float("-inf"):              # refused: the grammar first, then the draw again
+            cur = self._candidates(ctx, idx)
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
+            if cur.selected < 0 or cur.data[cur.selected].logit == float("-inf"):
+                return None
+            tok = int(cur.data[cur.selected].id)
+        if not lc.llama_vocab_is_eog(vocab, tok):      # the end needs no accepting (and a grammar may abort on it)
+            lc.llama_sampler_accept(self.grammar, tok)
+        lc.llama_sampler_accept(self.chain, tok)
+        return tok
+
+    def _candidates(self, ctx, idx: int):
+        """The step's logits as llama.cpp's candidate array (as llama_sampler_sample builds it in C)."""
+        import numpy as np
+
+        if self._cur is None:
+            self._buf = (lc.llama_token_data * self.n_vocab)()
+            self._view = np.frombuffer(self._buf, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+            self._cur = True
+        ptr = lc.llama_get_logits_ith(ctx, idx)
+        if not ptr:
+            raise EngineError(f"llama.cpp kept no logits for batch position {idx}")
+        self._view["id"] = self._ids
+        self._view["logit"] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        self._view["p"] = 0.0
+        return lc.llama_token_data_array(self._buf, self.n_vocab, -1, False)
+
+    def free(self) -> None:
+        for s in (self.chain, self.grammar):
+            if s:
+                lc.llama_sampler_free(s)
+        self.chain = self.grammar = None
+
+
+def sampler(vocab, n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...] = (), seed_offset: int = 0,
+            n_ctx: int = 0) -> Sampler:
+    """The Sampler of one request: sampler_chain() and, with params.grammar, its grammar sampler."""
+    chain = sampler_chain(n_vocab, params, eog=eog, seed_offset=seed_offset, n_ctx=n_ctx)
+    try:
+        grammar = _grammar_sampler(vocab, params.grammar, params.grammar_triggers) if params.grammar else None
+    except BaseException:
+        lc.llama_sampler_free(chain)
+        raise
+    return Sampler(chain, grammar, n_vocab)
+
+
+def sampler_chain(n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...] = (), seed_offset: int = 0,
                   n_ctx: int = 0) -> object:
-    """A llama.cpp sampler chain for one request (the caller frees it with free_sampler()), in llama.cpp's
-    common order: logit bias, penalties, grammar, then top-k, typical-p, top-p, min-p, temperature and the
-    seeded draw (or Mirostat in place of the truncations). With params.ignore_eos, `eog` tokens get a -inf
-    bias. `seed_offset`: choice i of a request with n > 1 draws from seed + i."""
+    """A llama.cpp sampler chain without the grammar, in llama.cpp's common order: logit bias, penalties, then
+    top-k, typical-p, top-p, min-p, temperature and the seeded draw (or Mirostat in place of the
+    truncations). With params.ignore_eos, `eog` tokens get a -inf bias. `seed_offset`: choice i of a request
+    with n > 1 draws from seed + i."""
     sp = lc.llama_sampler_chain_default_params()
     sp.no_perf = True
     chain = lc.llama_sampler_chain_init(sp)
@@ -280,8 +351,6 @@ def sampler_chain(vocab, n_vocab: int, params: SamplingParams, *, eog: tuple[int
         if last_n and (params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
             add(lc.llama_sampler_init_penalties(n_vocab, last_n, params.repeat_penalty, params.frequency_penalty,
                                                 params.presence_penalty))
-        if params.grammar:
-            add(_grammar_sampler(vocab, params.grammar, params.grammar_triggers))
         seed = lc.LLAMA_DEFAULT_SEED if params.seed is None else (params.seed + seed_offset) & 0xFFFFFFFF
         if params.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
@@ -321,10 +390,6 @@ def _grammar_sampler(vocab, grammar: str, triggers: tuple[str, ...]) -> object:
                          hint="see llama.cpp's grammars/README.md; the start rule must be named root")
     return g
 
-
-def free_sampler(chain) -> None:
-    if chain:
-        lc.llama_sampler_free(chain)
 
 
 

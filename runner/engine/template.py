@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 from runner.engine.types import ChatMessage
-from runner.core.errors import EngineError, UsageError
+from runner.core.errors import EngineError, LlmrunError, UsageError
 
 # what the server sets itself; chat_template_kwargs may not replace them
 RESERVED_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
@@ -91,6 +91,20 @@ class ChatFormat:
     def takes_tools(self) -> bool:
         return "tools" in self.variables
 
+    @functools.cached_property
+    def supports_system(self) -> bool:
+        """Whether the template renders system messages (Gemma's refuses them), found by rendering a probe, as
+        llama.cpp's template capability detection does."""
+        if not self.template:
+            return True
+        probe = "\x01llmrun-system-probe\x01"
+        try:
+            text = self._render([ChatMessage("system", probe), ChatMessage("user", "hi")], add_generation_prompt=True,
+                                variables={})
+        except (LlmrunError, TypeError, ValueError, AttributeError, KeyError, IndexError):
+            return False
+        return probe in text
+
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None, extra: Mapping[str, Any] | None = None) -> str:
         """The prompt. `tools` (OpenAI-shaped) go to templates that take them; `extra` are more template
@@ -98,10 +112,6 @@ class ChatFormat:
         expect them."""
         if not self.template:
             return llama2_prompt(messages)
-        import jinja2
-
-        from runner.engine.tools import message_dict
-
         bad = sorted(RESERVED_VARIABLES & set(extra or {}))
         if bad:
             raise UsageError(f"chat_template_kwargs may not set {', '.join(bad)}: the server sets it",
@@ -109,11 +119,37 @@ class ChatFormat:
         variables: dict[str, Any] = dict(extra or {})
         if tools is not None:
             variables["tools"] = tools
+        if any(m.role == "system" for m in messages) and not self.supports_system:
+            messages = _system_into_user(messages)
+        return self._render(messages, add_generation_prompt=add_generation_prompt, variables=variables)
+
+    def _render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool,
+                variables: Mapping[str, Any]) -> str:
+        import jinja2
+
+        from runner.engine.tools import message_dict
+
+        assert self.template is not None
         try:
             tmpl = _compile(self.template)
             return tmpl.render(messages=[message_dict(m) for m in messages],
                                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                eos_token=self.eos_token, **variables)
+        except UsageError:                       # the template's own raise_exception
+            raise
         except jinja2.TemplateError as e:
             raise EngineError(f"the model's chat template could not be rendered: {e}",
                               hint="the GGUF's tokenizer.chat_template is broken; use `llmrun run` with a raw prompt") from e
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:   # its code on these messages
+            raise UsageError(f"the model's chat template could not render this conversation ({type(e).__name__}: "
+                             f"{e})") from e
+
+
+def _system_into_user(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """For templates without a system role: the system text opens the first user message (as llama.cpp does)."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    rest = [m for m in messages if m.role != "system"]
+    i = next((k for k, m in enumerate(rest) if m.role == "user"), None)
+    if i is None:
+        return [ChatMessage("user", system)] + rest
+    return rest[:i] + [replace(rest[i], content=f"{system}\n\n{rest[i].content}")] + rest[i + 1:]

@@ -228,11 +228,11 @@ async def _merge(choices: tuple[Generation, ...]) -> AsyncIterator[tuple[int, De
     try:
         running = len(tasks)
         while running:
-            i, d = await queue.get()
-            if d is None:
+            index, item = await queue.get()
+            if item is None:
                 running -= 1
             else:
-                yield i, d
+                yield index, item
     finally:
         for t in tasks:
             t.cancel()

@@ -214,12 +214,14 @@ def _messages(messages: list[Message]) -> tuple[ChatMessage, ...]:
                       for c in m.tool_calls or ())
         if m.function_call is not None:
             calls += (ToolCall("", m.function_call.name, _arguments(m.function_call.arguments)),)
-        if m.role in ("tool", "function"):
+        if m.role == "tool" or m.role == "function":
             out.append(ChatMessage("tool", content, tool_call_id=m.tool_call_id, name=m.name))
-        elif calls and m.role == "assistant":
+        elif m.role == "assistant":
             out.append(ChatMessage("assistant", content, tool_calls=calls))
+        elif m.role == "developer":
+            out.append(ChatMessage("system", content))
         else:
-            out.append(ChatMessage("system" if m.role == "developer" else m.role, content))
+            out.append(ChatMessage(m.role, content))
     return tuple(out)
 
 
@@ -227,10 +229,14 @@ def _tools(body: ChatCompletionRequest) -> Tools | None:
     """`tools` + `tool_choice` + `parallel_tool_calls`, or the legacy `functions` + `function_call`."""
     if body.tools is not None and body.functions is not None:
         raise _unsupported("functions", "send tools or the older functions, not both")
+    named: str | None = None
+    mode: Literal["auto", "none", "required"] = "auto"
     if body.functions is not None:
         funcs = [_tool(f) for f in body.functions]
-        choice: Any = body.function_call
-        named = choice.name if isinstance(choice, NamedFunction) else None
+        if isinstance(body.function_call, NamedFunction):
+            named = body.function_call.name
+        elif body.function_call is not None:
+            mode = body.function_call
         parallel = False
     else:
         funcs = []
@@ -241,15 +247,18 @@ def _tools(body: ChatCompletionRequest) -> Tools | None:
             if t.function is None:
                 raise _invalid(f"tools[{i}].function", "this field is required for a function tool")
             funcs.append(_tool(t.function))
-        choice = body.tool_choice
-        named = choice.function.name if isinstance(choice, NamedTool) else None
+        if isinstance(body.tool_choice, NamedTool):
+            named = body.tool_choice.function.name
+        elif body.tool_choice is not None:
+            mode = body.tool_choice
         parallel = body.parallel_tool_calls is not False
-    mode = "function" if named is not None else (choice or "auto")
     if not funcs:
-        if mode in ("required", "function"):
+        if named is not None or mode == "required":
             raise _invalid("tool_choice", f"{'a named function' if named else repr(mode)} needs tools")
         return None
-    return Tools(tuple(funcs), choice=mode, function=named, parallel=parallel)
+    if named is not None:
+        return Tools(tuple(funcs), choice="function", function=named, parallel=parallel)
+    return Tools(tuple(funcs), choice=mode, parallel=parallel)
 
 
 def _tool(f: FunctionDef) -> Tool:
