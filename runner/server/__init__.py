@@ -2,7 +2,7 @@
 
 - `app`: the FastAPI app (`create_app`): middleware, the error table, /health, /metrics;
 - `native`: the one generation path both APIs share (admission, submit, stream, cancel);
-- `openai_api`, `ollama_api`: thin adapters that only translate shapes;
+- `openai_api` (+ `openai_shapes`), `ollama_api`: thin adapters that only translate shapes;
 - `common`, `errors`, `metrics`, `config`, `lifecycle`: shared state, the status table, Prometheus metrics,
   frozen settings, bind/serve/SIGTERM.
 

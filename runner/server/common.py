@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -114,10 +114,11 @@ def _header_safe(name: str) -> str:
     return safe[:64] + ("..." if len(safe) > 64 else "")
 
 
-def note_ignored(request: Request, body: BaseModel) -> tuple[str, ...]:
-    """The request's ignored fields (made safe for a header: ASCII, no separators, at most 64 characters
-    each, 32 names), each logged the first time this server sees it."""
-    names = tuple(dict.fromkeys(_header_safe(n) for n in ignored_fields(body)))[:32]
+def note_ignored(request: Request, body: BaseModel, also: Iterable[str] = ()) -> tuple[str, ...]:
+    """The request's ignored fields (those its model does not define, and `also`: defined ones the adapter
+    found without effect), made safe for a header (ASCII, no separators, at most 64 characters each, 32
+    names), each logged the first time this server sees it."""
+    names = tuple(dict.fromkeys(_header_safe(n) for n in [*ignored_fields(body), *also]))[:32]
     state = state_of(request)
     for name in names:
         if name not in state.logged_ignored:

@@ -91,7 +91,6 @@ class _Base(BaseModel):
     stream: bool = True
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: Options | None = None
-    keep_alive: float | int | str | None = None
     think: bool | str | None = None
 
 

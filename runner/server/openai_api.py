@@ -116,6 +116,8 @@ class _Sampling(_Model):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    grammar: str | None = None                                             # llama.cpp extension: GBNF
+    json_schema: dict[str, Any] | None = None                              # llama.cpp extension
 
 
 class ChatCompletionRequest(_Sampling):
@@ -162,18 +164,30 @@ def _logit_bias(bias: dict[str, float] | None) -> list[tuple[int, float]]:
     return out
 
 
-def _grammar(fmt: ResponseFormat | None) -> str | None:
-    """GBNF text enforcing `response_format` (None for plain text); a schema llama.cpp can't compile is a 400."""
-    if fmt is None or fmt.type == "text":
-        return None
+def _grammar(body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """GBNF text enforcing `response_format`, or llama.cpp's `json_schema` / `grammar` extensions (None for
+    plain text); a schema llama.cpp can't compile is a 400."""
+    fmt = body.response_format
+    given = [name for name, on in (("response_format", fmt is not None and fmt.type != "text"),
+                                   ("json_schema", body.json_schema is not None), ("grammar", bool(body.grammar)))
+             if on]
+    if len(given) > 1:
+        raise _unsupported(given[1], f"send one of {' and '.join(given)}: both constrain the same output")
+    if body.grammar:
+        return body.grammar                   # llama.cpp checks it when the sampler is built (a 400 if bad)
     try:
+        if body.json_schema is not None:
+            return json_grammar(body.json_schema, param="json_schema")
+        if fmt is None or fmt.type == "text":
+            return None
         if fmt.type == "json_object":
             return json_grammar(None, param="response_format")
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise _invalid("response_format.json_schema.schema", "this field is required for type json_schema")
         return json_grammar(fmt.json_schema.schema_, param="response_format.json_schema.schema")
     except UsageError as e:
-        raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
+        raise ApiError(400, e.message, param="json_schema" if body.json_schema is not None else "response_format",
+                       code="invalid_value") from e
 
 
 def _params(req: _Sampling, max_tokens: int | None, grammar: str | None, *, logprobs: bool, top: int):
@@ -281,14 +295,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise _invalid(f"chat_template_kwargs.{reserved[0]}", "is set by the server from the request")
     state_of(request).check_model(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    grammar = _grammar(body.response_format)
+    grammar = _grammar(body)
     if grammar and tools is not None and tools.choice != "none":
-        raise _unsupported("response_format", "cannot be combined with tools the model may call; leave it out, "
-                           'or send tool_choice "none"')
+        field = "grammar" if body.grammar else "json_schema" if body.json_schema is not None else "response_format"
+        raise _unsupported(field, "cannot be combined with tools the model may call; leave it out, or send "
+                           'tool_choice "none"')
     top = body.top_logprobs or 0
     params = _params(body, max_tokens, grammar, logprobs=bool(body.logprobs) or top > 0, top=top)
+    named = ["messages[].name"] if any(m.name and m.role not in ("tool", "function") for m in body.messages) else []
     native = NativeRequest(params=params, messages=_messages(body.messages), tools=tools,
-                           template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body))
+                           template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body, named))
     run = await start_run(request, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
@@ -323,7 +339,7 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompt = body.prompt
     state_of(request).check_model(body.model)
-    grammar = _grammar(body.response_format)
+    grammar = _grammar(body)
     params = _params(body, body.max_tokens, grammar, logprobs=body.logprobs is not None, top=body.logprobs or 0)
     native = NativeRequest(params=params, prompt=prompt, ignored=note_ignored(request, body))
     run = await start_run(request, native)
