@@ -12,8 +12,8 @@ A name resolves, in this order (case-insensitive):
 5. anything else: `UnknownModelError` listing close matches among the served names and the catalog.
 
 A miss rescans the local store once before it is refused, so a model pulled while the server runs is found.
-More forms of names go in `ModelIndex.steps` (hub references such as `hf.co/ORG/REPO:QUANT` would be one more
-step before the catalog's).
+More forms of names go in `ModelIndex.steps` (served here) or `ModelIndex.remote_steps` (to pull first: hub
+references such as `hf.co/ORG/REPO:QUANT` would be one more, before the catalog's).
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class ServedFile:
 
     name: str
     path: Path | None
+    merge: bool = True    # a file that is a local catalog model too is that one model, under this name first;
+                          # False: a model of its own (the same file served again under another name)
 
 
 LocalScan = Callable[[Catalog], Sequence[LocalModel]]
@@ -120,8 +122,11 @@ class ModelIndex:
         self.pull = pull
         self.refs: tuple[ModelRef, ...] = ()
         self._by_name: dict[str, ModelRef] = {}
-        # the resolution order (see the module docstring); a new form of name is one more step
-        self.steps: list[Step] = [self._served, self._latest, self._best_local_quant, self._catalog]
+        # the resolution order (see the module docstring): names of models served here, tried again after a
+        # rescan, then names of models not here yet; a new form of name is one more step (a hub reference such
+        # as hf.co/ORG/REPO:QUANT would be a remote step before the catalog)
+        self.steps: list[Step] = [self._served, self._latest, self._best_local_quant]
+        self.remote_steps: list[Step] = [self._catalog]
         self.refresh()
 
     # ------------------------------------------------------------------------------------------------ listing
@@ -135,7 +140,7 @@ class ModelIndex:
         by_path = {_real(r.path): r for r in local if r.path is not None}
         refs: list[ModelRef] = []
         for f in self.files:
-            same = by_path.pop(_real(f.path), None) if f.path is not None else None
+            same = by_path.pop(_real(f.path), None) if f.path is not None and f.merge else None
             if f.path is None:
                 refs.append(ModelRef(f.name, None))
             elif same is not None:   # a store model given by its path: one model, the given name first
@@ -175,6 +180,10 @@ class ModelIndex:
                     return ref
             if attempt == 0:
                 self.refresh()          # pulled since the last scan?
+        for step in self.remote_steps:
+            ref = step(name)
+            if ref is not None:
+                return ref
         raise UnknownModelError(name, self.close_matches(name),
                                 hint="GET /v1/models (or `llmrun list`) shows the models served here; "
                                      "`llmrun list --available` the whole catalog")

@@ -117,7 +117,7 @@ def read_models_config(path: Path) -> ModelsConfig:
                 p = path.expanduser().parent / p
             if not p.is_file():
                 raise ConfigError(f"{at}: path {t['path']!r}: no such file ({p})")
-            files.append(ServedFile(name, p))
+            files.append(ServedFile(name, p, merge=False))
     return ModelsConfig(models, tuple(files), where)
 
 
