@@ -153,6 +153,36 @@ def test_a_busy_model_is_never_evicted_the_load_waits_for_it(tmp_path):
     run(main())
 
 
+def test_a_model_just_loaded_is_not_evicted_before_the_requests_that_waited_for_it(tmp_path):
+    release = threading.Event()
+    loader = FakeLoader({"a": 300 * MiB, "b": 300 * MiB}, hold={"b": release})
+
+    async def main():
+        pool = fake_pool(tmp_path, loader, budget=500 * MiB, wait_s=2)
+        await pool.start()
+        want_b = asyncio.ensure_future(pool.acquire("b"))
+        await asyncio.sleep(0.1)
+        want_a = asyncio.ensure_future(pool.acquire("a"))      # waits: b's load holds the room
+        await asyncio.sleep(0.1)
+        release.set()
+        lease_b = await asyncio.wait_for(want_b, 5)
+        assert lease_b.engine.model_name == "b" and not want_a.done()
+        lease_b.release()
+        (await asyncio.wait_for(want_a, 5)).release()
+        assert loader.loads == ["b", "a"], "b was loaded once and served before it made room for a"
+        # the rule itself: a loaded model that requests are still waiting for is not a victim
+        lease_b = await pool.acquire("b")
+        lease_b.release()
+        pool.models["b"].waiting = 1
+        with pytest.raises(CapacityError):
+            await pool.acquire("a")
+        pool.models["b"].waiting = 0
+        await use(pool, "a")
+        await pool.aclose()
+
+    run(main())
+
+
 def test_busy_beyond_the_wait_is_capacity_error_with_retry_after(tmp_path):
     loader = FakeLoader({"a": 300 * MiB, "b": 300 * MiB})
 

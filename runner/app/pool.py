@@ -143,6 +143,7 @@ class Model:
         self.resident: Mapping[str, int] = {}
         self.reserved: Mapping[str, int] = {}     # the estimate, held while loading
         self.in_flight = 0
+        self.waiting = 0                          # requests waiting for this load: not evictable before they run
         self.last_used = 0.0
         self.keep_alive = FOREVER
         self.expires_at = math.inf                # monotonic clock; inf while busy or kept forever
@@ -254,7 +255,11 @@ class ModelPool:
                 m = self._start_load(ref)
             if m.state is State.LOADED:
                 break
-            await asyncio.shield(m.loaded if m.state is State.LOADING else m.unloaded)
+            m.waiting += 1
+            try:
+                await asyncio.shield(m.loaded if m.state is State.LOADING else m.unloaded)
+            finally:
+                m.waiting -= 1
         m.in_flight += 1
         m.last_used = self.clock()
         m.keep_alive = FOREVER if m.pinned else (self.loader.keep_alive(ref) if keep_alive is None else keep_alive)
@@ -413,7 +418,8 @@ class ModelPool:
     def _victims(self, short: Mapping[str, int]) -> list[Model] | None:
         """Idle models to unload, least recently used first, that make up `short` together; None if they can't."""
         idle = sorted((m for m in self.models.values() if m.state is State.LOADED and not m.in_flight
-                       and not m.pinned and any(m.resident.get(d, 0) > 0 for d in short)), key=lambda m: m.last_used)
+                       and not m.waiting and not m.pinned and any(m.resident.get(d, 0) > 0 for d in short)),
+                      key=lambda m: m.last_used)
         left, chosen = dict(short), []
         for m in idle:
             if all(v <= 0 for v in left.values()):
