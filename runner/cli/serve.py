@@ -15,7 +15,8 @@ from runner.cli.common import apply_workers, hardware_options, resolve_hardware,
               help="A model to serve besides the local ones: a name `llmrun list` shows, a catalog name (pulled at "
                    "start), or a GGUF file; repeatable. With one --model, it is loaded at start. Default: every "
                    "local model, loaded when first asked for (or, with none local, the best fit, pulled).")
-@click.option("--name", metavar="NAME", help="The name clients use for the one --model file (default: its file name).")
+@click.option("--name", metavar="NAME", help="The name clients see for the one --model (default: its catalog name, or "
+                                            "its file name); it still answers to its other names.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Per-model settings (ctx, parallel, keep_alive) and more GGUF files by name: a TOML file, see "
                    "docs/server.md.")
@@ -67,7 +68,7 @@ def serve(models, name, config_file, host, port, parallel, queue, ctx, keep_aliv
     from runner.server.lifecycle import bind, exposure_warning, serve as run_server
 
     if name and len(models) != 1:
-        raise UsageError("--name names the one --model file", hint='name more models in --config: [models."NAME"] '
+        raise UsageError("--name names the one --model", hint='name more models in --config: [models."NAME"] '
                                                                      'path = "FILE"')
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
@@ -124,14 +125,18 @@ def _add_model(index, model: str, name: str | None) -> str:
         index.add(ServedFile(name or path.stem, path))
         return next(r.name for r in index.refs if r.path == path)
     try:
-        return index.resolve(model).name
+        ref = index.resolve(model)
     except ModelNotLocalError:
         from runner.store import fetch
 
         entry = index.catalog.get(model.removesuffix(":latest"))
         fetch.ensure_local(entry)
         index.refresh()
-        return index.resolve(entry.name).name
+        ref = index.resolve(entry.name)
+    if name and ref.path is not None:     # the same model, listed under the given name first
+        index.add(ServedFile(name, ref.path))
+        return name
+    return ref.name
 
 
 def _default_model(index, ctx, profile, parallel) -> str:
