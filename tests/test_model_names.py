@@ -3,6 +3,7 @@ into a model: every form of name, the local store rescanned on a miss, and the 4
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,14 @@ def test_an_unknown_name_is_404_listing_close_matches(demo_local, tmp_path):
 
 
 def test_a_model_pulled_while_serving_is_found(demo_gguf):
-    idx = index()
+    idx = index(rescan_s=0.2)
     assert idx.listing() == ()
     models = dirs.models_dir()
     models.mkdir(parents=True, exist_ok=True)
     (models / Path(demo_gguf).name).symlink_to(demo_gguf)
+    with pytest.raises(ModelNotLocalError):
+        idx.resolve("smollm2-135m")                     # scanned just now: not again yet
+    time.sleep(0.25)
     assert idx.resolve("smollm2-135m").name == DEMO, "a miss rescans the store"
 
 

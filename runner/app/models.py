@@ -19,8 +19,10 @@ references such as `hf.co/ORG/REPO:QUANT` would be one more, before the catalog'
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ QUANT_RE = re.compile(r"(?i)(IQ\d_[A-Z0-9]+(?:_[SML])?|Q\d_K(?:_[SML])?|Q\d_\d|B
 CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "general.file_type",
              "general.parameter_count", "general.license")
 LATEST = ":latest"
+RESCAN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,13 @@ class ModelIndex:
     that are not local yet (the loader pulls them); otherwise they get ModelNotLocalError with the pull command."""
 
     def __init__(self, *, files: Iterable[ServedFile] = (), catalog: Catalog | None = None,
-                 scan: LocalScan | None = _store_scan, pull: bool = False):
+                 scan: LocalScan | None = _store_scan, pull: bool = False, rescan_s: float = RESCAN_S):
         self.files = tuple(files)
         self.catalog = catalog
         self.scan = scan if catalog is not None else None
         self.pull = pull
+        self.rescan_s = rescan_s            # a miss or a listing rescans the store at most this often
+        self._scanned_at = -math.inf
         self.refs: tuple[ModelRef, ...] = ()
         self._by_name: dict[str, ModelRef] = {}
         # the resolution order (see the module docstring): names of models served here, tried again after a
@@ -130,8 +135,12 @@ class ModelIndex:
         self.refresh()
 
     # ------------------------------------------------------------------------------------------------ listing
-    def refresh(self) -> None:
-        """Rescan the local store (cheap: file stats and the verified marks, nothing hashed)."""
+    def refresh(self, *, force: bool = True) -> None:
+        """Rescan the local store: file stats and the verified marks, nothing hashed (tens of ms for the whole
+        catalog on a busy machine, so a server rescans at most every `rescan_s` unless `force`)."""
+        if not force and time.monotonic() - self._scanned_at < self.rescan_s:
+            return
+        self._scanned_at = time.monotonic()
         local: list[ModelRef] = []
         if self.catalog is not None and self.scan is not None:
             for lm in self.scan(self.catalog):
@@ -157,8 +166,8 @@ class ModelIndex:
         self.refs, self._by_name = tuple(refs), by_name
 
     def listing(self) -> tuple[ModelRef, ...]:
-        """Every model served now (the local store rescanned)."""
-        self.refresh()
+        """Every model served now (the local store rescanned, if not just now)."""
+        self.refresh(force=False)
         return self.refs
 
     def add(self, served: ServedFile) -> None:
@@ -179,7 +188,7 @@ class ModelIndex:
                 if ref is not None:
                     return ref
             if attempt == 0:
-                self.refresh()          # pulled since the last scan?
+                self.refresh(force=False)   # pulled since the last scan?
         for step in self.remote_steps:
             ref = step(name)
             if ref is not None:

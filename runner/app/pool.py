@@ -308,12 +308,14 @@ class ModelPool:
                                    dict(m.holds), m.in_flight, expires, m.pinned))
         return out
 
-    def used(self) -> dict[str, int]:
-        """Bytes per device held now: the process's own, loaded models (measured), loads under way (estimated)."""
+    def used(self, besides: Model | None = None) -> dict[str, int]:
+        """Bytes per device held now: the process's own, loaded models (measured), loads under way (estimated);
+        all but `besides`."""
         used = dict(self.budget.process)
         for m in self.models.values():
-            for dev, n in m.holds.items():
-                used[dev] = used.get(dev, 0) + n
+            if m is not besides:
+                for dev, n in m.holds.items():
+                    used[dev] = used.get(dev, 0) + n
         return used
 
     async def start(self) -> None:
@@ -403,11 +405,7 @@ class ModelPool:
         """Bytes missing per device for `need` beside every other model (empty: it fits now)."""
         if not self.budget.bounded:
             return {}
-        used = dict(self.budget.process)
-        for m in self.models.values():
-            if m is not besides:
-                for dev, n in m.holds.items():
-                    used[dev] = used.get(dev, 0) + n
+        used = self.used(besides)
         short = {}
         for dev, n in need.items():
             missing = n - (self.budget.limits.get(dev, 0) - used.get(dev, 0))
