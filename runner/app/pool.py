@@ -218,19 +218,24 @@ class ModelPool:
         """The model `name` means (UnknownModelError / ModelNotLocalError otherwise): nothing is loaded."""
         return self.index.resolve(name)
 
-    def cards(self) -> list[ModelCard]:
-        """Every model served, loaded or not: the loaded ones' cards, the others' read from their files."""
-        out = []
-        for ref in self.index.listing():
-            m = self.models.get(ref.name)
-            if m is not None and m.state is not State.LOADING:
-                out.append(m.card)
-                continue
-            try:
-                out.append(self.index.card(ref))
-            except OSError as e:    # the file went away since the scan
-                log.warning("model %s: %s", ref.name, e)
-        return out
+    async def cards(self) -> list[ModelCard]:
+        """Every model served, loaded or not: the loaded ones' cards, the others' read from their files (in a
+        worker thread, with the store's rescan: file headers and stats are disk work)."""
+        loaded = {name: m.card for name, m in self.models.items() if m.state is not State.LOADING}
+
+        def read() -> list[ModelCard]:
+            out = []
+            for ref in self.index.listing():
+                if ref.name in loaded:
+                    out.append(loaded[ref.name])
+                    continue
+                try:
+                    out.append(self.index.card(ref))
+                except OSError as e:    # the file went away since the scan
+                    log.warning("model %s: %s", ref.name, e)
+            return out
+
+        return await asyncio.to_thread(read)
 
     def card(self, name: str) -> ModelCard:
         """The card of the model `name` names, without loading it."""

@@ -239,7 +239,7 @@ async def tags(request: Request):
     state.require_started()
     return {"models": [{"name": card.name, "model": card.name, "modified_at": _modified(card, state.started_at),
                         "size": card.size_bytes, "digest": "", "details": _details(card)}
-                       for card in state.pool.cards()]}
+                       for card in await state.pool.cards()]}
 
 
 FOREVER_AS_OLLAMA_S = (2 ** 63 - 1) / 1e9      # Ollama shows "forever" as now + Go's longest duration

@@ -285,7 +285,7 @@ def _model(card: ModelCard, started_at: float) -> dict[str, Any]:
 async def list_models(request: Request):
     state = state_of(request)
     state.require_started()
-    return {"object": "list", "data": [_model(card, state.started_at) for card in state.pool.cards()]}
+    return {"object": "list", "data": [_model(card, state.started_at) for card in await state.pool.cards()]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
