@@ -357,6 +357,12 @@ def test_with_an_api_key_the_page_asks_once_and_then_works(demo_gguf, open_page)
         dialog = page.locator("#key-dialog")
         expect(dialog).to_be_visible()
         expect(page.locator("#key-error")).to_be_hidden()
+        page.keyboard.press("Escape")                                           # not now
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#banner")).to_contain_text("needs an API key")
+        expect(page.locator("#server-state")).to_have_text("API key needed")
+        _ask(page, "What is the capital of France?")                            # acting again asks again
+        expect(dialog).to_be_visible()
         page.locator("#key-input").fill("wrong")
         page.locator("#key-input").press("Enter")
         expect(page.locator("#key-error")).to_be_visible()                     # asked again, saying why

@@ -94,8 +94,10 @@ setCopyHandler(copyText);
 // ---- the API key ----
 
 let keyPrompt = null;
+let keyDeclined = false;   // Cancel: the background refreshes stop asking until the person acts again
 onKeyNeeded((wrong) => {
   if (keyPrompt) return keyPrompt;   // several calls got 401 at once: one dialog
+  if (keyDeclined) return Promise.resolve(null);
   ui.serverState.textContent = "API key needed";
   keyPrompt = new Promise((resolve) => {
     ui.keyError.hidden = !wrong;
@@ -109,7 +111,7 @@ onKeyNeeded((wrong) => {
       resolve(value);
     };
     const submit = (e) => { e.preventDefault(); done(ui.keyInput.value.trim() || null); };
-    const cancel = (e) => { e.preventDefault(); done(null); };
+    const cancel = (e) => { e.preventDefault(); keyDeclined = true; done(null); };
     ui.keyForm.addEventListener("submit", submit);
     $("key-cancel").addEventListener("click", cancel);
     ui.keyDialog.addEventListener("cancel", cancel);
@@ -303,6 +305,7 @@ function requestBody(conversation, model) {
 
 function setRunning(running) {
   state.running = running;
+  ui.messages.setAttribute("aria-busy", String(Boolean(running)));   // screen readers: read the reply once done
   ui.send.hidden = Boolean(running);
   ui.stop.hidden = !running;
   ui.app.classList.toggle("running", Boolean(running));
@@ -406,6 +409,7 @@ function stop() {
 function send() {
   const text = ui.input.value.trim();
   if (!text || state.running) return;
+  if (keyDeclined) { keyDeclined = false; refreshStatus(); return; }   // ask for the key again; the text stays
   const c = state.current;
   if (!modelFor(c)) { noModel(); return; }   // the text stays in the box
   c.messages.push({ role: "user", content: text });
@@ -469,11 +473,11 @@ async function refreshStatus() {
     else if (!state.models.length) await refreshModels();
     clearBanner("status", state.status.state === "ready" ? "model" : "");
   } catch (e) {
-    next = 5000;
+    next = keyDeclined ? 60000 : 5000;
     state.status = null;
     ui.serverState.textContent = e.status === 401 ? "API key needed" : "server unreachable";
     ui.serverState.className = "chip bad";
-    showBanner(e.message, "status");
+    showBanner(e.status === 401 && keyDeclined ? `${e.message} Press Send to enter it.` : e.message, "status");
   }
   if (state.status) renderStatus();
   statusTimer = setTimeout(refreshStatus, next);
