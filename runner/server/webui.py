@@ -24,6 +24,7 @@ ASSETS = {                       # what /ui/ serves, and as what
     "api.js": "text/javascript; charset=utf-8",
     "markdown.js": "text/javascript; charset=utf-8",
     "store.js": "text/javascript; charset=utf-8",
+    "panel.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }
