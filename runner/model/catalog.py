@@ -74,7 +74,7 @@ class OpennessCard:
         """Licences that are not OSI-approved open source must be accepted once before the first pull."""
         return not self.osi_approved
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["released"] = self.released.isoformat()
         d["restrictions"] = list(self.restrictions)
@@ -123,7 +123,7 @@ class CatalogEntry:
     def license_open(self) -> bool:
         return self.card is not None and self.card.osi_approved
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("card", "shape", "files")}
         d["shape"] = asdict(self.shape)
         d["files"] = [asdict(f) for f in self.files]

@@ -1,19 +1,19 @@
 """Why a configuration was not chosen, as typed values: one class per kind, each with the numbers that decided
 it as fields, and the sentence `llmrun plan` prints (`reason`) derived from them.
 
-    kind                          fields                                        printed as
-    TOO_BIG                       device, needed, available, unified            needs 23.8 GiB on GPU0, 23.5 GiB free
-    TOO_BIG_FOR_UNIFIED_MEMORY    needed, available                             needs … of unified memory, … available
-    MACHINE_TOO_SMALL             needed, available, memory                     needs 121.7 GiB at least, 38.6 GiB in …
-    WEIGHTS_TOO_BIG               needed, available, memory                     weights alone need …, … RAM available
-    OVER_DOWNLOAD_LIMIT           size, limit                                   download 41.4 GB > --max-download 20.0 GB
-    CANNOT_ESTIMATE               message                                       cannot estimate: …
-    TOO_SLOW_NOT_ESTIMATED        bound_tps, threshold_tps                      too slow here: at most 1.2 tok/s (< 3), …
-    NOT_ESTIMATED                 than                                          ranked below …; not estimated (--all)
-    TOO_SLOW                      than, placement, decode_tps, threshold_tps    fits (…), too slow: 2.3 tok/s < 3 tok/s
-    SLOWER                        than, placement, decode_tps, than_tps         fits (…), slower: 9.1 tok/s
-    BELOW_QUALITY_FLOOR           than, floor                                   fits, below the Q4_0 quality floor
-    RANKED_LOWER                  than, placement, decode_tps                   fits (…, 1.2 tok/s), ranked below …
+    kind                        fields                                      printed as
+    TOO_BIG                     device, needed, available, unified          needs 23.8 GiB on GPU0, 23.5 GiB free
+    TOO_BIG_FOR_UNIFIED_MEMORY  needed, available                           needs … of unified memory, … available
+    MACHINE_TOO_SMALL           needed, available, memory                   needs 121.7 GiB at least, 38.6 GiB …
+    WEIGHTS_TOO_BIG             needed, available, memory                   weights alone need …, … RAM available
+    OVER_DOWNLOAD_LIMIT         size, limit                                 download 41.4 GB > --max-download 20.0 GB
+    CANNOT_ESTIMATE             message                                     cannot estimate: …
+    TOO_SLOW_NOT_ESTIMATED      bound_tps, threshold_tps                    too slow here: at most 1.2 tok/s (< 3), …
+    NOT_ESTIMATED               than                                        ranked below …; not estimated (--all)
+    TOO_SLOW                    than, placement, decode_tps, threshold_tps  fits (…), too slow: 2.3 tok/s < 3 tok/s
+    SLOWER                      than, placement, decode_tps, than_tps       fits (…), slower: 9.1 tok/s
+    BELOW_QUALITY_FLOOR         than, floor                                 fits, below the Q4_0 quality floor
+    RANKED_LOWER                than, placement, decode_tps                 fits (…, 1.2 tok/s), ranked below …
 
 The first four are memory: the configuration (or, for the last two, anything of that entry) does not fit. The
 next four never got a memory estimate. The last four fit but lost to the choice (`than` names it). Pure values:

@@ -32,8 +32,8 @@ from runner.plan import speed as speedmod
 from runner.plan.fit import MIN_AUTO_CTX, Candidate, EntryPlanner, Memo, capacities, capacity_total, check_fit, \
     contexts, device_name, machine_memory, placements
 from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, BelowQualityFloor, CannotEstimate, \
-    MachineTooSmall, NotEstimated, OverDownloadLimit, Placement, RankedLower, RuledOut, RuledOutKind, Slower, \
-    TooSlow, TooSlowNotEstimated, WeightsTooBig
+    NotEstimated, OverDownloadLimit, Placement, RankedLower, RuledOut, RuledOutKind, Slower, TooSlow, \
+    TooSlowNotEstimated, WeightsTooBig
 
 Prefer = Literal["quality", "speed"]
 
@@ -252,8 +252,8 @@ def _allowed(entry: CatalogEntry, best: Candidate | None, hardware: HardwareProf
             if PLACEMENTS.index(p) < limit or (same_ok and PLACEMENTS.index(p) == limit)]
 
 
-def _calibration(bench: speedmod.Bench, fingerprint: str, catalog: Catalog, hardware: HardwareProfile, prefs: Preferences,
-                 specs: dict[str, speedmod.DeviceSpec], memo: Memo) -> float | None:
+def _calibration(bench: speedmod.Bench, fingerprint: str, catalog: Catalog, hardware: HardwareProfile,
+                 prefs: Preferences, specs: dict[str, speedmod.DeviceSpec], memo: Memo) -> float | None:
     """Median of measured / predicted decode speed over the bench results taken on this machine for catalog
     entries (predicted for the configuration the planner gives that entry, as `llmrun bench` runs it)."""
     ratios: list[float] = []
@@ -482,5 +482,6 @@ def require_fit(result: PlanResult) -> Candidate:
         hint="ways out: " + "; ".join(ways))
 
 
-__all__ = ["Preferences", "Candidate", "PlanResult", "make_plan", "require_fit", "check_fit", "capacities",
-           "smallest_requirement", "DEFAULT_FAMILIES", "PLACEMENTS", "PLACEMENT_LABEL", "MIN_AUTO_CTX"]
+__all__ = ["Preferences", "Candidate", "PlanResult", "RuledOut", "RuledOutKind", "make_plan", "require_fit",
+           "check_fit", "capacities", "smallest_requirement", "DEFAULT_FAMILIES", "PLACEMENTS", "PLACEMENT_LABEL",
+           "MIN_AUTO_CTX"]
