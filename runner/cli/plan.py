@@ -4,16 +4,18 @@ memory divides over the devices, how fast it should run, and why every other opt
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from runner.cli.common import apply_workers, hardware_options, json_option, print_json, workers_options
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the plan modules are imported where used: `llmrun --help` stays light
     from runner.core.run_settings import RunSettings
     from runner.plan.fit import Candidate
     from runner.plan.ruled_out import RuledOutKind
+    from runner.plan.select import Prefer
 
 
 def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | None = None):
@@ -46,7 +48,7 @@ def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | N
 @workers_options
 @json_option
 @click.pass_context
-def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: str,
+def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: Prefer,
          max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
          gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
     """Show the best configuration that fits, its memory and speed, and why the others do not."""

@@ -162,10 +162,10 @@ def _messages(messages: list[Message]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _usage(run: Run) -> dict:
+def _usage(run: Run) -> dict[str, Any]:
     c = run.completion
     p, n = (c.usage.prompt_tokens, c.usage.completion_tokens) if c else (0, 0)
-    usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+    usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
     if c and c.usage.cached_tokens:
         usage["prompt_tokens_details"] = {"cached_tokens": c.usage.cached_tokens}
     return usage
@@ -279,8 +279,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request):
     state = state_of(request)
-    state.require_engine()
-    card = state.card
+    card = state.require_ready().card
     return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(card.modified_at or
                                                                                         state.started_at),
                                         "owned_by": "llmrun"}]}
@@ -289,7 +288,6 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    state.check_model(model_id)
-    card = state.card
+    card = state.check_model(model_id).card
     return {"id": card.name, "object": "model", "created": int(card.modified_at or state.started_at),
             "owned_by": "llmrun"}
