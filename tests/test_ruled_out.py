@@ -79,7 +79,7 @@ def test_too_big_names_the_device_and_its_figures(catalog):
         assert why.reason.startswith("needs ") and why.reason.endswith(" free") and "on GPU0" in why.reason
     host = TooBig("CPU", 30 * GiB, 27 * GiB)
     assert host.reason == "needs 30.0 GiB RAM, 27.0 GiB available"
-    assert replace(host, unified=True).reason == "needs 30.0 GiB unified memory, 27.0 GiB available"
+    assert TooBig("CPU", 30 * GiB, 27 * GiB, unified=True).reason == "needs 30.0 GiB unified memory, 27.0 GiB available"
 
 
 def test_unified_memory_shortfall_is_its_own_kind(catalog):

@@ -23,7 +23,6 @@ no hardware, no catalog.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
 from typing import ClassVar, Literal
 
@@ -65,24 +64,50 @@ class Memory(Enum):
 
 
 class RuledOut(ABC):
-    """Why a candidate was not chosen. Subclasses are frozen dataclasses, one per `RuledOutKind`."""
+    """Why a candidate was not chosen: one subclass per `RuledOutKind`, an immutable value whose fields (its
+    `__slots__`, in order) are the figures that decided it. Plain slotted classes rather than dataclasses:
+    twelve frozen dataclasses cost `llmrun plan` about 4 ms to create at import, these almost nothing."""
 
+    __slots__: tuple[str, ...] = ()
     kind: ClassVar[RuledOutKind]
+
+    def __init__(self, *values: object) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
 
     @property
     @abstractmethod
     def reason(self) -> str:
         """The one line `llmrun plan` prints for it."""
 
+    def fields(self) -> dict[str, object]:
+        """Field name → value, in order."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
     def to_dict(self) -> dict[str, object]:
         """{"kind": ..., field: value, ...} for --json."""
-        if not is_dataclass(self):
-            raise TypeError(f"{type(self).__name__} is not a dataclass")  # every subclass is one
         out: dict[str, object] = {"kind": self.kind.value}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, Enum) else value
+        for name, value in self.fields().items():
+            out[name] = value.value if isinstance(value, Enum) else value
         return out
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, RuledOut)
+        return tuple(self.fields().values()) == tuple(other.fields().values())
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *self.fields().values()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
 
 
 def _gb(n: int) -> str:
@@ -94,15 +119,18 @@ def _tps(x: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- memory
-@dataclass(frozen=True)
 class TooBig(RuledOut):
     """One device needs more than it has: `device` is the estimate's name ("CPU" = host RAM, "GPU0", "RPC1")."""
 
+    __slots__ = ("device", "needed", "available", "unified")
     kind = RuledOutKind.TOO_BIG
     device: str
     needed: int
     available: int
-    unified: bool = False            # the host's RAM is shared with the GPU (Apple)
+    unified: bool                    # the host's RAM is shared with the GPU (Apple)
+
+    def __init__(self, device: str, needed: int, available: int, unified: bool = False) -> None:
+        super().__init__(device, needed, available, unified)
 
     @property
     def reason(self) -> str:
@@ -112,41 +140,50 @@ class TooBig(RuledOut):
         return f"needs {format_size(self.needed)} on {self.device}, {format_size(self.available)} free"
 
 
-@dataclass(frozen=True)
 class TooBigForUnifiedMemory(RuledOut):
     """Unified memory: each device's share fits, all of them together exceed the RAM they share."""
 
+    __slots__ = ("needed", "available")
     kind = RuledOutKind.TOO_BIG_FOR_UNIFIED_MEMORY
     needed: int
     available: int
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(needed, available)
 
     @property
     def reason(self) -> str:
         return f"needs {format_size(self.needed)} of unified memory, {format_size(self.available)} available"
 
 
-@dataclass(frozen=True)
 class MachineTooSmall(RuledOut):
     """The entry's most frugal configuration (CPU, least context, smallest KV) needs more than all memory."""
 
+    __slots__ = ("needed", "available", "memory")
     kind = RuledOutKind.MACHINE_TOO_SMALL
     needed: int
     available: int
     memory: Memory
+
+    def __init__(self, needed: int, available: int, memory: Memory) -> None:
+        super().__init__(needed, available, memory)
 
     @property
     def reason(self) -> str:
         return f"needs {format_size(self.needed)} at least, {format_size(self.available)} {self.memory.label}"
 
 
-@dataclass(frozen=True)
 class WeightsTooBig(RuledOut):
     """The download alone (less the catalog's rounding) is more than all memory; nothing was estimated."""
 
+    __slots__ = ("needed", "available", "memory")
     kind = RuledOutKind.WEIGHTS_TOO_BIG
     needed: int
     available: int
     memory: Memory
+
+    def __init__(self, needed: int, available: int, memory: Memory) -> None:
+        super().__init__(needed, available, memory)
 
     @property
     def reason(self) -> str:
@@ -154,47 +191,59 @@ class WeightsTooBig(RuledOut):
 
 
 # ------------------------------------------------------------------------------------------------- not estimated
-@dataclass(frozen=True)
 class OverDownloadLimit(RuledOut):
+    __slots__ = ("size", "limit")
     kind = RuledOutKind.OVER_DOWNLOAD_LIMIT
     size: int                        # bytes to download
     limit: int                       # --max-download, bytes
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(size, limit)
 
     @property
     def reason(self) -> str:
         return f"download {_gb(self.size)} > --max-download {_gb(self.limit)}"
 
 
-@dataclass(frozen=True)
 class CannotEstimate(RuledOut):
+    __slots__ = ("message",)
     kind = RuledOutKind.CANNOT_ESTIMATE
     message: str                     # the estimator's error
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
     @property
     def reason(self) -> str:
         return f"cannot estimate: {self.message}"
 
 
-@dataclass(frozen=True)
 class TooSlowNotEstimated(RuledOut):
     """Its upper bound on decode speed here (from the download size) is below the usable speed, and something
     usable was chosen."""
 
+    __slots__ = ("bound_tps", "threshold_tps")
     kind = RuledOutKind.TOO_SLOW_NOT_ESTIMATED
     bound_tps: float
     threshold_tps: float
+
+    def __init__(self, bound_tps: float, threshold_tps: float) -> None:
+        super().__init__(bound_tps, threshold_tps)
 
     @property
     def reason(self) -> str:
         return f"too slow here: at most {self.bound_tps:.1f} tok/s (< {self.threshold_tps:g}), not estimated"
 
 
-@dataclass(frozen=True)
 class NotEstimated(RuledOut):
     """Quality mode: no configuration of it could rank above the choice, so none was estimated."""
 
+    __slots__ = ("than",)
     kind = RuledOutKind.NOT_ESTIMATED
     than: str | None                 # the choice's name; None when nothing was chosen
+
+    def __init__(self, than: str | None) -> None:
+        super().__init__(than)
 
     @property
     def reason(self) -> str:
@@ -202,15 +251,18 @@ class NotEstimated(RuledOut):
 
 
 # ------------------------------------------------------------------------------------------------- fits, lost
-@dataclass(frozen=True)
 class TooSlow(RuledOut):
     """It fits and ranks above the choice, but decodes below the usable speed, which the choice reaches."""
 
+    __slots__ = ("than", "placement", "decode_tps", "threshold_tps")
     kind = RuledOutKind.TOO_SLOW
     than: str
     placement: Placement
     decode_tps: float
     threshold_tps: float
+
+    def __init__(self, than: str, placement: Placement, decode_tps: float, threshold_tps: float) -> None:
+        super().__init__(than, placement, decode_tps, threshold_tps)
 
     @property
     def reason(self) -> str:
@@ -218,42 +270,51 @@ class TooSlow(RuledOut):
                 f"{self.threshold_tps:g} tok/s")
 
 
-@dataclass(frozen=True)
 class Slower(RuledOut):
     """--prefer speed: it fits and decodes slower than the choice."""
 
+    __slots__ = ("than", "placement", "decode_tps", "than_tps")
     kind = RuledOutKind.SLOWER
     than: str
     placement: Placement
     decode_tps: float
     than_tps: float
 
+    def __init__(self, than: str, placement: Placement, decode_tps: float, than_tps: float) -> None:
+        super().__init__(than, placement, decode_tps, than_tps)
+
     @property
     def reason(self) -> str:
         return f"fits ({PLACEMENT_LABEL[self.placement]}), slower: {_tps(self.decode_tps)}"
 
 
-@dataclass(frozen=True)
 class BelowQualityFloor(RuledOut):
     """--prefer speed: it fits, but its quant is below the floor speed mode keeps to."""
 
+    __slots__ = ("than", "floor")
     kind = RuledOutKind.BELOW_QUALITY_FLOOR
     than: str
     floor: str                       # the floor quant, e.g. "Q4_0"
+
+    def __init__(self, than: str, floor: str) -> None:
+        super().__init__(than, floor)
 
     @property
     def reason(self) -> str:
         return f"fits, below the {self.floor} quality floor"
 
 
-@dataclass(frozen=True)
 class RankedLower(RuledOut):
     """It fits; the choice ranks above it (placement, size, context, quant, ...; or speed with --prefer speed)."""
 
+    __slots__ = ("than", "placement", "decode_tps")
     kind = RuledOutKind.RANKED_LOWER
     than: str
     placement: Placement
     decode_tps: float | None         # None when no speed was predicted
+
+    def __init__(self, than: str, placement: Placement, decode_tps: float | None) -> None:
+        super().__init__(than, placement, decode_tps)
 
     @property
     def reason(self) -> str:
