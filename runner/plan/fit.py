@@ -103,10 +103,6 @@ def machine_memory(hardware: HardwareProfile) -> Memory:
     return Memory.RAM_AND_VRAM if hardware.gpus else Memory.RAM
 
 
-def where_label(hardware: HardwareProfile) -> str:
-    return machine_memory(hardware).label
-
-
 def device_name(g: GPU) -> str:
     """The estimate's name for a GPU entry: "GPU<i>", or "RPC<i>" for an RPC worker's device (cluster)."""
     return f"{'RPC' if g.vendor == 'rpc' else 'GPU'}{g.index}"
@@ -425,6 +421,5 @@ class EntryPlanner:
 
 
 __all__ = ["Candidate", "EntryPlanner", "Memo", "MemoryCheck", "LayoutFacts", "check_memory", "check_fit",
-           "capacities", "capacity_total", "machine_memory", "where_label", "device_name", "local_gpus",
-           "rpc_servers", "contexts", "placements", "Placement", "PLACEMENTS", "PLACEMENT_LABEL", "MIN_AUTO_CTX",
-           "KV_TYPES"]
+           "capacities", "capacity_total", "machine_memory", "device_name", "local_gpus", "rpc_servers", "contexts",
+           "placements", "Placement", "PLACEMENTS", "PLACEMENT_LABEL", "MIN_AUTO_CTX", "KV_TYPES"]
