@@ -53,6 +53,7 @@ class FakeHub:
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent before the next GET drops
+    ignore_range: set[str] = field(default_factory=set)       # file names served whole (200) despite a Range
     lifetime: float = 120.0
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
@@ -173,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
                    "Content-Type": "application/octet-stream"}
         status, start, end = 200, 0, len(data) - 1
         rng = self.headers.get("Range")
-        if rng and not head:
+        if rng and not head and name not in self.hub.ignore_range:
             m = _RANGE_RE.match(rng.strip())
             if not m or int(m.group(1)) >= len(data):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, head)

@@ -36,3 +36,10 @@ print(json.dumps({"exit": r.exit_code, "heavy": heavy, "chosen": json.loads(r.ou
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["exit"] == 0 and out["chosen"]
     assert out["heavy"] == [], f"`llmrun plan` imported {out['heavy']}"
+
+
+def test_mypy_is_clean():
+    r = subprocess.run([str(BIN / "mypy")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1), r.stdout[-4000:] + r.stderr[-2000:]  # 2: mypy itself failed (config, crash)
+    errors = [line for line in r.stdout.splitlines() if ": error:" in line]
+    assert not errors, f"{len(errors)} mypy errors:\n" + "\n".join(errors[:60])

@@ -155,6 +155,23 @@ def test_corrupt_partial_is_caught_by_the_checksum_and_deleted(hub, ggufs):
     assert fetch.pull(e, progress=False).verified  # the next pull starts clean
 
 
+def test_a_server_ignoring_range_restarts_the_partial_from_zero(hub, ggufs):
+    """A proxy answering 200 to a Range request: the client truncates the partial file and writes the whole body;
+    the hash restarts with it (the stale prefix must not count)."""
+    name = "tiny.Q4_0.gguf"
+    data = ggufs["a"]
+    repo = hub.add_repo("org/tiny-GGUF", {name: data})
+    hub.ignore_range.add(name)
+    e = entry("tiny:Q4_0", "org/tiny-GGUF", {name: data}, revision=repo.commit)
+    partial = store.partial_dir(e) / f"{name}.{repo.sha256(name)}.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:12345])
+
+    lm = fetch.pull(e, progress=False)
+    assert [g.headers.get("range") for g in hub.gets(name)] == ["bytes=12345-"]
+    assert lm.verified and lm.path.read_bytes() == data and not partial.exists()
+
+
 def test_two_pulls_at_once_download_the_file_once(hub, ggufs):
     import threading
 
@@ -229,6 +246,31 @@ def test_a_file_changed_on_disk_is_rehashed_and_deleted_before_use(hub, ggufs):
     with pytest.raises(ChecksumMismatchError, match="deleted"):
         fetch.ensure_local(e, progress=False)
     assert not blob.exists() and store.local_model(e) is None
+
+
+def test_a_cached_copy_with_no_known_sha_is_checked_against_the_hub_not_deleted(hub, ggufs):
+    """A hub cache on a filesystem without symlinks (exFAT, some network mounts) holds snapshot files as copies
+    whose name says nothing of their sha256. With an unpinned entry (no sha256 in the catalog) and another file
+    missing, the pull checks the copy against the hub's sha256 (it used to verify it against None: the good copy
+    was deleted and a mismatch raised)."""
+    names = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
+    files = {names[0]: ggufs["a"], names[1]: ggufs["b"]}
+    hub.add_repo("org/m-GGUF", files)
+    e = entry("m:Q4_0", "org/m-GGUF", files, layout="shards", with_sha=False)
+    first, second = fetch.pull(e, progress=False).paths
+    data = first.read_bytes()
+    first.unlink()
+    first.write_bytes(data)  # a copy, as a cache without symlinks holds it
+    blob = Path(os.path.realpath(second))
+    second.unlink()
+    blob.unlink()
+    gets = len(hub.gets(names[0]))
+
+    lm = fetch.pull(e, progress=False)
+
+    assert lm.verified and lm.paths[0] == first and first.read_bytes() == ggufs["a"]
+    assert lm.paths[1].read_bytes() == ggufs["b"]
+    assert len(hub.gets(names[0])) == gets  # the copy was kept, not downloaded again
 
 
 # ------------------------------------------------------------------------------------------ shards, byte-split

@@ -352,6 +352,16 @@ def test_bandwidth_is_measured_once_and_cached():
     assert cache["Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz"]["memory_bandwidth_gbps"] == 26.5
 
 
+def test_unwritable_home_only_costs_a_remeasurement(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "file" / "home"))  # cannot be created: not a directory
+    src = fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, bandwidth=26.5)
+    assert hw.probe(src).memory_bandwidth_gbps == 26.5
+    assert hw.probe(src).memory_bandwidth_gbps == 26.5
+    assert len(src._measure_calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_corrupt_bandwidth_cache_is_remeasured():
     dirs.home().mkdir(parents=True, exist_ok=True)
     (dirs.home() / "hardware-cache.json").write_text("{not json")
@@ -411,14 +421,23 @@ def test_profile_details():
 
 
 def test_round_trip_and_save(tmp_path):
-    for name in ("2x-rtx3090", "m2-max-96gb", "ci-2core-24gb"):
+    names = ("2x-rtx3090", "m2-max-96gb", "ci-2core-24gb")
+    for name in names:
         p = profiles.load_profile(name)
         assert profiles.profile_from_dict(profiles.profile_to_dict(p), source=p.source) == p
         path = profiles.save_profile(p, tmp_path / "sub" / f"{name}.toml")
         again = profiles.load_profile(str(path))
         assert again.source == str(path)
         assert profiles.profile_to_dict(again) | {"source": ""} == profiles.profile_to_dict(p) | {"source": ""}
-    assert not list((tmp_path / "sub").glob(".*tmp"))
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == sorted(f"{n}.toml" for n in names)  # no temp
+
+
+def test_save_to_an_unwritable_place_is_a_usage_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UsageError, match="cannot write hardware profile") as e:
+        profiles.save_profile(profiles.load_profile("laptop-16gb"), tmp_path / "file" / "p.toml")
+    assert "--save" in e.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_probe_result_round_trips():

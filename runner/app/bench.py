@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runner.core import dirs
 from runner.core.errors import EngineError, UsageError
+from runner.core.files import atomic_write_json
 from runner.core.run_settings import RunSettings
 
 BENCH_FILE = "bench.json"
@@ -113,7 +114,5 @@ def store(result: BenchResult, keys: tuple[str, ...]) -> Path:
     for k in keys:
         data[k] = rec
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
     return path

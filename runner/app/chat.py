@@ -10,10 +10,11 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
-from runner.engine.types import ChatMessage, Completion, SamplingParams
+from runner.engine.types import ChatMessage, Completion, Engine, Generation, SamplingParams
 from runner.core.errors import LlmrunError, UsageError
+from runner.core.files import atomic_write_json
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 SETTABLE = {"temperature": float, "top_p": float, "max_tokens": int, "seed": int}
@@ -45,7 +46,7 @@ class TurnStats:
 class ChatSession:
     """The conversation: system prompt, messages, sampling parameters and counters."""
 
-    engine: object
+    engine: Engine
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = DEFAULT_SYSTEM
     messages: list[ChatMessage] = field(default_factory=list)
@@ -57,7 +58,7 @@ class ChatSession:
     def conversation(self) -> list[ChatMessage]:
         return ([ChatMessage("system", self.system)] if self.system else []) + self.messages
 
-    def ask(self, text: str):
+    def ask(self, text: str) -> Generation:
         """Submit a user message; returns the Generation. Call `record()` with its Completion afterwards."""
         self.messages.append(ChatMessage("user", text))
         try:
@@ -100,7 +101,8 @@ class ChatSession:
             except ValueError:
                 kind = "a number" if SETTABLE[key] is float else "a whole number"
                 raise UsageError(f"{key} must be {kind}, not {value!r}") from None
-        params = replace(self.params, **{key: parsed})
+        change: dict[str, Any] = {key: parsed}   # key is one of SETTABLE, parsed to its type
+        params = replace(self.params, **change)
         validate_params(params)
         self.params = params
         return f"{key} = {parsed}"
@@ -125,10 +127,8 @@ class ChatSession:
                 "messages": [asdict(m) for m in self.messages],
                 "params": {k: getattr(self.params, k) for k in SETTABLE}}
         path = Path(path).expanduser()
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_json(path, data, ensure_ascii=False)
         except OSError as e:
             raise UsageError(f"cannot save to {path}: {e.strerror}") from e
 
@@ -160,7 +160,7 @@ class ChatSession:
 def stream_reply(session: ChatSession, text: str, out: TextIO, err: TextIO) -> Completion:
     """Ask, stream the reply to `out`, and record it. Ctrl-C stops the reply (KeyboardInterrupt is consumed)."""
     gen = session.ask(text)
-    if getattr(gen, "notice", None):
+    if gen.notice:
         err.write(f"[{gen.notice}]\n")
         err.flush()
     try:

@@ -21,12 +21,13 @@ class Loaded:
 def load(launch: Launch, *, model_name: str | None = None, n_parallel: int | None = None,
          threads: int | None = None) -> Loaded:
     """Load `launch` and start its engine. Raises the engine's errors (EngineError, ClusterError, ...)."""
-    options = {"model_name": model_name or launch.name, "n_parallel": n_parallel, "threads": threads}
+    name = model_name or launch.name
     engine: Engine
     if launch.settings.rpc_servers:
         from runner.cluster.isolated import IsolatedEngine
 
-        engine = IsolatedEngine(launch.path, launch.settings, **options)
+        engine = IsolatedEngine(launch.path, launch.settings, model_name=name, n_parallel=n_parallel,
+                                threads=threads)
     else:
         try:
             from runner.engine.batching import start_engine
@@ -35,7 +36,7 @@ def load(launch: Launch, *, model_name: str | None = None, n_parallel: int | Non
                 raise EngineError("llama-cpp-python is not installed",
                                   hint="run `make setup` (it builds llama-cpp-python for this machine)") from e
             raise
-        engine = start_engine(launch.path, launch.settings, **options)
+        engine = start_engine(launch.path, launch.settings, model_name=name, n_parallel=n_parallel, threads=threads)
     warnings: tuple[str, ...] = ()
     if launch.estimate is not None and engine.buffers:
         warnings = tuple(report.warnings(report.compare(dict(engine.buffers), launch.estimate)))

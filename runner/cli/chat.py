@@ -60,16 +60,15 @@ def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, 
     from runner.app.chat import DEFAULT_SYSTEM, ChatSession, Repl, answer_once
 
     params = _params(temperature, top_p, seed, max_tokens)
-    piped = not sys.stdin.isatty()
-    question = sys.stdin.read() if piped else None
-    if piped and not question.strip():
+    question = sys.stdin.read() if not sys.stdin.isatty() else None   # piped: answer it once
+    if question is not None and not question.strip():
         from runner.core.errors import UsageError
 
         raise UsageError("nothing on stdin to answer", hint='echo "question" | llmrun chat')
     engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
     try:
         session = ChatSession(engine, params=params, system=DEFAULT_SYSTEM if system is None else (system or None))
-        if piped:
+        if question is not None:
             code = answer_once(session, question)
         else:
             code = Repl(session).run()

@@ -38,9 +38,9 @@ def synth_command(spec: str, output: Path | None, layers: int | None, as_json: b
         layout = synth.write_synth(entry.shape, quant, output, n_layer=layers, name=entry.model)
         path = output
     stat = path.stat()
+    on_disk = stat.st_blocks * 512
     info = {"path": str(path), "model": entry.model, "quant": quant,
-            "layers": layers or entry.shape.n_layer, "bytes": stat.st_size,
-            "bytes_on_disk": stat.st_blocks * 512}
+            "layers": layers or entry.shape.n_layer, "bytes": stat.st_size, "bytes_on_disk": on_disk}
     if layout is not None:
         info["tensors"] = len(layout.tensors)
     if as_json:
@@ -50,7 +50,7 @@ def synth_command(spec: str, output: Path | None, layers: int | None, as_json: b
 
     click.echo(f"{path}")
     click.echo(f"  {entry.model} {quant}, {info['layers']} layers: {format_size(stat.st_size)} "
-               f"({format_size(info['bytes_on_disk'])} on disk)")
+               f"({format_size(on_disk)} on disk)")
 
 
 COMMANDS = [synth_command]

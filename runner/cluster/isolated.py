@@ -500,7 +500,7 @@ class IsolatedEngine:
 
     def _generate(self, op: GenerationOp, payload: Any, params: SamplingParams) -> GenerationHandle:
         rid = next(self._ids)
-        handle = GenerationHandle(lambda h, rid=rid: self._cancel(rid))
+        handle = GenerationHandle(lambda _handle: self._cancel(rid))
         started = self._round_trip(rid, Generate(rid, op, payload, params), handle)
         assert isinstance(started, Started)
         handle.notice, handle.dropped_messages = started.notice, started.dropped_messages

@@ -21,7 +21,7 @@ import llama_cpp as lc
 from runner.engine import native
 from runner.engine.generation import GenerationHandle, StopText, completion
 from runner.engine.template import ChatFormat
-from runner.engine.types import ChatMessage, EngineStats, SamplingParams
+from runner.engine.types import ChatMessage, EngineStats, FinishReason, SamplingParams
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.core.run_settings import RunSettings
 
@@ -225,8 +225,9 @@ class LlamaEngine:
         self._inbox.put(_WAKE)  # the engine thread notices handle.cancelled at the start of its next step
 
     # ------------------------------------------------------------------------------------------ engine thread
-    def _busy(self) -> list[_Slot]:
-        return [s for s in self._slots if s.req is not None]
+    def _busy(self) -> list[tuple[_Slot, _Request]]:
+        """The slots holding a request, each with its request."""
+        return [(s, s.req) for s in self._slots if s.req is not None]
 
     def _run(self) -> None:
         batch = lc.llama_batch_init(max(self._m.n_batch, self.n_parallel), 0, 1)
@@ -244,8 +245,8 @@ class LlamaEngine:
             self._dead = f"{type(e).__name__}: {e}"
             raise
         finally:
-            for slot in self._busy():
-                self._finish(slot.req, "cancelled" if self._closing else "error", slot=slot, clear=True,
+            for slot, req in self._busy():
+                self._finish(req, "cancelled" if self._closing else "error", slot=slot, clear=True,
                              error=None if self._closing else self._dead)
             for req in self._waiting + self._drain_inbox():
                 self._finish(req, "cancelled" if self._closing else "error", error=self._dead)
@@ -253,7 +254,7 @@ class LlamaEngine:
             lc.llama_batch_free(batch)
 
     def _drain_inbox(self) -> list[_Request]:
-        out = []
+        out: list[_Request] = []
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -273,9 +274,9 @@ class LlamaEngine:
         for req in [r for r in self._waiting if r.handle.cancelled]:
             self._waiting.remove(req)
             self._finish(req, "cancelled")
-        for slot in self._busy():
-            if slot.req.handle.cancelled:
-                self._finish(slot.req, "cancelled", slot=slot, clear=True)
+        for slot, req in self._busy():
+            if req.handle.cancelled:
+                self._finish(req, "cancelled", slot=slot, clear=True)
 
     def _assign(self) -> None:
         while self._waiting:
@@ -300,7 +301,7 @@ class LlamaEngine:
     def _step(self, batch) -> None:
         b = batch
         n = 0
-        outputs: list[tuple[_Slot, int]] = []
+        outputs: list[tuple[_Slot, _Request, int]] = []
         busy = self._busy()
 
         def put(slot: _Slot, token: int, logits: bool) -> None:
@@ -313,15 +314,14 @@ class LlamaEngine:
             slot.tokens.append(token)
             n += 1
 
-        for slot in busy:
-            if slot.req.next_token is not None:
-                put(slot, slot.req.next_token, True)
-                slot.req.next_token = None
-                outputs.append((slot, n - 1))
+        for slot, req in busy:
+            if req.next_token is not None:
+                put(slot, req.next_token, True)
+                req.next_token = None
+                outputs.append((slot, req, n - 1))
         budget = max(self._m.n_ubatch, n)
         prompt_tokens = 0
-        for slot in sorted(busy, key=lambda s: s.req.handle.submitted_at):
-            req = slot.req
+        for slot, req in sorted(busy, key=lambda sr: sr[1].handle.submitted_at):
             if not req.pending or n >= budget:
                 continue
             chunk = req.pending[:budget - n]
@@ -330,21 +330,20 @@ class LlamaEngine:
                 put(slot, tok, not req.pending and i == len(chunk) - 1)
             prompt_tokens += len(chunk)
             if not req.pending:
-                outputs.append((slot, n - 1))
+                outputs.append((slot, req, n - 1))
         b.n_tokens = n
         rc = lc.llama_decode(self._m.ctx, b)
         if rc != 0:
             why = {1: "no room left in the KV cache", 2: "aborted"}.get(rc, f"llama_decode returned {rc}")
-            for slot in busy:
-                self._finish(slot.req, "error", slot=slot, clear=True, error=f"llama.cpp could not decode: {why}")
+            for slot, req in busy:
+                self._finish(req, "error", slot=slot, clear=True, error=f"llama.cpp could not decode: {why}")
             return
         with self._lock:
             self._tokens_in += prompt_tokens
-        for slot, idx in outputs:
-            self._sample(slot, idx)
+        for slot, req, idx in outputs:
+            self._sample(slot, req, idx)
 
-    def _sample(self, slot: _Slot, idx: int) -> None:
-        req = slot.req
+    def _sample(self, slot: _Slot, req: _Request, idx: int) -> None:
         tok = lc.llama_sampler_sample(req.chain, self._m.ctx, idx)
         now = time.perf_counter()
         if req.t_first is None:
@@ -366,7 +365,7 @@ class LlamaEngine:
         else:
             req.next_token = tok
 
-    def _finish(self, req: _Request, reason: str, *, slot: _Slot | None = None, clear: bool = False,
+    def _finish(self, req: _Request, reason: FinishReason, *, slot: _Slot | None = None, clear: bool = False,
                 error: str | None = None) -> None:
         if reason in ("stop", "length"):
             req.handle.push(req.stop.flush())

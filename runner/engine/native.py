@@ -18,6 +18,7 @@ import llama_cpp as lc
 from runner.core.errors import EngineError, GGUFError, UsageError
 from runner.core.run_settings import RunSettings, kv_type
 from runner.engine import ggml
+from runner.model.gguf import read_header
 
 EXPERT_PATTERN = rb"ffn_.*_exps"
 
@@ -81,23 +82,9 @@ def check_model_file(path: Path) -> None:
     if not path.is_file():
         raise EngineError(f"{path} is not a file", hint="give the path of a .gguf file")
     try:
-        from runner.model.gguf import read_header  # the full header check, where available
-    except ImportError:
-        read_header = None
-    if read_header is not None:
-        try:
-            read_header(path)
-        except GGUFError as e:
-            raise EngineError(f"{path} is not a usable GGUF file: {e.message}", hint=e.hint) from e
-        return
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise EngineError(f"cannot read model file {path}: {e.strerror}") from e
-    if magic != b"GGUF":
-        raise EngineError(f"{path} is not a GGUF file (it does not start with the GGUF magic)",
-                          hint="llmrun runs GGUF models; convert others with llama.cpp's convert_hf_to_gguf.py")
+        read_header(path)  # the full header check: llama.cpp aborts the process on a malformed one
+    except GGUFError as e:
+        raise EngineError(f"{path} is not a usable GGUF file: {e.message}", hint=e.hint) from e
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json
 from runner.core.errors import HardwareError
 from runner.core.units import GiB, format_size
 from runner.hardware.types import CPU, GPU, HardwareProfile
@@ -476,11 +477,12 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasur
         cpu, total, available, gpus, unified = _probe_macos(src)
     else:
         cpu = _probe_linux_cpu(src)
-        total, available = parse_meminfo(src.read_text("/proc/meminfo") or "")
-        if total is None:
+        mem_total, mem_available = parse_meminfo(src.read_text("/proc/meminfo") or "")
+        if mem_total is None:
             vm = src.virtual_memory()
-            total, available = vm if vm else (0, 0)
-        available = total if available is None else min(available, total)
+            mem_total, mem_available = vm if vm else (0, 0)
+        total = mem_total
+        available = total if mem_available is None else min(mem_available, total)
         host_total = total
         cg_limit, cg_available = cgroup_memory(src)
         if cg_limit is not None and cg_limit < total:
@@ -537,9 +539,7 @@ def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None,
                                                                                      time.gmtime())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        tmp.replace(path)
+        atomic_write_json(path, cache)
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return value

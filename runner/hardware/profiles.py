@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import dirs
+from runner.core.files import atomic_write_text
 from runner.core.errors import ConfigError, UsageError
 from runner.core.units import format_size, parse_size
 from runner.hardware.types import CPU, GPU, HardwareProfile
@@ -154,10 +155,17 @@ class _Reader:
             raise self.fail(full, f"expected {what}, got {value!r}")
         return value
 
-    def size(self, data: dict, key: str, default: Any = ..., *, path: str = "") -> int | None:
-        full = f"{path}.{key}" if path else key
-        if key not in data and default is not ...:
+    def size(self, data: dict, key: str, default: int | None = None, *, path: str = "") -> int:
+        """A required size, or `default` when the key is absent and a default is given."""
+        if key not in data and default is not None:
             return default
+        return self._size(data, key, path)
+
+    def optional_size(self, data: dict, key: str, *, path: str = "") -> int | None:
+        return self._size(data, key, path) if key in data else None
+
+    def _size(self, data: dict, key: str, path: str) -> int:
+        full = f"{path}.{key}" if path else key
         value = self.get(data, key, (int, float, str), "a size such as \"24 GiB\" or a number of bytes", path=path)
         try:
             n = parse_size(value, what=full)
@@ -229,29 +237,26 @@ def profile_from_dict(data: dict, *, source: str = "profile", default_name: str 
     return HardwareProfile(
         name=r.get(data, "name", (str,), "the profile's name", default_name),
         cpu=cpu, ram_total_bytes=total, ram_available_bytes=available, gpus=tuple(gpus),
-        disk_free_bytes=r.size(disk_t, "free", None, path="disk"), unified_memory=unified,
+        disk_free_bytes=r.optional_size(disk_t, "free", path="disk"), unified_memory=unified,
         memory_bandwidth_gbps=float(bandwidth) if bandwidth is not None else None,
         notes=tuple(str(n) for n in notes), source=r.get(data, "source", (str,), "a string", source),
-        ram_limit_bytes=r.size(ram_t, "cgroup_limit", None, path="ram"),
-        host_ram_total_bytes=r.size(ram_t, "host_total", None, path="ram"),
+        ram_limit_bytes=r.optional_size(ram_t, "cgroup_limit", path="ram"),
+        host_ram_total_bytes=r.optional_size(ram_t, "host_total", path="ram"),
         description=r.get(data, "description", (str,), "a string", ""),
     )
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
-    """Write `profile` as TOML (atomically: a temp file, then rename). Returns the path written."""
+    """Write `profile` as TOML, atomically. Returns the path written."""
     import tomli_w
 
     data = profile_to_dict(profile)
     data.pop("source", None)
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, tomli_w.dumps(data))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write hardware profile {path}: {e.strerror or e}",
                          hint="choose a writable path for --save") from e
     return path

@@ -14,10 +14,15 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.core.errors import UsageError
+from runner.core.files import atomic_path
 from runner.model.layout import GGUF_ALIGNMENT, WeightsLayout, layout_from_recipe
 from runner.core.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
 
 # llama.cpp file-type ids (enum llama_ftype) written as general.file_type
 FILE_TYPES = {
@@ -68,9 +73,8 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     arch = shape.arch
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".incomplete")
 
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(None, arch)  # the file is named when written (atomically, below)
     writer.add_name(name or f"synthetic {arch} {shape.n_embd}x{n}")
     writer.add_file_type(FILE_TYPES.get(layout.quant, 0))
     writer.add_context_length(shape.n_ctx_train)
@@ -97,27 +101,24 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     for t in layout.tensors:
         writer.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.n_bytes,
                                raw_dtype=gguf.GGMLQuantizationType[t.type_name])
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        pos = fout.tell()
-        data_start = -(-pos // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
-        fout.write(b"\0" * (data_start - pos))
-        last = layout.tensors[-1]
-        end = data_start + last.offset + -(-last.n_bytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
-        fout.truncate(end)          # a sparse hole: tensor data reads as zeros, takes no disk
-        writer.close()
-        tmp.replace(path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".incomplete") as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fout = writer.fout[0]
+            pos = fout.tell()
+            data_start = -(-pos // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+            fout.write(b"\0" * (data_start - pos))
+            last = layout.tensors[-1]
+            end = data_start + last.offset + -(-last.n_bytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+            fout.truncate(end)          # a sparse hole: tensor data reads as zeros, takes no disk
+        finally:
+            writer.close()
     return WeightsLayout(tensors=layout.tensors, header_bytes=data_start, quant=layout.quant)
 
 
-def _add_spm_vocab(writer, n_vocab: int) -> None:
+def _add_spm_vocab(writer: GGUFWriter, n_vocab: int) -> None:
     """A llama/SPM vocabulary llama.cpp accepts: <unk> <s> </s>, the 256 byte tokens, then plain pieces."""
     import gguf
 
@@ -167,7 +168,7 @@ def _bpe_byte_chars() -> list[str]:
     return chars
 
 
-def _add_bpe_vocab(writer, n_vocab: int, *, pre: str) -> None:
+def _add_bpe_vocab(writer: GGUFWriter, n_vocab: int, *, pre: str) -> None:
     """A byte-level BPE ("gpt2") vocabulary llama.cpp accepts: the 256 byte characters, then merged lowercase
     words built by merges that only join existing tokens, and <|endoftext|> (bos = eos) as the last token."""
     import gguf

@@ -1,6 +1,6 @@
 """The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
-/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes the engine, or a loader that makes one in the
-background while /health says 503."""
+/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes
+the engine, or a loader that makes one in the background while /health says 503."""
 
 from __future__ import annotations
 
@@ -148,9 +148,9 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     if engine is not None:
         state.set_ready(engine, card or ModelCard(name=engine.model_name))
 
-    def load() -> None:
+    def load(load_model: Loader) -> None:
         try:
-            eng, crd = loader()
+            eng, crd = load_model()
         except (LlmrunError, OSError, MemoryError) as e:
             state.load_error = str(e)
             log.error("model failed to load: %s", e)
@@ -163,11 +163,11 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         machine.start()
-        if state.engine is None and loader is not None:
-            threading.Thread(target=load, name="llmrun-load", daemon=True).start()
+        if state.ready is None and loader is not None:
+            threading.Thread(target=load, args=(loader,), name="llmrun-load", daemon=True).start()
         yield
-        if close_engine and state.engine is not None:
-            await asyncio.to_thread(state.engine.close)
+        if close_engine and state.ready is not None:
+            await asyncio.to_thread(state.ready.engine.close)
 
     app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
                   description="OpenAI- and Ollama-compatible API for a local llama.cpp model.")
@@ -181,12 +181,13 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     @app.get("/health", tags=["server"])
     async def health():
-        outage = state.engine.health() if state.engine is not None else None  # e.g. an RPC worker is down
+        ready = state.ready
+        outage = ready.engine.health() if ready is not None else None  # e.g. an RPC worker is down
         if outage is not None:
             return JSONResponse({"status": "unavailable", "error": outage.message}, status_code=503,
                                 headers={"Retry-After": str(config.retry_after_s)})
-        if state.engine is not None:
-            return {"status": "ok", "model": state.card.name, "slots": state.engine.n_parallel}
+        if ready is not None:
+            return {"status": "ok", "model": ready.card.name, "slots": ready.engine.n_parallel}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503,
@@ -194,13 +195,13 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     async def metrics():
-        engine = state.engine
+        ready = state.ready
         # a child process's round trip (cluster) must not hold the loop
-        stats = await asyncio.to_thread(engine.stats) if engine is not None else None
-        text = state.metrics.render(in_flight=state.gate.in_flight if state.gate else 0,
+        stats = await asyncio.to_thread(ready.engine.stats) if ready is not None else None
+        text = state.metrics.render(in_flight=ready.gate.in_flight if ready is not None else 0,
                                     queued=stats.queued if stats else 0,
                                     busy_slots=stats.busy_slots if stats else 0,
-                                    slots=stats.n_parallel if stats else 0, ready=engine is not None)
+                                    slots=stats.n_parallel if stats else 0, ready=ready is not None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(err.ApiError)

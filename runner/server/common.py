@@ -19,33 +19,48 @@ from runner.server.native import Gate, NativeRequest, Run
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 
 
+@dataclass(frozen=True)
+class Ready:
+    """The loaded model, its card and its admission gate: set together, once, when loading finished."""
+
+    engine: Engine
+    card: ModelCard
+    gate: Gate
+
+
 @dataclass
 class AppState:
     config: ServerConfig
     metrics: Metrics = field(default_factory=Metrics)
-    engine: Engine | None = None
-    card: ModelCard | None = None
-    gate: Gate | None = None
+    ready: Ready | None = None
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
 
     def set_ready(self, engine: Engine, card: ModelCard) -> None:
-        self.gate = Gate(engine.n_parallel, self.config.queue, self.config.retry_after_s)
-        self.card = card
-        self.engine = engine
+        self.ready = Ready(engine, card, Gate(engine.n_parallel, self.config.queue, self.config.retry_after_s))
 
-    def require_engine(self) -> Engine:
-        if self.engine is None:
+    @property
+    def engine(self) -> Engine | None:
+        return self.ready.engine if self.ready is not None else None
+
+    @property
+    def gate(self) -> Gate | None:
+        return self.ready.gate if self.ready is not None else None
+
+    def require_ready(self) -> Ready:
+        """The loaded model, or a 503 while it is loading (or failed to load)."""
+        if self.ready is None:
             msg = f"The model failed to load: {self.load_error}" if self.load_error else "The model is still loading."
             raise ApiError(503, msg, type="server_error", code="model_loading",
                            headers={"Retry-After": str(self.config.retry_after_s)})
-        return self.engine
+        return self.ready
 
-    def check_model(self, name: str) -> None:
-        self.require_engine()
-        assert self.card is not None
-        if not self.card.answers_to(name):
-            raise unknown_model(name, self.card.name)
+    def check_model(self, name: str) -> Ready:
+        """The loaded model when `name` names it; a 503 while loading, a 404 for another name."""
+        ready = self.require_ready()
+        if not ready.card.answers_to(name):
+            raise unknown_model(name, ready.card.name)
+        return ready
 
 
 def state_of(request: Request) -> AppState:
@@ -68,9 +83,8 @@ def sampling(*, temperature=None, top_p=None, top_k=None, min_p=None, repeat_pen
 
 async def start_run(request: Request, native: NativeRequest) -> Run:
     state = state_of(request)
-    engine = state.require_engine()
-    assert state.gate is not None
-    run = Run(engine, state.gate, state.metrics, native, request)
+    ready = state.require_ready()
+    run = Run(ready.engine, ready.gate, state.metrics, native, request)
     try:
         await run.start()
     except ApiError as e:

@@ -173,6 +173,8 @@ class Run:
                 yield self._first
             if self._finished:
                 return
+            if self._it is None:
+                raise RuntimeError("Run.deltas() before Run.start()")
             try:
                 async for delta in self._it:
                     now = time.perf_counter()

@@ -18,6 +18,7 @@ from runner import __version__
 from runner.engine.types import ChatMessage
 from runner.core.errors import UsageError
 from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
 
@@ -202,35 +203,31 @@ async def generate(body: GenerateRequest, request: Request):
     return await _answer(request, native, body.stream, body.model, shape)
 
 
-def _details(request: Request) -> dict:
-    card = state_of(request).card
+def _details(card: ModelCard) -> dict:
     return {"parent_model": "", "format": "gguf", "family": card.family, "families": [card.family] if card.family
             else None, "parameter_size": card.parameter_size, "quantization_level": card.quantization}
 
 
-def _modified(request: Request) -> str:
-    state = state_of(request)
-    ts = state.card.modified_at or state.started_at
+def _modified(card: ModelCard, started_at: float) -> str:
+    ts = card.modified_at or started_at
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 @router.get("/api/tags", tags=["ollama"])
 async def tags(request: Request):
     state = state_of(request)
-    state.require_engine()
-    card = state.card
-    return {"models": [{"name": card.name, "model": card.name, "modified_at": _modified(request),
-                        "size": card.size_bytes, "digest": "", "details": _details(request)}]}
+    card = state.require_ready().card
+    return {"models": [{"name": card.name, "model": card.name, "modified_at": _modified(card, state.started_at),
+                        "size": card.size_bytes, "digest": "", "details": _details(card)}]}
 
 
 @router.get("/api/ps", tags=["ollama"])
 async def ps(request: Request):
-    state = state_of(request)
-    engine = state.require_engine()
-    card = state.card
+    ready = state_of(request).require_ready()
+    engine, card = ready.engine, ready.card
     expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
     return {"models": [{"name": card.name, "model": card.name, "size": card.size_bytes, "size_vram": 0,
-                        "digest": "", "details": _details(request), "expires_at": expires,
+                        "digest": "", "details": _details(card), "expires_at": expires,
                         "context_length": engine.n_ctx}]}
 
 
@@ -247,13 +244,13 @@ async def show(body: ShowRequest, request: Request):
     if not name:
         raise ApiError(400, "model: this field is required", param="model")
     state = state_of(request)
-    state.check_model(name)
-    card, engine = state.card, state.engine
+    ready = state.check_model(name)
+    card, engine = ready.card, ready.engine
     info = {"general.architecture": card.family or "unknown", "general.name": card.name,
             f"{card.family or 'llm'}.context_length": engine.n_ctx, **card.extra}
     return {"modelfile": f"FROM {card.path or card.name}\n", "parameters": "", "template": card.chat_template,
-            "details": _details(request), "model_info": info, "capabilities": ["completion"],
-            "modified_at": _modified(request)}
+            "details": _details(card), "model_info": info, "capabilities": ["completion"],
+            "modified_at": _modified(card, state.started_at)}
 
 
 @router.get("/api/version", tags=["ollama"])

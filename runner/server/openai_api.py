@@ -162,16 +162,16 @@ def _messages(messages: list[Message]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _usage(run: Run) -> dict:
+def _usage(run: Run) -> dict[str, Any]:
     c = run.completion
     p, n = (c.usage.prompt_tokens, c.usage.completion_tokens) if c else (0, 0)
-    usage = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+    usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
     if c and c.usage.cached_tokens:
         usage["prompt_tokens_details"] = {"cached_tokens": c.usage.cached_tokens}
     return usage
 
 
-def _timings(run: Run) -> dict | None:
+def _timings(run: Run) -> dict[str, Any] | None:
     """The engine's own clock, as llama-server reports it next to the usage (its `timings` object): prompt
     evaluation up to the first token, then decoding. None when the generation did not finish."""
     c = run.completion
@@ -293,8 +293,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request):
     state = state_of(request)
-    state.require_engine()
-    card = state.card
+    card = state.require_ready().card
     return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(card.modified_at or
                                                                                         state.started_at),
                                         "owned_by": "llmrun"}]}
@@ -303,7 +302,6 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    state.check_model(model_id)
-    card = state.card
+    card = state.check_model(model_id).card
     return {"id": card.name, "object": "model", "created": int(card.modified_at or state.started_at),
             "owned_by": "llmrun"}

@@ -117,14 +117,14 @@ def model_json(engine: Engine, card: ModelCard, stats: EngineStats, hw: Hardware
 
 def status(state: AppState, hw: HardwareProfile | None, machine_error: str | None) -> dict:
     """The whole answer. Runs in a worker thread: `engine.stats()` is a child process's round trip in a cluster."""
-    engine, card = state.engine, state.card
+    ready = state.ready
     models = []
-    if engine is not None and card is not None:
-        models.append(model_json(engine, card, engine.stats(), hw))
-    outage = engine.health() if engine is not None else None
+    if ready is not None:
+        models.append(model_json(ready.engine, ready.card, ready.engine.stats(), hw))
+    outage = ready.engine.health() if ready is not None else None
     if outage is not None:
         server_state, error = "unavailable", outage.message
-    elif engine is not None:
+    elif ready is not None:
         server_state, error = "ready", None
     elif state.load_error:
         server_state, error = "error", state.load_error

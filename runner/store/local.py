@@ -19,12 +19,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runner.core import dirs
+from runner.core.files import atomic_write_json
 from runner.model.catalog import CatalogEntry
 from runner.core.errors import ChecksumMismatchError, ModelNotLocalError
 
@@ -97,21 +97,7 @@ def _update_marks(change) -> None:
     with FileLock(str(path) + ".lock"):
         marks = _load_marks()
         change(marks)
-        write_json_atomic(path, marks)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_json(path, marks, indent=1, sort_keys=True)
 
 
 def _key(path: Path) -> str:
