@@ -41,6 +41,7 @@ class FakeLoader:
     keep_alive_s: float = 300.0
     token_delay: float = 0.002
     n_parallel: int = 2
+    n_ctx: int = 256
     fail: set[str] = field(default_factory=set)   # loads of these raise EngineError
     hold: dict[str, threading.Event] = field(default_factory=dict)  # loads of these wait for the event
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,7 +80,8 @@ class FakeLoader:
             with self.lock:
                 self.holding[name] = held
                 self.peak = max(self.peak, sum(self.holding.values()))
-            engine = RecordingEngine(self, model_name=name, n_parallel=self.n_parallel, token_delay=self.token_delay)
+            engine = RecordingEngine(self, model_name=name, n_parallel=self.n_parallel, n_ctx=self.n_ctx,
+                                     token_delay=self.token_delay)
             return Started(engine, {"CPU": held})
         finally:
             with self.lock:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.llama
 @contextlib.contextmanager
 def cli_server(model: Path, *args: str, timeout: float = 120.0, home: Path | None = None):
     """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process). `home`: its own
-    LLMRUN_HOME and hub cache (a module-scoped server starts before the per-test isolated home is set)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if home is not None:
-        env.update(LLMRUN_HOME=str(home), HF_HUB_CACHE=str(home / "hf-cache"))
+    LLMRUN_HOME and hub cache (default: a new temporary one; a module-scoped server starts before the per-test
+    isolated home is set, and the server lists every model in its home's store)."""
+    home = home or Path(tempfile.mkdtemp(prefix="llmrun-home-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMRUN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache")}
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--model", str(model), "--name", "demo",
                              "--port", "0", "--threads", "1", "--log-level", "warning", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
@@ -65,9 +66,8 @@ def cli_server(model: Path, *args: str, timeout: float = 120.0, home: Path | Non
 
 
 @pytest.fixture(scope="module")
-def server(demo_gguf, tmp_path_factory):
-    with cli_server(demo_gguf, "--parallel", "4", "--ctx", "1024",
-                    home=tmp_path_factory.mktemp("home")) as (base, proc, lines):
+def server(demo_gguf):
+    with cli_server(demo_gguf, "--parallel", "4", "--ctx", "1024") as (base, proc, lines):
         yield base
 
 

@@ -47,7 +47,9 @@ def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | 
 
 def plan_summary(candidate: Candidate) -> str:
     """One line: model, quant, context, placement, memory, predicted speed."""
-    parts = [f"plan: {candidate.entry.name}", f"context {candidate.n_ctx}", candidate.placement]
+    parts = [f"plan: {candidate.entry.name}", f"context {candidate.n_ctx}"]
+    if candidate.placement is not None:  # always, for a chosen candidate
+        parts.append(candidate.placement)
     if candidate.need_bytes:
         parts.append(f"needs {format_size(candidate.need_bytes)}")
     if candidate.speed is not None and candidate.speed.decode_tps:

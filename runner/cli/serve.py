@@ -100,13 +100,16 @@ def serve(models, name, config_file, host, port, parallel, queue, ctx, keep_aliv
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     served = preload or f"{len(index.refs)} model(s)"
-    click.echo(f"llmrun serve: {served} on http://{shown}:{sock.getsockname()[1]}  "
+    port = sock.getsockname()[1]
+    click.echo(f"llmrun serve: {served} on http://{shown}:{port}  "
                f"OpenAI: /v1  Ollama: /api  health: /health  metrics: /metrics  "
                f"({parallel} slots per model, queue {queue}, keep-alive {format_duration(keep_alive_s)})",
                err=True)
     budget_text = ", ".join(f"{'RAM' if d == 'CPU' else d} {format_size(n)}" for d, n in budget.limits.items())
     click.echo(f"models: {', '.join(r.name for r in index.refs) or 'none yet'}; memory budget: {budget_text} "
                f"({budget.source})", err=True)
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, shown)   # a wildcard address is not a place to browse
+    click.echo(f"chat in a browser: http://{local}:{port}/", err=True)
     run_server(config, pool, preload=preload, sock=sock, log_level=log_level)
 
 

@@ -1,6 +1,6 @@
 """The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
-/health, /metrics, and the two adapters. `create_app` takes a model pool (models loaded on demand by name), or
-one engine already loaded."""
+/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes
+a model pool (models loaded on demand by name), or one engine already loaded."""
 
 from __future__ import annotations
 
@@ -21,16 +21,20 @@ from runner import __version__
 from runner.app.pool import ModelPool, State, pool_of_engine
 from runner.core.errors import LlmrunError
 from runner.engine.types import Engine
+from runner.hardware.types import HardwareProfile
 from runner.server import errors as err
 from runner.server.common import AppState
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.metrics import model_metrics
 from runner.server.native import ClientGone
+from runner.server.status import MachineProbe, default_probe
+from runner.server.webui import OPEN_PATHS as PAGE_PATHS
 
 log = logging.getLogger("llmrun.server")
-OPEN_PATHS = {"/health", "/"}        # answered without the API key (liveness probes, "is it running?")
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat",
-               "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version", "/openapi.json", "/docs"}
+OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness probes, the chat page's files
+KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
+               "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
+               "/openapi.json", "/docs"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -38,6 +42,8 @@ def _endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/ui/"):
+        return "/ui/{file}"
     return "other"
 
 
@@ -130,12 +136,14 @@ class GuardMiddleware:
 
 def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = None, preload: str | None = None,
                engine: Engine | None = None, card: ModelCard | None = None,
-               on_load_failed: Callable[[BaseException], None] | None = None, close_engine: bool = True) -> FastAPI:
+               on_load_failed: Callable[[BaseException], None] | None = None, close_engine: bool = True,
+               probe: Callable[[], HardwareProfile] = default_probe) -> FastAPI:
     """The app over a model pool (runner.app.pool), or over one `engine` already loaded (+ its `card`). With
     `preload`, that model is loaded right after startup and every route answers 503 until it is ready (a failure
     is reported to `on_load_failed`). At shutdown every engine is closed (`close_engine=False`: not the one
-    handed over)."""
-    from runner.server import ollama_api, openai_api
+    handed over). `probe` describes the machine for /llmrun/status; it runs once, in a background thread
+    started at startup."""
+    from runner.server import ollama_api, openai_api, status, webui
 
     config = config or ServerConfig()
     if pool is None:
@@ -162,6 +170,7 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        machine.start()
         await pool.start()
         startup = asyncio.ensure_future(load_at_start(preload)) if preload is not None else None
         yield
@@ -171,9 +180,13 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
 
     app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
                   description="OpenAI- and Ollama-compatible API for local llama.cpp models.")
+    machine = MachineProbe(probe)
     app.state.llm = state
+    app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(status.router)
+    app.include_router(webui.router)
 
     @app.get("/health", tags=["server"])
     async def health():
@@ -205,10 +218,6 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
                                     ready=not state.starting and not state.load_error,
                                     models=model_metrics(pool))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def root():
-        return PlainTextResponse("llmrun is running (OpenAI API under /v1, Ollama API under /api)\n")
 
     @app.exception_handler(err.ApiError)
     async def api_error(request: Request, e: err.ApiError):
