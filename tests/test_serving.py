@@ -164,3 +164,49 @@ def test_serve_options_are_checked(tmp_path, demo_gguf):
     bad.write_text("[models.a]\nctx = 0\n")
     r = CliRunner().invoke(cli, ["serve", "--config", str(bad)])
     assert r.exit_code == 2 and "ctx must be an integer" in r.output and "Traceback" not in r.output
+
+
+def test_a_model_whose_weights_are_repacked_loads_without_mmap_so_rss_is_what_the_budget_counts(demo_gguf):
+    from dataclasses import replace
+
+    from runner.model.synth import ensure_synth
+
+    entry = load_catalog().get("smollm2-135m")
+    path = ensure_synth(entry.shape, "Q4_0", name=entry.model)        # Q4_0 is repacked on AVX2
+    hw = load_profile("ci-2core-24gb")
+    assert "avx2" in hw.cpu.flags
+    loader = PlannedLoader(ModelIndex(), hw, Budget({"CPU": 4 * GiB}), defaults=ModelSettings(ctx=1024, parallel=1))
+    prepared = loader.prepare(ModelRef("q4", path))
+    est = prepared.launch.estimate
+    assert prepared.launch.settings.use_mmap is False and est.host.repack > 0 and est.host.reclaimable == 0
+    with_mmap = loader._estimate(*_shape_layout(path), replace(prepared.launch.settings, use_mmap=True))
+    assert with_mmap.host.reclaimable > 0, "with mmap, the repacked tensors' file pages would stay in RSS"
+    assert need_of(est) == need_of(with_mmap), "the same bytes must fit either way"
+    kept = loader.prepare(ModelRef("demo", Path(demo_gguf)))           # Q4_1: nothing repacked, mmap kept
+    assert kept.launch.settings.use_mmap is True and kept.launch.estimate.host.reclaimable == 0
+
+
+@pytest.mark.llama
+def test_loaded_without_mmap_llama_cpp_holds_no_mapped_weights():
+    from runner.model.synth import ensure_synth
+
+    entry = load_catalog().get("smollm2-135m")
+    path = ensure_synth(entry.shape, "Q4_0", name=entry.model)
+    loader = PlannedLoader(ModelIndex(), load_profile("ci-2core-24gb"), Budget({"CPU": 4 * GiB}),
+                           defaults=ModelSettings(ctx=1024, parallel=1), threads=1)
+    prepared = loader.prepare(ModelRef("q4", path))
+    started = loader.load(prepared)
+    try:
+        buffers = dict(started.engine.buffers)
+        assert "CPU_Mapped model" not in buffers and buffers["CPU model"] > 0 and buffers["CPU_REPACK model"] > 0
+        assert abs(started.resident["CPU"] - prepared.need["CPU"]) < 64 * MiB
+    finally:
+        started.engine.close()
+
+
+def _shape_layout(path):
+    from runner.model.gguf import read_header
+    from runner.model.layout import layout_from_header
+
+    header = read_header(path, require_shape=True)
+    return header.shape, layout_from_header(header)

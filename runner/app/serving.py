@@ -13,6 +13,9 @@ What a model holds:
   model's share of the overhead the estimate counts (vocabulary tables; the CUDA context per GPU), less those
   droppable file pages. When llama.cpp logged no buffers, the estimate stands in.
 
+A model that would leave such droppable pages in the process (weights repacked for this CPU, or partly
+offloaded) is loaded without mmap, so that the server's RSS is what the budget counts.
+
 The settings file (`--config models.toml`), one table per model name (any name the server resolves, or a new
 name with `path`):
 
@@ -40,8 +43,10 @@ from runner.app.models import ModelIndex, ModelRef, ServedFile, read_card
 from runner.app.pool import DEFAULT_KEEP_ALIVE_S, Budget, Prepared, Started
 from runner.core.errors import ConfigError, DoesNotFitError, LicenseNotAcceptedError, UsageError
 from runner.core.run_settings import RunSettings
+from runner.core.shapes import ModelShape
 from runner.core.units import FOREVER, GiB, MiB, format_size, parse_duration
 from runner.hardware.types import HardwareProfile
+from runner.model.layout import WeightsLayout
 from runner.plan.estimate import HOST_OVERHEAD_BYTES, MemoryEstimate
 
 log = logging.getLogger("llmrun.server")
@@ -246,11 +251,21 @@ class PlannedLoader:
         parallel = s.parallel or 1
         path = ref.path
         if ref.entry is not None:
+            from runner.model.layout import layout_from_recipe
+
             path = self._ensure_local(ref)
             launch = self._plan(ref, path, s.ctx, parallel)
+            shape, layout = ref.entry.shape, layout_from_recipe(ref.entry.shape, ref.entry.quant)
         else:
+            from runner.model.gguf import read_header
+            from runner.model.layout import layout_from_header
+
             assert path is not None, "an index ref without a file is an engine handed over, never prepared"
-            launch = self._path_launch(ref, path, s.ctx, parallel)
+            header = read_header(path, require_shape=True)
+            assert header.shape is not None
+            shape, layout = header.shape, layout_from_header(header)
+            launch = self._path_launch(ref, path, s.ctx, parallel, shape, layout)
+        launch = self._without_droppable_pages(launch, shape, layout)
         assert launch.estimate is not None
         return Prepared(ref, launch, read_card(path, ref.name), need_of(launch.estimate),
                         advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
@@ -283,26 +298,37 @@ class PlannedLoader:
         return Launch(path=path, name=ref.name, settings=settings, summary=plan_summary(candidate),
                       estimate=candidate.estimate)
 
-    def _path_launch(self, ref: ModelRef, path: Path, ctx: int | None, parallel: int) -> Launch:
+    def _path_launch(self, ref: ModelRef, path: Path, ctx: int | None, parallel: int, shape: ModelShape,
+                     layout: WeightsLayout) -> Launch:
         """A GGUF that is not in the catalog: CPU only (as `llmrun serve --model PATH` always ran it), its
         estimate from the file's own header."""
         from runner.cluster.workers import split_over_workers
-        from runner.model.gguf import read_header
-        from runner.model.layout import layout_from_header
-        from runner.plan.estimate import estimate
-        from runner.plan.fit import local_gpus
 
-        header = read_header(path, require_shape=True)
-        assert header.shape is not None
         n_ctx = ctx or DEFAULT_PATH_CTX
         settings = split_over_workers(RunSettings(n_ctx=n_ctx * parallel, n_parallel=parallel,
                                                   n_threads=self.threads), self.profile)
-        gpus = local_gpus(self.profile)
-        est = estimate(header.shape, layout_from_header(header), settings, gpus=len(gpus),
-                       gpu_free=tuple(g.free_bytes for g in gpus), cpu_flags=self.profile.cpu.flags,
-                       unified=self.profile.unified_memory)
         summary = f"{ref.name}: {path}, context {n_ctx} tokens" + (f" x {parallel} slots" if parallel > 1 else "")
-        return Launch(path=path, name=ref.name, settings=settings, summary=summary, estimate=est)
+        return Launch(path=path, name=ref.name, settings=settings, summary=summary,
+                      estimate=self._estimate(shape, layout, settings))
+
+    def _without_droppable_pages(self, launch: Launch, shape: ModelShape, layout: WeightsLayout) -> Launch:
+        """Loaded with mmap, a model whose weights llama.cpp repacks for this CPU (or partly offloads) keeps the
+        file pages it read once at load in the process's RSS, though nothing reads them again (the estimate's
+        `reclaimable`): the kernel may drop them, but RSS then overstates the budget by that much (3.4 GiB for a
+        7B Q4_0 on AVX2). Loaded without mmap, those pages are never the process's: RSS is what the budget
+        counts, the same bytes (`needed`), and loading is no slower."""
+        if launch.estimate is None or not any(d.reclaimable for d in launch.estimate.devices):
+            return launch
+        settings = dataclasses.replace(launch.settings, use_mmap=False)
+        return dataclasses.replace(launch, settings=settings, estimate=self._estimate(shape, layout, settings))
+
+    def _estimate(self, shape: ModelShape, layout: WeightsLayout, settings: RunSettings) -> MemoryEstimate:
+        from runner.plan.estimate import estimate
+        from runner.plan.fit import local_gpus
+
+        gpus = local_gpus(self.profile)
+        return estimate(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
+                        cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
 
     def load(self, prepared: Prepared) -> Started:
         from runner.app.load import load
