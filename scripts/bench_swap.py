@@ -3,8 +3,8 @@
 alternating between them, so every request swaps: unload the idle model, load the other, first token.
 
 Reports, per case: the time to swap (from sending the request to its first streamed chunk, which the server sends
-once the first token exists), the server's own load time (llmrun_model_load_seconds_total / loads), the time to
-first token of the same request without a swap, and the server process's peak memory sampled every 10 ms from
+once the first token exists), the server's own unload and load times (from its log, and
+llmrun_model_load_seconds_total / loads), the time to first token of the same request without a swap, and the server process's peak memory sampled every 10 ms from
 /proc (VmRSS, and its anonymous and file-backed parts) against the budget and against what the server accounted
 (the largest llmrun_memory_used_bytes seen).
 
@@ -99,9 +99,11 @@ def case(label: str, path: Path, *, ctx: int, budget: int, swaps: int, threads: 
     env = {**os.environ, "LLMRUN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf"), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--config", str(config), "--port", str(port),
                              "--ctx", str(ctx), "--parallel", "1", "--threads", str(threads),
-                             "--max-memory", f"{budget // MiB}MiB", "--log-level", "warning"],
+                             "--max-memory", f"{budget // MiB}MiB", "--log-level", "info"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True).start()
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -111,7 +113,7 @@ def case(label: str, path: Path, *, ctx: int, budget: int, swaps: int, threads: 
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+                raise SystemExit("server did not start: " + "".join(log))
             time.sleep(0.2)
         sampler = Sampler(proc.pid, base)
         sampler.start()
@@ -137,18 +139,21 @@ def case(label: str, path: Path, *, ctx: int, budget: int, swaps: int, threads: 
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    unloads = [float(m.group(1)) for m in map(re.compile(r"^unloaded \S+ in ([0-9.]+)s \(evicted").search, log) if m]
     return {"label": label, "budget": budget, "swaps": swaps, "evictions": int(evictions),
+            "unload_mean": statistics.mean(unloads) if unloads else float("nan"),
             "swap_median": statistics.median(swap_s), "swap_min": min(swap_s), "swap_max": max(swap_s),
             "load_mean": load_mean, "warm_ttft": statistics.median(warm), "used_peak": used_peak, **sampler.peak}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model (x2 names) | budget | swaps | time to swap: median (min–max) | of which load | first token, "
+    head = ("| model (x2 names) | budget | swaps | time to swap: median (min–max) | unload | load | first token, "
             "no swap | peak RSS | peak RSS anon / file | peak accounted |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['label']} | {r['budget'] / MiB:.0f} MiB | {r['swaps']} ({r['evictions']} evictions) | "
-                     f"{r['swap_median']:.2f} s ({r['swap_min']:.2f}–{r['swap_max']:.2f}) | {r['load_mean']:.2f} s | "
+                     f"{r['swap_median']:.2f} s ({r['swap_min']:.2f}–{r['swap_max']:.2f}) | {r['unload_mean']:.2f} s | "
+                     f"{r['load_mean']:.2f} s | "
                      f"{r['warm_ttft']:.2f} s | {r['VmRSS'] / MiB:.0f} MiB | "
                      f"{r['RssAnon'] / MiB:.0f} / {r['RssFile'] / MiB:.0f} MiB | {r['used_peak'] / MiB:.0f} MiB |")
     return "\n".join(lines)

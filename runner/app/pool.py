@@ -480,6 +480,7 @@ class ModelPool:
 
     async def _unload(self, m: Model, reason: str) -> None:
         engine = m.engine
+        t0 = self.clock()
         try:
             if engine is not None:
                 await _in_thread(f"llmrun-unload {m.name}", engine.close)
@@ -490,7 +491,7 @@ class ModelPool:
                 del self.models[m.name]
             m.engine = None
             m.unloaded.set_result(None)
-            log.info("unloaded %s (%s; %s)", m.name, reason, self._usage())
+            log.info("unloaded %s in %.2fs (%s; %s)", m.name, self.clock() - t0, reason, self._usage())
             self._notify()
 
     async def _reap(self) -> None:

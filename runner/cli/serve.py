@@ -85,7 +85,7 @@ def serve(models, name, config_file, host, port, parallel, queue, ctx, keep_aliv
         named = [_default_model(index, ctx, profile, parallel)]   # nothing local: today's plan, pulled or the demo
     preload = named[0] if len(named) == 1 else None
 
-    _import_engine()   # llama.cpp's own memory counts as the process's, before any model
+    _import_serving()   # what the process holds before any model: llama.cpp and the HTTP stack imported
     budget = budget_from(profile, max_memory=parse_size(max_memory, what="--max-memory") if max_memory else None,
                          max_vram=[parse_size(v, what="--max-vram") for v in max_vram.split(",")] if max_vram else (),
                          process_bytes=_rss())
@@ -161,7 +161,10 @@ def _default_model(index, ctx, profile, parallel) -> str:
     return launch.name
 
 
-def _import_engine() -> None:
+def _import_serving() -> None:
+    import uvicorn  # noqa: F401
+
+    import runner.server.app  # noqa: F401  (FastAPI, pydantic, the adapters)
     try:
         import runner.engine.batching  # noqa: F401  (llama_cpp)
     except ImportError:
