@@ -67,11 +67,20 @@ class Sampler(threading.Thread):
             time.sleep(0.01)
 
 
+WORDS = ["Apples", "Rivers", "Copper", "Winter", "Lanterns", "Granite", "Violins", "Harbors", "Meadows", "Comets",
+         "Bridges", "Pepper", "Glaciers", "Orchids", "Tunnels", "Canyons", "Falcons", "Marble", "Deserts", "Islands"]
+_count = [0]
+
+
 def first_chunk_s(base: str, model: str, max_tokens: int = 4) -> float:
+    """Seconds to the first streamed chunk of a raw completion whose first word differs from every other
+    request's, so no request reuses another's KV prefix (every one evaluates its whole prompt)."""
+    word = WORDS[_count[0] % len(WORDS)] + (f" {_count[0] // len(WORDS)}" if _count[0] >= len(WORDS) else "")
+    _count[0] += 1
     t0 = time.perf_counter()
     first = None
-    with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=600, json={
-            "model": model, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": max_tokens,
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=600, json={
+            "model": model, "prompt": f"{word} are interesting because", "max_tokens": max_tokens,
             "stream": True}) as r:
         if r.status_code != 200:
             raise SystemExit(f"{model}: HTTP {r.status_code}: {r.read().decode()}")
