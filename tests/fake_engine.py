@@ -10,6 +10,7 @@ cancellation and completion. Tests of real generation use the real engine with t
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -103,8 +104,10 @@ class FakeEngine:
     """n_parallel slots (a semaphore), token_delay seconds per token; everything observable for tests."""
 
     def __init__(self, *, model_name: str = "fake-model", n_ctx: int = 256, n_parallel: int = 2,
-                 token_delay: float = 0.002):
+                 token_delay: float = 0.002, reply: str = REPLY, notice: str | None = None):
         self.model_name, self.n_ctx, self.n_parallel, self.token_delay = model_name, n_ctx, n_parallel, token_delay
+        self.reply = reply                # one "token" per word, with the whitespace before it
+        self.notice = notice              # what every chat generation says it had to do to fit (X-Llmrun-Notice)
         self._slots = threading.Semaphore(n_parallel)
         self._lock = threading.Lock()
         self._busy = 0
@@ -136,12 +139,15 @@ class FakeEngine:
         if params.n > self.n_parallel:
             raise UsageError(f"n={params.n} choices need {params.n} slots; the fake engine has {self.n_parallel}",
                              field="n")
-        pieces = list(JSON_REPLY) if params.grammar or call else \
-            [(" " if i else "") + w for i, w in enumerate(REPLY.split())]
+        if params.n_ctx is not None and params.n_ctx > self.n_ctx:
+            raise UsageError(f"a context of {params.n_ctx} tokens was asked for (num_ctx); the model is loaded "
+                             f"with {self.n_ctx} tokens per sequence", field="num_ctx")
+        pieces = list(JSON_REPLY) if params.grammar or call else re.findall(r"\s*\S+", self.reply)
         gens = [FakeGeneration(self, pieces, n, params, fail=FAIL_PROMPT in prompt_text, call=call)
                 for _ in range(params.n)]
         for gen in gens:
             gen.set_choices(gens)
+            gen.notice = self.notice
             self.generations.append(gen)
             gen.start()
         return gens[0]

@@ -68,9 +68,10 @@ def test_unknown_fields_are_accepted_named_and_logged_once(fake, caplog):
             assert "x-injected" not in r.headers
     logged = [rec.getMessage() for rec in caplog.records if "ignoring the request field" in rec.getMessage()]
     assert sum("'reasoning_effort'" in m for m in logged) == 1, "once per field name"
-    r = httpx.post(f"{base}/api/chat", json={"model": "fake-model", "messages": USER, "stream": False,
-                                              "keep_alive": "5m", "options": {"num_gpu": 99, "num_thread": 4}})
-    assert set(r.headers["x-llmrun-ignored-fields"].split(", ")) == {"keep_alive", "options.num_gpu",
+    r = httpx.post(f"{base}/api/chat", json={"model": "fake-model", "stream": False, "keep_alive": "5m",
+                                              "messages": [{"role": "user", "content": "hi", "thinking": "hm"}],
+                                              "options": {"num_gpu": 99, "num_thread": 4}})
+    assert set(r.headers["x-llmrun-ignored-fields"].split(", ")) == {"messages[].thinking", "options.num_gpu",
                                                                      "options.num_thread"}
 
 

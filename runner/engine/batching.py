@@ -232,8 +232,8 @@ class LlamaEngine:
                              f"{self.n_parallel}", hint="ask for fewer choices, or serve with a larger --parallel",
                              field="n")
         if params.n_ctx and params.n_ctx > self.n_ctx:
-            raise UsageError(f"a context of {params.n_ctx} tokens was asked for; the model is loaded with "
-                             f"{self.n_ctx} tokens per sequence", hint="ask for at most that, or reload the model "
+            raise UsageError(f"a context of {params.n_ctx} tokens was asked for (num_ctx); the model is loaded "
+                             f"with {self.n_ctx} tokens per sequence", hint="ask for at most that, or load the model "
                              "with a larger --ctx", field="num_ctx")
         bad = next((t for t, _ in params.logit_bias if not 0 <= t < self._m.n_vocab), None)
         if bad is not None:

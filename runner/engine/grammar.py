@@ -22,7 +22,7 @@ _CONVERTER_ERRORS = (AssertionError, ValueError, KeyError, TypeError, AttributeE
 def _converter() -> Any:
     from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
-    class Converter(SchemaConverter):  # type: ignore[misc]  # llama_cpp is untyped
+    class Converter(SchemaConverter):
         """llama-cpp-python's converter, plus integer ranges (`minimum`, `maximum` and their exclusive forms),
         which it leaves unenforced and llama.cpp's C++ converter enforces."""
 

@@ -21,6 +21,7 @@ from runner.engine.types import ChatMessage, Tool, ToolCall, Tools
 from runner.core.errors import UsageError
 from runner.server import openai_shapes as shapes
 from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
+from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, json_grammar
 
@@ -293,7 +294,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     reserved = sorted(RESERVED_VARIABLES & set(body.chat_template_kwargs or {}))
     if reserved:
         raise _invalid(f"chat_template_kwargs.{reserved[0]}", "is set by the server from the request")
-    state_of(request).check_model(body.model)
+    state_of(request).resolve(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     grammar = _grammar(body)
     if grammar and tools is not None and tools.choice != "none":
@@ -305,7 +306,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     named = ["messages[].name"] if any(m.name and m.role not in ("tool", "function") for m in body.messages) else []
     native = NativeRequest(params=params, messages=_messages(body.messages), tools=tools,
                            template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body, named))
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
@@ -338,11 +339,11 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
-    state_of(request).check_model(body.model)
+    state_of(request).resolve(body.model)
     grammar = _grammar(body)
     params = _params(body, body.max_tokens, grammar, logprobs=body.logprobs is not None, top=body.logprobs or 0)
     native = NativeRequest(params=params, prompt=prompt, ignored=note_ignored(request, body))
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     echo = prompt if body.echo else ""
 
@@ -360,18 +361,19 @@ async def completions(body: CompletionRequest, request: Request):
                      media_type="text/event-stream")
 
 
+def _model(card: ModelCard, started_at: float) -> dict[str, Any]:
+    return {"id": card.name, "object": "model", "created": int(card.modified_at or started_at), "owned_by": "llmrun"}
+
+
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request):
     state = state_of(request)
-    card = state.require_ready().card
-    return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(card.modified_at or
-                                                                                        state.started_at),
-                                        "owned_by": "llmrun"}]}
+    state.require_started()
+    return {"object": "list", "data": [_model(card, state.started_at) for card in await state.pool.cards()]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    card = state.check_model(model_id).card
-    return {"id": card.name, "object": "model", "created": int(card.modified_at or state.started_at),
-            "owned_by": "llmrun"}
+    state.resolve(model_id)
+    return _model(state.pool.card(model_id), state.started_at)

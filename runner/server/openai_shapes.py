@@ -45,6 +45,21 @@ def usage(run: Run) -> dict[str, Any]:
     return out
 
 
+def timings(run: Run) -> dict[str, Any] | None:
+    """The engine's own clock, as llama-server reports it next to the usage (its `timings` object): prompt
+    evaluation up to the first token, then decoding (the first choice's). None when the generation did not
+    finish."""
+    c = run.completion
+    if c is None:
+        return None
+    n = c.usage.completion_tokens
+    # the engine times decoding from the first token to the last: n - 1 steps
+    predicted_ms = 1000 * (n - 1) / c.decode_tokens_per_s if c.decode_tokens_per_s > 0 and n > 1 else 0.0
+    return {"prompt_n": c.usage.prompt_tokens, "prompt_ms": round(1000 * c.time_to_first_token_s, 3),
+            "predicted_n": n, "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_second": round(c.decode_tokens_per_s, 3)}
+
+
 def _entry(t: TokenLogprob) -> dict[str, Any]:
     return {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
             "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in t.top]}
@@ -119,7 +134,8 @@ async def chat_events(run: Run, head: dict[str, Any], include_usage: bool, *, le
     for i, c in enumerate(run.completions):
         yield chunk(i, {}, finish(c, legacy))
     if include_usage:
-        yield _sse({**head, "system_fingerprint": "llmrun", "choices": [], "usage": usage(run)})
+        yield _sse({**head, "system_fingerprint": "llmrun", "choices": [], "usage": usage(run),
+                    "timings": timings(run)})
     yield "data: [DONE]\n\n"
 
 
@@ -149,5 +165,6 @@ async def completion_events(run: Run, head: dict[str, Any], include_usage: bool,
     for i, c in enumerate(run.completions):
         yield chunk(i, "", finish(c))
     if include_usage:
-        yield _sse({**head, "system_fingerprint": "llmrun", "choices": [], "usage": usage(run)})
+        yield _sse({**head, "system_fingerprint": "llmrun", "choices": [], "usage": usage(run),
+                    "timings": timings(run)})
     yield "data: [DONE]\n\n"
