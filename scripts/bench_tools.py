@@ -2,8 +2,10 @@
 """What tool calling and logprobs cost the engine, on one model (default: the demo model), one slot.
 
 1. Constrained generation: a forced tool call (`tool_choice` required: the call grammar built from the tool's
-   schema) against `response_format` json_schema with the same call object's schema (what a client had to do
-   before tools were supported), and `auto` (a lazy grammar that waits for a call to start) against no tools.
+   schema) against `response_format` json_schema with the schema of the same call object (what a client had to
+   do before tools were supported), from the same prompt (the demo model's template has no tools, so the tool
+   prompt is the generic format's: the json_schema request gets that very system prompt); and `auto` (a lazy
+   grammar that waits for a call to start) against no tools, answered in text.
 2. logprobs: the engine's time per decode step outside llama_decode (batch building, sampling, detokenizing,
    stop strings, streaming) without logprobs, with logprobs, and with top_logprobs=5.
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp as lc  # noqa: E402
 
 from runner.core.run_settings import RunSettings  # noqa: E402
+from runner.engine import tools as tool_formats  # noqa: E402
 from runner.engine.batching import LlamaEngine, start_engine  # noqa: E402
 from runner.engine.grammar import json_grammar  # noqa: E402
 from runner.engine.types import ChatMessage, SamplingParams, Tool, Tools  # noqa: E402
@@ -81,8 +84,10 @@ def run(engine: LlamaEngine, clock: StepClock, messages, params: SamplingParams,
     c = engine.chat(messages, params, tools=tools).result()
     wall = time.perf_counter() - t0
     steps = clock.take()
-    return {"tokens": c.usage.completion_tokens, "wall_s": wall, "decode_tps": c.decode_tokens_per_s,
-            "overhead_us": statistics.median(steps) if steps else 0.0, "calls": len(c.tool_calls)}
+    return {"tokens": c.usage.completion_tokens, "prompt": c.usage.prompt_tokens, "wall_s": wall,
+            "ttft_ms": 1000 * c.time_to_first_token_s, "decode_tps": c.decode_tokens_per_s,
+            "overhead_us": statistics.median(steps) if steps else 0.0, "calls": len(c.tool_calls),
+            "valid": c.finish_reason in ("tool_calls", "stop")}
 
 
 def main() -> int:
@@ -102,11 +107,13 @@ def main() -> int:
     engine = start_engine(path, RunSettings(n_ctx=2048), n_parallel=1, threads=a.threads)
     clock = StepClock(engine)
     grammar = json_grammar(CALL_SCHEMA, param="bench")
+    forced = Tools((FORECAST,), choice="required", parallel=False)
+    same_prompt = tool_formats.generic_messages(ASK, forced)       # what the tools request is prompted with
     cases = {
-        "json_schema (the call's schema)": lambda s: run(engine, clock, ASK, SamplingParams(
+        "json_schema (the call's schema)": lambda s: run(engine, clock, same_prompt, SamplingParams(
             temperature=0.7, seed=s, max_tokens=200, grammar=grammar)),
         "tools, tool_choice required": lambda s: run(engine, clock, ASK, SamplingParams(
-            temperature=0.7, seed=s, max_tokens=200), Tools((FORECAST,), choice="required", parallel=False)),
+            temperature=0.7, seed=s, max_tokens=200), forced),
         "no tools (text)": lambda s: run(engine, clock, HAMLET, SamplingParams(
             temperature=0, max_tokens=a.tokens, ignore_eos=True)),
         "tools, auto, answered in text": lambda s: run(engine, clock, HAMLET, SamplingParams(
@@ -127,15 +134,18 @@ def main() -> int:
     engine.close()
     rows = {}
     print(f"model {path.name}, {a.threads} threads, 1 slot, medians of {a.repeats}")
-    print(f"{'case':34} {'tokens':>7} {'tok/s':>8} {'ms/token':>9} {'engine us/step':>15}")
+    print("engine us/step: the engine thread's time per single-token decode step outside llama_decode")
+    print(f"{'case':34} {'prompt':>7} {'tokens':>7} {'TTFT ms':>8} {'decode tok/s':>13} {'engine us/step':>15}")
     for name, rs in results.items():
+        prompt = statistics.median(r["prompt"] for r in rs)
         tokens = statistics.median(r["tokens"] for r in rs)
+        ttft = statistics.median(r["ttft_ms"] for r in rs)
         tps = statistics.median(r["decode_tps"] for r in rs)
-        ms_per_token = statistics.median(1000 * r["wall_s"] / max(r["tokens"], 1) for r in rs)
         over = statistics.median(r["overhead_us"] for r in rs)
-        rows[name] = {"tokens": tokens, "decode_tps": tps, "ms_per_token": ms_per_token, "engine_us_per_step": over,
-                      "calls": [r["calls"] for r in rs]}
-        print(f"{name:34} {tokens:7.0f} {tps:8.1f} {ms_per_token:9.2f} {over:15.0f}")
+        rows[name] = {"prompt_tokens": prompt, "tokens": tokens, "ttft_ms": ttft, "decode_tps": tps,
+                      "engine_us_per_step": over, "calls": [r["calls"] for r in rs],
+                      "all_finished": all(r["valid"] for r in rs)}
+        print(f"{name:34} {prompt:7.0f} {tokens:7.0f} {ttft:8.1f} {tps:13.1f} {over:15.0f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": path.name, "threads": a.threads, "repeats": a.repeats,
                                             "results": rows}, indent=1))

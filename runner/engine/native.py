@@ -230,6 +230,7 @@ class Logprobs:
 
         self._np = np
         self.ctx, self.n_vocab, self.detok = ctx, n_vocab, detok
+        self._buf = np.empty(n_vocab, dtype=np.float32)     # the engine thread's scratch space (one at a time)
 
     def at(self, idx: int, token: int, top: int, special: frozenset[int] = frozenset()) -> TokenLogprob:
         np = self._np
@@ -238,7 +239,9 @@ class Logprobs:
             raise EngineError(f"llama.cpp kept no logits for batch position {idx}")
         x = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         m = float(x.max())
-        lse = m + float(np.log(np.exp(x - m, dtype=np.float64).sum()))
+        np.subtract(x, m, out=self._buf)
+        np.exp(self._buf, out=self._buf)
+        lse = m + float(np.log(self._buf.sum(dtype=np.float64)))
         alts: tuple[TopLogprob, ...] = ()
         if top:
             ids = np.argpartition(x, -top)[-top:]
