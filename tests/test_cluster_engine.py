@@ -173,3 +173,23 @@ def test_an_idle_worker_that_dies_is_noticed_without_a_request(demo_gguf, worker
         assert eps[0] in eng.health().message
         with pytest.raises(ClusterError, match=eps[0]):
             eng.complete(PROMPT, GREEDY)
+
+
+def test_tool_calls_and_choices_cross_the_process_boundary(demo_gguf, workers):
+    from runner.engine.types import ChatMessage, Tool, Tools
+
+    eps = [workers.start()]
+    settings = RunSettings(n_ctx=1024, n_gpu_layers=-1, tensor_split=(1.0,), rpc_servers=tuple(eps))
+    weather = Tool("get_weather", "Weather in a city", {"type": "object", "properties": {"city": {"type": "string"}},
+                                                         "required": ["city"]})
+    with IsolatedEngine(demo_gguf, settings, threads=1, load_timeout_s=120, n_parallel=2) as eng:
+        g = eng.chat([ChatMessage("user", "Weather in Paris?")],
+                     SamplingParams(temperature=0.8, seed=3, max_tokens=60, n=2, logprobs=True),
+                     tools=Tools((weather,), choice="required", parallel=False))
+        assert len(g.choices) == 2
+        pieces = [p for d in g.choices[1].deltas() for p in d.tool_calls]
+        for choice in g.choices:
+            c = choice.result(120)
+            assert c.finish_reason == "tool_calls" and c.tool_calls[0].name == "get_weather"
+            assert c.logprobs and len(c.logprobs) == c.usage.completion_tokens
+        assert "".join(p.arguments for p in pieces) == g.choices[1].result().tool_calls[0].arguments
