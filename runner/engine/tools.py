@@ -218,7 +218,8 @@ def generic_messages(messages: Sequence[ChatMessage], tools: Tools | None) -> li
     if tools.parallel and len(funcs) > 1:
         lines.append("You may list several calls.")
     if tools.choice == "auto":
-        lines.append("If no function is needed, answer the user directly in plain text.")
+        lines.append("If the user asks you to use a function, or a function is needed to answer, reply with the JSON "
+                     "object only. Otherwise answer in plain text.")
     elif tools.choice == "function":
         lines.append(f"Call the function {tools.function} now.")
     else:
