@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from runner.cli.common import hardware_options, resolve_launch, workers_options
+from runner.server.config import DEFAULT_MAX_TOKENS
 
 QUANT_RE = re.compile(r"(?i)(IQ\d_[A-Z0-9]+(?:_[SML])?|Q\d_K(?:_[SML])?|Q\d_\d|BF16|F16|F32)")
 CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "general.file_type",
@@ -57,14 +58,17 @@ def model_card(path: Path, name: str):
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser requests from this origin (repeatable); CORS is off otherwise.")
 @click.option("--max-body", default="1MiB", show_default=True, metavar="SIZE", help="Largest request body.")
+@click.option("--max-tokens", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(0, 2 ** 31 - 1),
+              help="Tokens a request may generate when it sets no limit (a request may ask for more, up to the "
+                   "context); 0 = until the context is full.")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @hardware_options
 @workers_options
-def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, grace, log_level,
-          hardware, gpus, ram, workers, network):
+def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_origins, max_body, max_tokens, grace,
+          log_level, hardware, gpus, ram, workers, network):
     """Serve a model over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API."""
     from runner.server.config import ServerConfig
     from runner.server.lifecycle import bind, exposure_warning, serve as run_server
@@ -72,7 +76,7 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
 
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
-                          grace_seconds=grace)
+                          grace_seconds=grace, max_tokens=max_tokens or None)
     launch = resolve_launch(model, ctx, hardware, gpus, ram, n_parallel=parallel, workers=workers, network=network)
     served_name = name or launch.name
     slot_ctx = launch.settings.n_ctx // max(launch.settings.n_parallel, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -14,7 +15,7 @@ from runner.engine.types import Engine, SamplingParams
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.errors import ApiError, unknown_model
 from runner.server.metrics import Metrics
-from runner.server.native import Gate, NativeRequest, Run
+from runner.server.native import ClientGone, Gate, NativeRequest, Run
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 
@@ -102,15 +103,21 @@ def notice_headers(run: Run) -> dict[str, str]:
 
 class RunStream(StreamingResponse):
     """A streaming response that closes its Run however the response ends (finished, client gone, error):
-    an unfinished generation is cancelled and its slot freed."""
+    an unfinished generation is cancelled and its slot freed.
 
-    def __init__(self, run: Run, content, media_type: str):
+    It streams the same way under every ASGI spec version: without Starlette's own disconnect listener (which
+    it runs only below spec 2.4). The Run's watcher notices a gone client, however the server reports it, and
+    ends the stream with ClientGone; a send that fails (spec 2.4) ends it too."""
+
+    def __init__(self, run: Run, content: AsyncIterator[str], media_type: str):
         super().__init__(content, media_type=media_type, headers=notice_headers(run) | {
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+        except (ClientGone, OSError):
+            pass   # the client went away: nothing more to send; close() cancels what is left
         finally:
             await self.run.close()

@@ -9,6 +9,10 @@ DEFAULT_PORT = 8080
 DEFAULT_QUEUE = 64
 DEFAULT_BODY_LIMIT = 1024 * 1024       # 1 MiB; larger request bodies get 413
 DEFAULT_GRACE_S = 30.0                 # SIGTERM: how long in-flight requests may take to finish
+# Tokens a request may generate when it sets no limit (OpenAI max_tokens / max_completion_tokens absent, Ollama
+# num_predict absent): a backstop, so that a generation nobody reads any more ends on its own. A request raises
+# it by asking for more (up to the context); Ollama's num_predict -1 and -2 ask for the whole context.
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # when a request sets none; None = until the context is full
 
 
 @dataclass(frozen=True)

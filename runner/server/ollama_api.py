@@ -78,11 +78,20 @@ def _bad(param: str, why: str) -> ApiError:
     return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
 
 
-def _params(req: _Base):
+def _max_tokens(num_predict: int | None, default: int | None) -> int | None:
+    """Ollama's num_predict as a token limit: absent → the server's backstop (--max-tokens); -1 (no limit) and
+    -2 (fill the context) → until the context is full; 0 ("evaluate the prompt only") → 1, the least we
+    generate."""
+    if num_predict is None:
+        return default
+    if num_predict < 0:
+        return None
+    return max(num_predict, 1)
+
+
+def _params(req: _Base, default_max_tokens: int | None):
     o = req.options or Options()
-    max_tokens = o.num_predict if o.num_predict and o.num_predict > 0 else None
-    if o.num_predict == 0:
-        max_tokens = 1      # Ollama's 0 means "evaluate the prompt only"; one token is the least we generate
+    max_tokens = _max_tokens(o.num_predict, default_max_tokens)
     grammar = None
     try:
         if req.format == "json":
@@ -173,7 +182,7 @@ async def chat(body: ChatRequest, request: Request):
 
     if not messages:
         return _loaded(body.model, shape)
-    native = NativeRequest(params=_params(body), messages=tuple(messages))
+    native = NativeRequest(params=_params(body, state_of(request).config.max_tokens), messages=tuple(messages))
     return await _answer(request, native, body.stream, body.model, shape)
 
 
@@ -194,7 +203,7 @@ async def generate(body: GenerateRequest, request: Request):
 
     if not body.prompt:
         return _loaded(body.model, shape)
-    params = _params(body)
+    params = _params(body, state_of(request).config.max_tokens)
     if body.raw:
         native = NativeRequest(params=params, prompt=body.prompt)
     else:

@@ -224,8 +224,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise _unsupported("tools", "tool calling is not supported")
     if body.top_logprobs:
         raise _unsupported("top_logprobs", "log probabilities are not supported")
-    state_of(request).check_model(body.model)
+    state = state_of(request)
+    state.check_model(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = state.config.max_tokens      # the server's backstop (--max-tokens)
     grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages))
     run = await start_run(request, native)
@@ -260,9 +263,11 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
-    state_of(request).check_model(body.model)
+    state = state_of(request)
+    state.check_model(body.model)
     grammar = _grammar(body.response_format)
-    native = NativeRequest(params=_params(body, body.max_tokens, grammar), prompt=prompt)
+    max_tokens = body.max_tokens if body.max_tokens is not None else state.config.max_tokens
+    native = NativeRequest(params=_params(body, max_tokens, grammar), prompt=prompt)
     run = await start_run(request, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 

@@ -1,0 +1,163 @@
+"""Field findings against the server (issue 12), on the FAKE engine (tests/fake_engine.py): a generation that
+outlives its client whatever the ASGI server reports, the --max-tokens backstop, lone surrogates, grammar
+errors. The same findings against a live server of the demo model are in test_server_kill_fuzz.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from fake_engine import FakeEngine, FakeGeneration
+from live_server import running
+from runner.engine.types import SamplingParams
+from runner.server.app import create_app
+from runner.server.config import DEFAULT_MAX_TOKENS, ModelCard, ServerConfig
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+class SilentEngine(FakeEngine):
+    """Generates one word, then `n_tokens` tokens that detokenize to nothing (as text a stop string holds back,
+    or pieces of a UTF-8 character, look to the server): after its first delta the response has nothing to send
+    for n_tokens x token_delay."""
+
+    def __init__(self, n_tokens: int = 500, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.n_tokens = n_tokens
+
+    def _submit(self, prompt_text: str, params: SamplingParams) -> FakeGeneration:
+        gen = FakeGeneration(self, ["Hello"] + [""] * self.n_tokens, len(prompt_text.split()) + 1, params, fail=False)
+        self.generations.append(gen)
+        return gen
+
+
+class Asgi:
+    """Calls the app the way an ASGI server does, with the spec version it claims: the request body, then
+    nothing until `leave()`, then `http.disconnect` for ever. Sends never fail (as sends to a gone client under
+    ASGI 2.3), so only the disconnect message can tell the app."""
+
+    def __init__(self, spec_version: str):
+        self.spec_version = spec_version
+        self.sent: list[dict] = []
+        self._gone: asyncio.Event | None = None
+
+    def leave(self) -> None:
+        assert self._gone is not None
+        self._gone.set()
+
+    async def call(self, app: Any, path: str, body: dict) -> None:
+        self._gone = asyncio.Event()
+        payload = json.dumps(body).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": self.spec_version}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8080), "state": {},
+                 "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(payload)).encode())]}
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            assert self._gone is not None
+            await self._gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            self.sent.append(message)
+
+        await app(scope, receive, send)
+
+
+ROUTES = [
+    ("/v1/chat/completions", {"model": "fake-model", "messages": USER, "stream": True}),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": USER}),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "stream": True}),
+    ("/api/chat", {"model": "fake-model", "messages": USER}),
+    ("/api/generate", {"model": "fake-model", "prompt": "x", "stream": False}),
+]
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_a_gone_client_cancels_a_generation_that_sends_nothing(spec_version, path, body):
+    """Under ASGI 2.4 Starlette's StreamingResponse no longer listens for http.disconnect: a stream with nothing
+    to send (text held back) would then never learn its client left. The run's own watcher must."""
+    engine = SilentEngine(n_tokens=500, token_delay=0.01, n_parallel=1)     # 5 s of silence
+    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="fake-model"))
+    asgi = Asgi(spec_version)
+
+    async def scenario() -> float:
+        call = asyncio.ensure_future(asgi.call(app, path, body))
+        while not engine.generations:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        asgi.leave()
+        t0 = time.perf_counter()
+        await asyncio.wait_for(call, 3)
+        return time.perf_counter() - t0
+
+    elapsed = asyncio.run(scenario())
+    gen = engine.generations[0]
+    assert gen.slot_released.wait(1.0), "the generation kept its slot after its client left"
+    assert gen.result(1).finish_reason == "cancelled"
+    assert elapsed < 1.0
+    assert app.state.llm.gate.in_flight == 0
+    assert "llmrun_cancelled_total 1" in app.state.llm.metrics.render(in_flight=0, queued=0, busy_slots=0, slots=1,
+                                                                     ready=True)
+
+
+# ---- --max-tokens: the backstop for requests that set no limit ----------------------------------------------------
+
+def _submitted_max_tokens(base: str, engine: FakeEngine, path: str, body: dict) -> int | None:
+    r = httpx.post(f"{base}{path}", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    return engine.submitted[-1][2].max_tokens
+
+
+@pytest.mark.parametrize("path,body,expected", [
+    ("/v1/chat/completions", {"messages": USER}, DEFAULT_MAX_TOKENS),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 5000}, 5000),               # a request raises it
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 9}, 9),
+    ("/v1/completions", {"prompt": "x"}, DEFAULT_MAX_TOKENS),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3000}, 3000),
+    ("/api/chat", {"messages": USER, "stream": False}, DEFAULT_MAX_TOKENS),
+    ("/api/generate", {"prompt": "x", "stream": False}, DEFAULT_MAX_TOKENS),
+    ("/api/generate", {"prompt": "x", "stream": False, "options": {"num_predict": 4000}}, 4000),
+    ("/api/generate", {"prompt": "x", "stream": False, "options": {"num_predict": -1}}, None),   # the context
+    ("/api/chat", {"messages": USER, "stream": False, "options": {"num_predict": -2}}, None),    # the context
+    ("/api/chat", {"messages": USER, "stream": False, "options": {"num_predict": 0}}, 1),
+])
+def test_default_max_tokens_applies_when_a_request_sets_none(path, body, expected):
+    engine = FakeEngine(n_parallel=2, token_delay=0.0)
+    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="fake-model"))
+    with running(app) as base:
+        assert _submitted_max_tokens(base, engine, path, {"model": "fake-model", **body}) == expected
+
+
+def test_max_tokens_backstop_is_configurable_and_can_be_off():
+    engine = FakeEngine(n_parallel=2, token_delay=0.0)
+    for limit in (7, None):
+        app = create_app(ServerConfig(max_tokens=limit), engine=engine, card=ModelCard(name="fake-model"))
+        with running(app) as base:
+            assert _submitted_max_tokens(base, engine, "/v1/chat/completions",
+                                         {"model": "fake-model", "messages": USER}) == limit
+            assert _submitted_max_tokens(base, engine, "/api/generate",
+                                         {"model": "fake-model", "prompt": "x", "stream": False}) == limit
+
+
+def test_the_backstop_ends_a_request_with_finish_reason_length():
+    engine = FakeEngine(n_parallel=1, token_delay=0.0)
+    app = create_app(ServerConfig(max_tokens=3), engine=engine, card=ModelCard(name="fake-model"))
+    with running(app) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fake-model", "messages": USER})
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["usage"]["completion_tokens"] == 3
+        r = httpx.post(f"{base}/api/generate", json={"model": "fake-model", "prompt": "x", "stream": False})
+        assert r.json()["done_reason"] == "length" and r.json()["eval_count"] == 3
