@@ -281,3 +281,36 @@ def test_unified_kv_gives_every_slot_the_whole_context(demo_gguf):
         assert "Paris" in gens[0].result().text and gens[1].result().finish_reason in ("stop", "length")
     finally:
         e.close()
+
+
+def test_cancel_aborts_a_prompt_step_and_the_others_go_on_unchanged(demo_gguf):
+    """A step evaluating a long prompt can take seconds (a 7B model on a laptop CPU): cancelling its request aborts
+    the step inside llama.cpp (abort callback) instead of waiting for it. The step is undone and run again without
+    the cancelled request: a request that shared the aborted step answers exactly what it answers alone."""
+    e = start_engine(demo_gguf, RunSettings(n_ctx=8192, n_parallel=2), model_name="abort", threads=1)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        alone = e.chat(ask("Count from one to fifty."), params).result().text
+        short = e.chat(ask("Count from one to fifty."), params)
+        next(iter(short))                                   # decoding: its tokens ride in the long prompt's steps
+        long_prompt = " ".join(f"Item {i}: the keeper counted ships." for i in range(300))    # ~3,000 tokens
+        long = e.chat(ask(long_prompt), SamplingParams(temperature=0, max_tokens=4))
+        deadline = time.monotonic() + 60
+        while long not in e._step_handles:                  # a step with its prompt tokens is running
+            assert time.monotonic() < deadline and not long.done
+            time.sleep(0.0005)
+        waiting = e.chat(ask("hi"), params)                 # both slots are busy: it waits in the inbox
+        waiting.cancel()
+        assert e.stats().queued <= 1, "a cancellation's wake-up counted as a queued request"
+        long.cancel()
+        t0 = time.monotonic()
+        r_long = long.result(timeout=30)
+        assert r_long.finish_reason == "cancelled" and r_long.usage.completion_tokens == 0
+        assert e.aborted_steps == 1
+        assert short.result(timeout=60).text == alone
+        assert time.monotonic() - t0 < 30
+        assert waiting.result(timeout=10).finish_reason == "cancelled"
+        assert e.stats().busy_slots == 0 and e.stats().queued == 0
+    finally:
+        e.close()
+

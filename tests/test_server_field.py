@@ -161,3 +161,33 @@ def test_the_backstop_ends_a_request_with_finish_reason_length():
         assert r.json()["usage"]["completion_tokens"] == 3
         r = httpx.post(f"{base}/api/generate", json={"model": "fake-model", "prompt": "x", "stream": False})
         assert r.json()["done_reason"] == "length" and r.json()["eval_count"] == 3
+
+
+# ---- a client that sends more than its request ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,body", ROUTES)
+def test_a_client_that_sent_bytes_past_its_request_is_noticed_leaving(path, body):
+    """uvicorn stops reading a connection whose client sends more than its request (here a pipelined request)
+    while the answer is pending, and reads it again only inside receive(): waiting on one receive() never sees
+    that client leave (found by the kill fuzz, test_server_kill_fuzz.py)."""
+    import socket
+
+    engine = SilentEngine(n_tokens=500, token_delay=0.01, n_parallel=1)     # 5 s
+    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="fake-model"))
+    with running(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        s = socket.create_connection((host, int(port)))
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        deadline = time.monotonic() + 5
+        while not engine.generations:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+        s.close()
+        gen = engine.generations[0]
+        assert gen.slot_released.wait(1.5), "the generation kept its slot after its client left"
+        assert gen.result(1).finish_reason == "cancelled"

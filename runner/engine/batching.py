@@ -26,6 +26,7 @@ from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, U
 from runner.core.run_settings import RunSettings
 
 _WAKE = object()
+_NO_ABORT = lc.ggml_abort_callback()   # NULL: no abort callback
 
 
 @dataclass(eq=False)
@@ -100,6 +101,13 @@ class LlamaEngine:
         self._closing = False
         self._dead: str | None = None
         self._eog: tuple[int, ...] | None = None
+        # A step that evaluates prompt tokens can take seconds (a 512-token chunk of a 7B model on a laptop CPU):
+        # cancelling one of its requests aborts it at llama.cpp's next graph node (CPU backend) instead of
+        # making everyone wait for it; the step is then undone and run again without the cancelled request.
+        self._step_handles: frozenset[GenerationHandle] = frozenset()
+        self._abort_step = False
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort_step)
+        self.aborted_steps = 0               # steps aborted that way (tests, diagnostics)
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -185,8 +193,13 @@ class LlamaEngine:
         with self._lock:
             busy = sum(1 for s in self._slots if s.req is not None)
             return EngineStats(model=self.model_name, n_ctx=self.n_ctx, n_parallel=self.n_parallel, busy_slots=busy,
-                               queued=len(self._waiting) + self._inbox.qsize(), tokens_in=self._tokens_in,
+                               queued=len(self._waiting) + self._inbox_requests(), tokens_in=self._tokens_in,
                                tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers))
+
+    def _inbox_requests(self) -> int:
+        """Requests in the inbox, not counting the wake-ups cancellations post there."""
+        with self._inbox.mutex:
+            return sum(1 for item in self._inbox.queue if item is not _WAKE)
 
     def health(self) -> LlmrunError | None:
         """None while serving; the internal error that stopped the engine thread otherwise."""
@@ -222,6 +235,8 @@ class LlamaEngine:
         return handle
 
     def _on_cancel(self, handle: GenerationHandle) -> None:
+        if handle in self._step_handles:
+            self._abort_step = True   # a prompt step running now stops at llama.cpp's next graph node
         self._inbox.put(_WAKE)  # the engine thread notices handle.cancelled at the start of its next step
 
     # ------------------------------------------------------------------------------------------ engine thread
@@ -303,6 +318,7 @@ class LlamaEngine:
         n = 0
         outputs: list[tuple[_Slot, _Request, int]] = []
         busy = self._busy()
+        before = [(slot, req, len(slot.tokens), req.next_token, req.pending) for slot, req in busy]
 
         def put(slot: _Slot, token: int, logits: bool) -> None:
             nonlocal n
@@ -332,7 +348,27 @@ class LlamaEngine:
             if not req.pending:
                 outputs.append((slot, req, n - 1))
         b.n_tokens = n
-        rc = lc.llama_decode(self._m.ctx, b)
+        abortable = prompt_tokens > 0
+        if abortable:
+            self._step_handles = frozenset(req.handle for _, req in busy)
+            self._abort_step = any(req.handle.cancelled for _, req in busy)   # after the line above: no gap
+            lc.llama_set_abort_callback(self._m.ctx, self._abort_cb, None)
+        try:
+            rc = lc.llama_decode(self._m.ctx, b)
+        finally:
+            if abortable:
+                lc.llama_set_abort_callback(self._m.ctx, _NO_ABORT, None)
+                self._step_handles = frozenset()
+        if rc == 2 and abortable and self._abort_step:
+            # aborted for a cancelled request: undo the step (llama.cpp keeps the cells of the ubatches it finished)
+            # and let the next one reap the cancelled request and evaluate the rest again
+            for slot, req, n_tokens, next_token, pending in before:
+                lc.llama_memory_seq_rm(self._mem, slot.seq, n_tokens, -1)
+                with self._lock:
+                    slot.tokens = slot.tokens[:n_tokens]
+                req.next_token, req.pending = next_token, pending
+            self.aborted_steps += 1
+            return
         if rc != 0:
             why = {1: "no room left in the KV cache", 2: "aborted"}.get(rc, f"llama_decode returned {rc}")
             for slot, req in busy:
