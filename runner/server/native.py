@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Awaitable, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from starlette.requests import Request
 from starlette.types import Receive
@@ -144,7 +144,8 @@ class Run:
         gone = self._gone
         try:
             if gone is not None and not gone.done():
-                await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Future[Any]] = {task, gone}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             raise
