@@ -314,3 +314,14 @@ def test_cancel_aborts_a_prompt_step_and_the_others_go_on_unchanged(demo_gguf):
     finally:
         e.close()
 
+
+
+def test_text_that_is_not_valid_unicode_is_a_usage_error(engine):
+    """A lone surrogate (from a JSON escape, or a terminal's surrogateescape decoding) cannot be encoded for
+    llama.cpp: a UsageError saying so, not a UnicodeEncodeError."""
+    with pytest.raises(UsageError, match=r"not valid Unicode: a lone surrogate \(\\ud800\) at character 2"):
+        engine.complete("ab\ud800", GREEDY)
+    with pytest.raises(UsageError, match="not valid Unicode"):
+        engine.chat([ChatMessage("system", "\udfff"), ChatMessage("user", "hi")], GREEDY)
+    with pytest.raises(UsageError, match="the grammar is not valid Unicode"):
+        engine.chat(ask("hi"), SamplingParams(grammar='root ::= "\ud800"'))

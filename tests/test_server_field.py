@@ -191,3 +191,72 @@ def test_a_client_that_sent_bytes_past_its_request_is_noticed_leaving(path, body
         gen = engine.generations[0]
         assert gen.slot_released.wait(1.5), "the generation kept its slot after its client left"
         assert gen.result(1).finish_reason == "cancelled"
+
+
+# ---- lone surrogates: valid JSON, not valid Unicode ---------------------------------------------------------------
+
+LONE = "ab\ud800c"          # json.dumps escapes it as "ab\ud800c": valid JSON, and not valid Unicode
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": [
+        {"type": "text", "text": "fine"}, {"type": "text", "text": LONE}]}]}, "messages[1].content[1].text"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["ok", LONE]}, "stop[1]"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"description": LONE}}}}}},
+     "response_format.json_schema.schema.properties.a.description"),
+    ("/v1/chat/completions", {"messages": USER, "user": LONE}, "user"),
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": [LONE]}, "prompt[0]"),
+    ("/api/chat", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("/api/chat", {"messages": USER, "tools": [{"type": "function", "function": {"name": LONE}}]},
+     "tools[0].function.name"),
+    ("/api/generate", {"prompt": LONE}, "prompt"),
+    ("/api/generate", {"prompt": "hi", "system": LONE}, "system"),
+    ("/api/generate", {"prompt": "hi", "options": {"stop": [LONE]}}, "options.stop[0]"),
+    ("/api/generate", {"prompt": "hi", "format": {"type": "object", "properties": {LONE: {"type": "string"}}}},
+     f"format.properties.{LONE}"),
+    ("/api/show", {"model": LONE}, "model"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(fake_server, path, body, field):
+    base, _ = fake_server
+    r = httpx.post(f"{base}{path}", content=json.dumps({"model": "fake-model", **body}),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    message = error if path.startswith("/api/") else error["message"]
+    assert "lone UTF-16 surrogate" in message and "\\ud800" in message
+    shown = field.encode("utf-8", "backslashreplace").decode()        # a key holding the surrogate, escaped
+    assert message.startswith(f"{shown}: ")
+    if path.startswith("/v1/"):
+        assert error["param"] == shown
+    r.content.decode("ascii")           # the answer itself is plain ASCII JSON
+
+
+def test_the_400_names_the_field_on_both_faces(fake_server):
+    base, _ = fake_server
+    r = httpx.post(f"{base}/api/chat", content=json.dumps({"model": "fake-model", "messages": [
+        {"role": "user", "content": "x"}, {"role": "user", "content": "\udc00"}]}),
+        headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("messages[1].content: ")
+    r = httpx.post(f"{base}/v1/completions", content=json.dumps({"model": "fake-model", "prompt": "\udfff"}),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: ")
+
+
+def test_paired_surrogates_and_escaped_backslashes_pass(fake_server):
+    base, engine = fake_server
+    for text in ("smile \U0001F600", "a literal \\ud800 is six characters"):
+        r = httpx.post(f"{base}/v1/completions", content=json.dumps({"model": "fake-model", "prompt": text}),
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert engine.submitted[-1][1] == text
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    engine = FakeEngine(n_parallel=2, token_delay=0.0)
+    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="fake-model"))
+    with running(app) as base:
+        yield base, engine

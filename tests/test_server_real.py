@@ -269,3 +269,13 @@ def _stream_text_long(base: str):
             text += obj["choices"][0]["delta"].get("content", "")
             finish = obj["choices"][0]["finish_reason"] or finish
     return text, finish, events
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_lone_surrogate_is_400_not_500(server, path):
+    """Issue 12: `"\\ud800"` (valid JSON, invalid Unicode) as a message's content was a 500 UnicodeEncodeError."""
+    r = httpx.post(f"{server}{path}", headers={"Content-Type": "application/json"}, content=json.dumps(
+        {"model": "demo", "messages": [{"role": "user", "content": "\ud800"}], "stream": False}))
+    assert r.status_code == 400, r.text
+    message = r.json()["error"] if path.startswith("/api/") else r.json()["error"]["message"]
+    assert message.startswith("messages[0].content: ") and "surrogate" in message

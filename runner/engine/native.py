@@ -190,8 +190,18 @@ def token_text(vocab, token: int) -> str:
     return t.decode("utf-8", errors="replace") if t else ""
 
 
+def utf8(text: str, what: str) -> bytes:
+    """`text` as UTF-8 for llama.cpp; a UsageError when it cannot be (a lone surrogate, which valid Unicode text
+    never holds, but Python strings from JSON escapes or surrogateescape decoding can)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at character "
+                         f"{e.start}", hint="send valid UTF-8 text (surrogates come in pairs)") from e
+
+
 def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-    data = text.encode("utf-8")
+    data = utf8(text, "the text")
     n_max = len(data) + 8
     buf = (lc.llama_token * n_max)()
     n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
@@ -239,7 +249,7 @@ def sampler_chain(vocab, n_vocab: int, params, *, eog: tuple[int, ...] = ()) -> 
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             add(lc.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.grammar:
-            g = lc.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            g = lc.llama_sampler_init_grammar(vocab, utf8(params.grammar, "the grammar"), b"root")
             if not g:
                 raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
                                  hint="see llama.cpp's grammars/README.md; the start rule must be named root")

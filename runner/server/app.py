@@ -73,7 +73,8 @@ class MetricsMiddleware:
 
 
 class GuardMiddleware:
-    """API key (Bearer, constant-time comparison) and request body size limit (413), before any parsing."""
+    """API key (Bearer, constant-time comparison), request body size limit (413), and text that is not valid
+    Unicode (a lone surrogate: 400 naming the field), before any parsing, on every route."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app, self.config = app, config
@@ -117,6 +118,9 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        surrogate = err.lone_surrogate(b"".join(chunks))
+        if surrogate is not None:
+            return await _send_error(send, path, surrogate)
         replayed = False
 
         async def replay() -> Message:
