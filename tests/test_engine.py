@@ -325,3 +325,33 @@ def test_text_that_is_not_valid_unicode_is_a_usage_error(engine):
         engine.chat([ChatMessage("system", "\udfff"), ChatMessage("user", "hi")], GREEDY)
     with pytest.raises(UsageError, match="the grammar is not valid Unicode"):
         engine.chat(ask("hi"), SamplingParams(grammar='root ::= "\ud800"'))
+
+
+def test_a_rejected_grammar_says_why_and_prints_nothing(engine, capfd):
+    """llama.cpp's grammar parser prints its reason to stderr (not to its log callback): it belongs in the error,
+    not on the terminal between a server's log lines."""
+    from runner.core.errors import GrammarError
+
+    capfd.readouterr()
+    with pytest.raises(GrammarError, match=r"llama.cpp says Undefined rule identifier 'undefined'"):
+        engine.chat(ask("hi"), SamplingParams(grammar="root ::= undefined"))
+    with pytest.raises(GrammarError, match=r"llama.cpp says expecting newline or end at _rule"):
+        engine.chat(ask("hi"), SamplingParams(grammar="root ::= undefined_rule"))
+    with pytest.raises(GrammarError, match=r"llama.cpp says unknown escape at \\w"):
+        engine.chat(ask("hi"), SamplingParams(grammar='root ::= "\\"" "\\w"+ "@\\w"+ "\\""\nspace ::= " "?'))
+    out, err = capfd.readouterr()
+    assert "grammar" not in err and "undefined" not in err and out == ""
+
+
+def test_grammar_error_keeps_what_others_printed_meanwhile():
+    from runner.engine.native import grammar_error
+
+    grammar = 'root ::= "a" bad\nspace ::= " "?'
+    printed = ("INFO: someone else\nparse: error parsing grammar: Undefined rule identifier 'bad'\n\n"
+               f"{grammar}\nWARNING: and again\n")
+    assert grammar_error(printed, grammar) == ("Undefined rule identifier 'bad'",
+                                               "INFO: someone else\nWARNING: and again\n")
+    long = "unknown escape at " + "x" * 500 + "\nrest of the grammar"
+    reason, rest = grammar_error(f"parse: error parsing grammar: {long}\n\n{grammar}\n", grammar)
+    assert reason.startswith("unknown escape at xxx") and len(reason) <= 160 and rest == ""
+    assert grammar_error("nothing about grammars\n", grammar) == (None, "nothing about grammars\n")

@@ -2,6 +2,7 @@
 
     LlmrunError                      base; `.hint` says what would be right
     ├── UsageError (ValueError)      a bad argument or option value
+    │   └── GrammarError             a grammar (GBNF, or one made from a JSON schema) llama.cpp rejects
     ├── ConfigError (ValueError)     a bad catalog / hardware profile / settings file
     ├── HardwareError                the machine could not be probed
     ├── GGUFError (ValueError)       a GGUF file or header is malformed, truncated or unsupported
@@ -44,6 +45,10 @@ class LlmrunError(Exception):
 
 class UsageError(LlmrunError, ValueError):
     exit_code = 2
+
+
+class GrammarError(UsageError):
+    pass
 
 
 class ConfigError(LlmrunError, ValueError):

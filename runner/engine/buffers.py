@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterable, Iterator
 
 _BUFFER_RE = re.compile(
@@ -92,6 +93,41 @@ def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
 _KEEP_ALIVE: list = []
 _ACTIVE: list = []
 _SILENT: list = []
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_stderr() -> Iterator[LogCapture]:
+    """What is written to file descriptor 2 while the block runs (some llama.cpp code, the grammar parser among
+    it, prints to C's stderr instead of its log callback). The descriptor is process-wide: captures take turns
+    (a lock), and what other threads wrote in the meantime is in the capture too, for the caller to pass on
+    (`pass_on`)."""
+    import os
+    import sys
+    import tempfile
+
+    capture = LogCapture()
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield capture
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            capture.chunks.append(tmp.read().decode("utf-8", errors="replace"))
+
+
+def pass_on(text: str) -> None:
+    """Write `text` (what a capture caught that was not the caller's) to stderr after all."""
+    import sys
+
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def _silent_callback():

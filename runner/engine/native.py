@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
 
-from runner.core.errors import EngineError, GGUFError, UsageError
+from runner.core.errors import EngineError, GGUFError, GrammarError, UsageError
 from runner.core.run_settings import RunSettings, kv_type
 from runner.engine import ggml
 from runner.model.gguf import read_header
@@ -249,11 +250,7 @@ def sampler_chain(vocab, n_vocab: int, params, *, eog: tuple[int, ...] = ()) -> 
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             add(lc.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.grammar:
-            g = lc.llama_sampler_init_grammar(vocab, utf8(params.grammar, "the grammar"), b"root")
-            if not g:
-                raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
-                                 hint="see llama.cpp's grammars/README.md; the start rule must be named root")
-            add(g)
+            add(grammar_sampler(vocab, params.grammar))
         if params.temperature <= 0:
             add(lc.llama_sampler_init_greedy())
         else:
@@ -270,6 +267,48 @@ def sampler_chain(vocab, n_vocab: int, params, *, eog: tuple[int, ...] = ()) -> 
         lc.llama_sampler_free(chain)
         raise
     return chain
+
+
+def grammar_sampler(vocab, grammar: str) -> object:
+    """llama.cpp's grammar sampler for GBNF text. A grammar llama.cpp rejects is a UsageError with llama.cpp's
+    reason: its parser prints that to stderr (and a line to its log), so both are captured, and what other
+    threads wrote to stderr meanwhile is passed on."""
+    from runner.engine.buffers import capture_llama_logs, capture_stderr, pass_on
+
+    data = utf8(grammar, "the grammar")
+    with capture_stderr() as err, capture_llama_logs() as log:
+        g = lc.llama_sampler_init_grammar(vocab, data, b"root")
+    reason, rest = grammar_error(err.text, grammar)
+    pass_on(rest)
+    if not g:
+        reason = reason or _last_error(log.lines) or "no reason given"
+        raise GrammarError(f"the grammar is not valid GBNF: llama.cpp says {reason}",
+                           hint="see llama.cpp's grammars/README.md; the start rule must be named root")
+    return g
+
+
+_GRAMMAR_ERROR = re.compile(r"(?:\w+: )?error parsing grammar: ")
+_REASON_CHARS = 160
+
+
+def grammar_error(stderr: str, grammar: str) -> tuple[str | None, str]:
+    """(the reason llama.cpp's grammar parser printed, the rest of `stderr`). The parser prints
+    "parse: error parsing grammar: REASON", a blank line and the grammar itself; a REASON such as "unknown escape
+    at ..." goes on with the rest of the grammar, so only its first line is kept (shortened)."""
+    m = _GRAMMAR_ERROR.search(stderr)
+    if m is None:
+        return None, stderr
+    echo = "\n\n" + grammar + "\n"
+    end = stderr.find(echo, m.end())
+    if end < 0:
+        end = stderr.find("\n", m.end())
+        end, tail = (len(stderr), 0) if end < 0 else (end, 1)
+    else:
+        tail = len(echo)
+    reason = stderr[m.end():end].strip().split("\n", 1)[0]
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS - 3] + "..."
+    return reason, stderr[:m.start()] + stderr[end + tail:]
 
 
 def free_sampler(chain) -> None:

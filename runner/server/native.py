@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from runner.engine.types import ChatMessage, Completion, Engine, Generation, SamplingParams
-from runner.core.errors import ContextOverflowError, LlmrunError, UsageError
+from runner.core.errors import ContextOverflowError, GrammarError, LlmrunError, UsageError
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 
@@ -27,6 +27,7 @@ class NativeRequest:
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    grammar_field: str | None = None     # the request field params.grammar was made from ("response_format"...)
 
 
 class ClientGone(Exception):
@@ -180,6 +181,9 @@ class Run:
             param = None
             if isinstance(e, ContextOverflowError):
                 param = "messages" if self.request.messages is not None else "prompt"
+            elif isinstance(e, GrammarError) and self.request.grammar_field:
+                param = self.request.grammar_field
+                e = GrammarError(f"{param}: llama.cpp cannot use the grammar made from it: {e.message}", hint=e.hint)
             raise from_llmrun(e, param=param) from e
         except BaseException:
             await self.close()

@@ -182,7 +182,8 @@ async def chat(body: ChatRequest, request: Request):
 
     if not messages:
         return _loaded(body.model, shape)
-    native = NativeRequest(params=_params(body, state_of(request).config.max_tokens), messages=tuple(messages))
+    native = NativeRequest(params=_params(body, state_of(request).config.max_tokens), messages=tuple(messages),
+                           grammar_field="format")
     return await _answer(request, native, body.stream, body.model, shape)
 
 
@@ -205,10 +206,10 @@ async def generate(body: GenerateRequest, request: Request):
         return _loaded(body.model, shape)
     params = _params(body, state_of(request).config.max_tokens)
     if body.raw:
-        native = NativeRequest(params=params, prompt=body.prompt)
+        native = NativeRequest(params=params, prompt=body.prompt, grammar_field="format")
     else:
         msgs = ([ChatMessage("system", body.system)] if body.system else []) + [ChatMessage("user", body.prompt)]
-        native = NativeRequest(params=params, messages=tuple(msgs))
+        native = NativeRequest(params=params, messages=tuple(msgs), grammar_field="format")
     return await _answer(request, native, body.stream, body.model, shape)
 
 

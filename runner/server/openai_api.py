@@ -122,6 +122,13 @@ def _grammar(fmt: ResponseFormat | None) -> str | None:
         raise ApiError(400, e.message, param="response_format", code="invalid_value") from e
 
 
+def _grammar_field(fmt: ResponseFormat | None) -> str | None:
+    """The field a grammar was made from, to name in a 400 when llama.cpp rejects it."""
+    if fmt is None or fmt.type == "text":
+        return None
+    return "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+
+
 def _grammar_of(fmt: ResponseFormat | None) -> str | None:
     if fmt is None or fmt.type == "text":
         return None
@@ -230,7 +237,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if max_tokens is None:
         max_tokens = state.config.max_tokens      # the server's backstop (--max-tokens)
     grammar = _grammar(body.response_format)
-    native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages))
+    native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages),
+                           grammar_field=_grammar_field(body.response_format))
     run = await start_run(request, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
@@ -267,7 +275,8 @@ async def completions(body: CompletionRequest, request: Request):
     state.check_model(body.model)
     grammar = _grammar(body.response_format)
     max_tokens = body.max_tokens if body.max_tokens is not None else state.config.max_tokens
-    native = NativeRequest(params=_params(body, max_tokens, grammar), prompt=prompt)
+    native = NativeRequest(params=_params(body, max_tokens, grammar), prompt=prompt,
+                           grammar_field=_grammar_field(body.response_format))
     run = await start_run(request, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
