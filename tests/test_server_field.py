@@ -260,3 +260,23 @@ def fake_server():
     app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="fake-model"))
     with running(app) as base:
         yield base, engine
+
+
+# ---- /api/generate with "prompt": null: Ollama's load request, kept ------------------------------------------------
+
+@pytest.mark.parametrize("path,body", [
+    ("/api/generate", {"prompt": None}),
+    ("/api/generate", {"prompt": ""}),
+    ("/api/generate", {}),
+    ("/api/chat", {"messages": []}),
+    ("/api/chat", {}),
+])
+def test_an_empty_ollama_request_is_the_load_request(fake_server, path, body):
+    base, engine = fake_server
+    before = len(engine.submitted)
+    r = httpx.post(f"{base}{path}", json={"model": "fake-model", **body})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["done"] is True and answer["done_reason"] == "load"
+    assert answer.get("response", answer.get("message", {}).get("content")) == ""
+    assert len(engine.submitted) == before, "a load request generates nothing"
