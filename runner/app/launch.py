@@ -70,7 +70,8 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
 
         hardware = hw.probe
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
-    candidate = plan.require_fit(plan.make_plan(hardware(), prefs))
+    profile = hardware()
+    candidate = plan.require_fit(plan.make_plan(profile, prefs))
     entry = candidate.entry
     settings = candidate.settings
     if n_parallel and settings.n_parallel != n_parallel:
@@ -80,9 +81,39 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         return _path_launch(path, n_ctx=n_ctx, n_parallel=n_parallel, name=DEMO_NAME,
                             notice=f"hub unreachable: using the built-in demo model {DEMO_NAME} (the plan chose "
                                    f"{entry.name}: `llmrun pull {entry.name}` when the hub can be reached)")
-    path = fetch.ensure_local(entry, accept_license=accept_license, progress=progress)
-    return Launch(path=Path(path), name=entry.name, settings=settings, summary=plan_summary(candidate),
-                  estimate=candidate.estimate)
+    path = Path(fetch.ensure_local(entry, accept_license=accept_license, progress=progress))
+    return Launch(path=path, name=entry.name, settings=settings, summary=plan_summary(candidate),
+                  estimate=file_estimate(entry, path, settings, profile) or candidate.estimate)
+
+
+def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
+                  hardware: HardwareProfile) -> MemoryEstimate | None:
+    """The memory estimate for `settings` from the file's own header (its tensors as they are: byte-exact), now
+    that the file is here; the plan's estimate came from the quant recipe, which can differ from how a file was
+    really quantized (SmolLM2-135M Q4_1: 92.1 MiB of weights, the recipe 109.0 MiB). None when the header
+    cannot be read (the load then says what is wrong)."""
+    from runner.core.errors import GGUFError
+    from runner.model.gguf import read_header
+    from runner.model.layout import layout_from_headers
+    from runner.plan.estimate import estimate
+    from runner.plan.fit import local_gpus
+    from runner.store import local as store
+
+    try:
+        first = read_header(path)
+        headers = [first]
+        if isinstance(first.metadata.get("split.count"), int) and first.metadata["split.count"] > 1:
+            local = store.local_model(entry)
+            shards = sorted(p for p in (local.paths if local else ()) if p.suffix == ".gguf")
+            headers = [read_header(p) for p in shards] if len(shards) == first.metadata["split.count"] else []
+    except (GGUFError, OSError):
+        return None
+    if not headers:
+        return None
+    gpus = local_gpus(hardware)
+    return estimate(first.shape or entry.shape, layout_from_headers(headers), settings, gpus=len(gpus),
+                    gpu_free=tuple(g.free_bytes for g in gpus), cpu_flags=hardware.cpu.flags,
+                    unified=hardware.unified_memory)
 
 
 def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: int | None = None,
