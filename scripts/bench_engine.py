@@ -6,6 +6,10 @@
    greedy sample, repeat) on the same context settings. Runs are interleaved (engine, plain, engine, ...) so a
    machine shared with other work affects both alike; medians over the repeats. Target: engine within 3%.
 2. Aggregate decode: 8 sequences decoding together vs 1 (the continuous-batching multiplier).
+3. When llama-bench is built (scripts/build_llama_server.sh: the same llama.cpp source as llama-cpp-python), its tg
+   of the same token count and threads, run after each engine/plain pair, beside the engine's single-stream decode
+   (target: engine >= 0.95x llama-bench tg). llama-bench decodes from an empty context and does not sample; the
+   engine decodes after the prompt and samples greedily (~0.1 ms per token on the demo model).
 
     PYTHONPATH=. python scripts/bench_engine.py [MODEL.gguf] [--tokens 128] [--repeats 5] [--json out.json]
 """
@@ -20,6 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import find_llama_bin, llama_bench  # noqa: E402  (scripts/bench_serve.py)
 
 from runner.engine.types import SamplingParams
 from runner.engine.batching import start_engine
@@ -101,6 +108,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--single-only", action="store_true", help="skip the 8-vs-1 aggregate runs")
+    ap.add_argument("--llama-bin", metavar="DIR", help="folder with llama-bench (default: the cached build of "
+                    "scripts/build_llama_server.sh; without one, llama-bench is skipped)")
     a = ap.parse_args()
     if a.model:
         path = Path(a.model)
@@ -112,13 +121,18 @@ def main() -> int:
 
     threads = a.threads or default_threads()
     n_ctx = 2048
+    bin_dir = find_llama_bin(a.llama_bin)
+    if bin_dir is None:
+        print("  note: llama-bench not built (scripts/build_llama_server.sh), no llama-bench tg to compare with",
+              file=sys.stderr)
 
     eng1 = start_engine(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
     from runner.engine.types import ChatMessage
 
     prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
     engine_single(eng1, prompt_tokens, 16)   # warm-up: first touch of the mmap'd weights, thread pool start
-    engine_tps, plain_tps, engine_cpu, plain_cpu = [], [], [], []
+    engine_tps, plain_tps, engine_cpu, plain_cpu, bench_tg = [], [], [], [], []
+    bench_cmd = None
     for _ in range(a.repeats):
         x, c = engine_single(eng1, prompt_tokens, a.tokens)
         engine_tps.append(x)
@@ -126,8 +140,14 @@ def main() -> int:
         x, c = plain_loop(path, prompt_tokens, a.tokens, threads, n_ctx)
         plain_tps.append(x)
         plain_cpu.append(c)
-        print(f"  single stream: engine {engine_tps[-1]:.1f} tok/s ({engine_cpu[-1]:.2f} s CPU), plain loop "
-              f"{plain_tps[-1]:.1f} tok/s ({plain_cpu[-1]:.2f} s CPU)", file=sys.stderr)
+        line = (f"  single stream: engine {engine_tps[-1]:.1f} tok/s ({engine_cpu[-1]:.2f} s CPU), plain loop "
+                f"{plain_tps[-1]:.1f} tok/s ({plain_cpu[-1]:.2f} s CPU)")
+        if bin_dir is not None:
+            lb = llama_bench(bin_dir, path, threads, 0, a.tokens, 1)
+            bench_tg.append(lb["tg"]["tps"])
+            bench_cmd = lb["cmd"]
+            line += f", llama-bench tg{a.tokens} {bench_tg[-1]:.1f} tok/s"
+        print(line, file=sys.stderr)
     eng1.close()
 
     eng8 = start_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
@@ -150,7 +170,10 @@ def main() -> int:
            "engine_cpu_ms_per_token": 1000 * m(engine_cpu) / a.tokens, "plain_cpu_ms_per_token": 1000 * m(plain_cpu) / a.tokens,
            "engine_vs_plain_cpu": m(engine_cpu) / m(plain_cpu) - 1,
            "aggregate_1_tps": m(agg1), "aggregate_8_tps": m(agg8), "per_sequence_at_8_tps": m(per8),
-           "multiplier_8_vs_1": m(agg8) / m(agg1)}
+           "multiplier_8_vs_1": m(agg8) / m(agg1),
+           "llama_bench_tg_tps": m(bench_tg) if bench_tg else None, "llama_bench_cmd": bench_cmd,
+           "engine_vs_llama_bench": m(engine_tps) / m(bench_tg) if bench_tg else None,
+           "engine_vs_llama_bench_paired_median": m([e / b for e, b in zip(engine_tps, bench_tg)]) if bench_tg else None}
     print(f"""
 | measurement ({res['model']}, {threads} threads, {a.tokens} tokens, median of {a.repeats}) | tok/s |
 |---|---|
@@ -160,6 +183,11 @@ def main() -> int:
 | LlamaEngine, 1 sequence, wall time incl. prompt | {res['aggregate_1_tps']:.1f} |
 | LlamaEngine, 8 sequences together, aggregate wall time incl. prompts | {res['aggregate_8_tps']:.1f} (x{res['multiplier_8_vs_1']:.2f}) |
 | LlamaEngine, 8 sequences together, per sequence | {res['per_sequence_at_8_tps']:.1f} |""")
+    if bench_tg:
+        print(f"| llama-bench tg{a.tokens} (same llama.cpp source, no server, no sampling) | "
+              f"{res['llama_bench_tg_tps']:.1f} |\n"
+              f"| LlamaEngine one stream / llama-bench tg (target >= 0.95) | {res['engine_vs_llama_bench']:.2f} "
+              f"(median of paired runs {res['engine_vs_llama_bench_paired_median']:.2f}) |")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -5,6 +5,7 @@
 #   LLMRUN_ACCEL=cpu|cuda|metal   force a build flavour (default: detected)
 #   LLMRUN_WHEEL_CACHE=DIR        where built llama-cpp-python wheels are kept, one folder per flavour
 #   PYTHON=python3.x              interpreter for the virtualenv
+#   LLMRUN_NO_CHROMIUM=1          do not install Chromium (the chat page's browser tests are then skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,50 +19,35 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: install Python 3.11+ or set PYTHON=/path/to/python3"
 
-find_nvcc() {
-  if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
-  for c in /usr/local/cuda/bin/nvcc /opt/cuda/bin/nvcc; do [ -x "$c" ] && { echo "$c"; return; }; done
-  return 1
-}
-have_nvidia_gpu() {
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then return 0; fi
-  ls /proc/driver/nvidia/gpus/* >/dev/null 2>&1
-}
-
-accel=${LLMRUN_ACCEL:-}
-reason=""
-if [ -z "$accel" ]; then
-  if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
-    accel=metal; reason="Apple Silicon"
-  elif have_nvidia_gpu; then
-    if nvcc=$(find_nvcc); then accel=cuda; reason="NVIDIA GPU and $nvcc found"
-    else accel=cpu; reason="NVIDIA GPU found but no nvcc (install the CUDA toolkit for a GPU build)"; fi
-  else
-    accel=cpu; reason="no NVIDIA GPU found"
-  fi
-else
-  reason="LLMRUN_ACCEL=$accel"
-fi
-
-cmake_args="-DGGML_RPC=ON"
-case "$accel" in
-  cpu)   flavour_extra=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || sysctl -n machdep.cpu.features 2>/dev/null || uname -m) | cksum | cut -c1-8) ;;
-  cuda)  nvcc=$(find_nvcc) || die "LLMRUN_ACCEL=cuda but no nvcc found"
-         export CUDACXX=$nvcc PATH="$(dirname "$nvcc"):$PATH"
-         cmake_args="$cmake_args -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native"
-         flavour_extra=$( ("$nvcc" --version; nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null) | cksum | cut -c1-8) ;;
-  metal) cmake_args="$cmake_args -DGGML_METAL=on"; flavour_extra=$(uname -m) ;;
-  *) die "LLMRUN_ACCEL must be cpu, cuda or metal, not '$accel'" ;;
-esac
-flavour="$accel-rpc-$flavour_extra"
+. scripts/llama_accel.sh                 # accel, reason, cmake_args, flavour (shared with build_llama_server.sh)
 say "llama.cpp build: $accel ($reason); CMAKE_ARGS=\"$cmake_args\""
 
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PY="$VENV/bin/python"
 pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 
+# The chat page's browser tests (tests/test_webui.py) drive Debian's chromium through Playwright; never a browser
+# download of Playwright's own. Checked on every run (a file test when installed), installed as root with apt-get.
+ensure_chromium() {
+  [ "${LLMRUN_NO_CHROMIUM:-}" = 1 ] && { say "LLMRUN_NO_CHROMIUM=1: the browser tests will be skipped"; return; }
+  [ -x /usr/bin/chromium ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium for the browser tests (apt-get, about a minute)"
+    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+        >/dev/null && [ -x /usr/bin/chromium ]; then
+      say "chromium installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
+    else
+      say "could not install chromium with apt-get: the browser tests will be skipped"
+    fi
+  else
+    say "no /usr/bin/chromium, and installing it needs root and apt-get: the browser tests will be skipped" \
+        "(install Debian's chromium package to run them)"
+  fi
+}
+ensure_chromium
+
 stamp="$VENV/.llmrun-setup"
-want=$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)-$flavour-$EXTRAS
+want=$(cat pyproject.toml scripts/setup.sh scripts/llama_accel.sh | cksum | cut -d' ' -f1)-$flavour-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import llama_cpp, runner' 2>/dev/null; then
   say "up to date ($VENV, llama-cpp-python $LLAMA_CPP_VERSION $flavour)"
   exit 0

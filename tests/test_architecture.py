@@ -38,13 +38,8 @@ print(json.dumps({"exit": r.exit_code, "heavy": heavy, "chosen": json.loads(r.ou
     assert out["heavy"] == [], f"`llmrun plan` imported {out['heavy']}"
 
 
-# The strict packages are being typed on their own branch (plan-types); until it is merged their errors are left
-# out here. Drop this filter then: every package must be clean.
-_STRICT_PENDING = ("runner/core/", "runner/model/", "runner/plan/")
-
-
 def test_mypy_is_clean():
     r = subprocess.run([str(BIN / "mypy")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode in (0, 1), r.stdout[-4000:] + r.stderr[-2000:]  # 2: mypy itself failed (config, crash)
-    errors = [line for line in r.stdout.splitlines() if ": error:" in line and not line.startswith(_STRICT_PENDING)]
+    errors = [line for line in r.stdout.splitlines() if ": error:" in line]
     assert not errors, f"{len(errors)} mypy errors:\n" + "\n".join(errors[:60])

@@ -47,7 +47,9 @@ def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | 
 
 def plan_summary(candidate: Candidate) -> str:
     """One line: model, quant, context, placement, memory, predicted speed."""
-    parts = [f"plan: {candidate.entry.name}", f"context {candidate.n_ctx}", candidate.placement]
+    parts = [f"plan: {candidate.entry.name}", f"context {candidate.n_ctx}"]
+    if candidate.placement is not None:  # always, for a chosen candidate
+        parts.append(candidate.placement)
     if candidate.need_bytes:
         parts.append(f"needs {format_size(candidate.need_bytes)}")
     if candidate.speed is not None and candidate.speed.decode_tps:
@@ -102,10 +104,11 @@ def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
     try:
         first = read_header(path)
         headers = [first]
-        if isinstance(first.metadata.get("split.count"), int) and first.metadata["split.count"] > 1:
+        count = first.metadata.get("split.count")
+        if isinstance(count, int) and count > 1:       # llama.cpp shards: the layout spans them all
             local = store.local_model(entry)
             shards = sorted(p for p in (local.paths if local else ()) if p.suffix == ".gguf")
-            headers = [read_header(p) for p in shards] if len(shards) == first.metadata["split.count"] else []
+            headers = [read_header(p) for p in shards] if len(shards) == count else []
     except (GGUFError, OSError):
         return None
     if not headers:

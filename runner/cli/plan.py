@@ -3,6 +3,7 @@ memory divides over the devices, how fast it should run, and why every other opt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,9 @@ import click
 from runner.cli.common import apply_workers, hardware_options, json_option, print_json, workers_options
 
 if TYPE_CHECKING:  # the plan modules are imported where used: `llmrun --help` stays light
+    from runner.core.run_settings import RunSettings
     from runner.plan.fit import Candidate
+    from runner.plan.ruled_out import RuledOutKind
     from runner.plan.select import Prefer
 
 
@@ -80,14 +83,16 @@ def _tps(x: float) -> str:
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
-def _kv(s) -> str:
+def _kv(s: RunSettings) -> str:
     return s.type_k if s.type_k == s.type_v else f"K {s.type_k} / V {s.type_v}"
 
 
-def _config(c) -> str:
-    """One line: placement, layers, context, KV."""
-    from runner.plan.fit import PLACEMENT_LABEL
+def _config(c: Candidate) -> str:
+    """One line: placement, layers, context, KV ("—" for a candidate never placed)."""
+    from runner.plan.ruled_out import PLACEMENT_LABEL
 
+    if c.placement is None:
+        return "—"
     s = c.settings
     n_layer = c.entry.shape.n_layer
     parts = [PLACEMENT_LABEL[c.placement]]
@@ -100,11 +105,22 @@ def _config(c) -> str:
     return ", ".join(parts)
 
 
+def _distance(c: Candidate) -> float:
+    """How far from fitting: the worst need/capacity ratio; candidates never sized after every sized one."""
+    return c.shortfall if c.shortfall is not None else math.inf
+
+
+def _kind(c: Candidate) -> RuledOutKind | None:
+    return c.ruled_out.kind if c.ruled_out is not None else None
+
+
 def summarize(rejected: Sequence[Candidate], chosen: Candidate | None = None) -> list[tuple[str, str, str, bool]]:
     """At most three rows per model: the quant closest to fitting among those that do not fit, the best of
     those that fit but ranked lower, and the count of those not estimated. (label, configuration, reason, dim)"""
     from runner.model.catalog import quant_rank
+    from runner.plan.ruled_out import RuledOutKind
 
+    listed_apart = (RuledOutKind.TOO_SLOW_NOT_ESTIMATED, RuledOutKind.NOT_ESTIMATED)  # entries never estimated
     by_model: dict[str, list[Candidate]] = {}
     for c in rejected:
         if chosen is not None and c.entry == chosen.entry:
@@ -115,23 +131,22 @@ def summarize(rejected: Sequence[Candidate], chosen: Candidate | None = None) ->
         per_quant: dict[str, Candidate] = {}
         for c in cands:  # one candidate per quant: a fitting one, else the one closest to fitting
             cur = per_quant.get(c.entry.quant)
-            if cur is None or (c.fits, -c.shortfall) > (cur.fits, -cur.shortfall):
+            if cur is None or (c.fits, -_distance(c)) > (cur.fits, -_distance(cur)):
                 per_quant[c.entry.quant] = c
-        out = [c for c in per_quant.values() if not c.fits and c.estimate is not None or
-               (not c.fits and c.estimate is None and c.shortfall > 0)]
+        skipped = [c for c in per_quant.values() if not c.fits and _kind(c) in listed_apart]
+        out = [c for c in per_quant.values() if not c.fits and _kind(c) not in listed_apart]
         fit = [c for c in per_quant.values() if c.fits]
-        skipped = [c for c in per_quant.values() if not c.fits and c.estimate is None and c.shortfall == 0]
         if out:
-            best = min(out, key=lambda c: (c.shortfall, -quant_rank(c.entry.quant)))
+            best = min(out, key=lambda c: (_distance(c), -quant_rank(c.entry.quant)))
             more = f" (+{len(out) - 1} more)" if len(out) > 1 else ""
-            rows.append((best.name + more, _config(best) if best.estimate is not None else "—", best.reason, False))
+            rows.append((best.name + more, _config(best), best.reason, False))
         if fit:
             best = max(fit, key=lambda c: quant_rank(c.entry.quant))
             more = f" (+{len(fit) - 1} lower)" if len(fit) > 1 else ""
             rows.append((best.name + more, _config(best), best.reason, True))
-        groups: dict[str, list[Candidate]] = {}
+        groups: dict[RuledOutKind | None, list[Candidate]] = {}
         for c in skipped:  # "too slow here: …" and "ranked below …" are listed apart
-            groups.setdefault(" ".join(c.reason.split()[:2]), []).append(c)
+            groups.setdefault(_kind(c), []).append(c)
         for group in groups.values():
             group.sort(key=lambda c: quant_rank(c.entry.quant), reverse=True)
             first, last = group[0].entry.quant, group[-1].entry.quant
@@ -210,7 +225,7 @@ def render(result, *, show_all: bool = False) -> None:
         con.print(mem)
     if show_all:
         ordered = sorted(result.rejected, key=lambda r: (r.entry.model, -quant_rank(r.entry.quant)))
-        rows = [(r.name, _config(r) if r.estimate is not None else "—", r.reason, r.fits) for r in ordered]
+        rows = [(r.name, _config(r), r.reason, r.fits) for r in ordered]
     else:
         rows = summarize(result.rejected, result.chosen)
     if rows:

@@ -94,9 +94,12 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
         click.secho(warning, fg="red", bold=True, err=True)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"llmrun serve: {served_name} on http://{shown}:{sock.getsockname()[1]}  "
+    port = sock.getsockname()[1]
+    click.echo(f"llmrun serve: {served_name} on http://{shown}:{port}  "
                f"OpenAI: /v1  Ollama: /api  health: /health  metrics: /metrics  "
                f"({parallel} slots x {slot_ctx} tokens, queue {queue})", err=True)
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, shown)   # a wildcard address is not a place to browse
+    click.echo(f"chat in a browser: http://{local}:{port}/", err=True)
     run_server(config, loader, sock=sock, log_level=log_level)
 
 

@@ -4,6 +4,11 @@ model writer and the estimator. Leaf module: imports nothing of llmrun."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias, Union
+
+# A GGUF metadata value as the reader keeps it: a number, bool or string; a short array as a list; a long array
+# (tokenizer tokens, scores, merges) as a summary {"type": "array", "item_type": "STRING", "len": N}.
+GGUFValue: TypeAlias = Union[int, float, bool, str, list["GGUFValue"], dict[str, Union[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class GGUFHeader:
     """What the GGUF reader returns: metadata, tensor infos, and where tensor data starts."""
 
     version: int
-    metadata: dict = field(hash=False, compare=False)
+    metadata: dict[str, GGUFValue] = field(hash=False, compare=False)
     tensors: tuple[TensorInfo, ...]
     data_offset: int          # absolute file offset of the tensor data section
     alignment: int

@@ -25,10 +25,7 @@ from runner.core import dirs
 from runner.core.errors import ConfigError, UnknownModelError, UsageError
 from runner.core.shapes import ModelShape
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 
 
 # Quantization types in quality order (worst first). Where two types sit close (Q5_0 / Q5_K_S have the same size
@@ -77,7 +74,7 @@ class OpennessCard:
         """Licences that are not OSI-approved open source must be accepted once before the first pull."""
         return not self.osi_approved
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["released"] = self.released.isoformat()
         d["restrictions"] = list(self.restrictions)
@@ -126,7 +123,7 @@ class CatalogEntry:
     def license_open(self) -> bool:
         return self.card is not None and self.card.osi_approved
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("card", "shape", "files")}
         d["shape"] = asdict(self.shape)
         d["files"] = [asdict(f) for f in self.files]
@@ -242,25 +239,28 @@ _SHARD_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 _LAYOUTS = ("single", "shards", "byte-split")
 _SOURCES = ("hf", "pypi")
 
+_KeyTypes = dict[str, type | tuple[type, ...]]   # key -> the type(s) its value may have
 _TOP_KEYS = {"schema", "licenses", "shapes", "models"}
-_LICENSE_KEYS = {"name": str, "spdx": str, "url": str, "osi_approved": bool, "commercial_use": bool,
-                 "restrictions": list}
+_LICENSE_KEYS: _KeyTypes = {"name": str, "spdx": str, "url": str, "osi_approved": bool,
+                            "commercial_use": bool, "restrictions": list}
 _LICENSE_REQUIRED = {"name", "url", "osi_approved", "commercial_use"}
 _SHAPE_KEYS = {f.name for f in fields(ModelShape)}
 _SHAPE_REQUIRED = {"arch", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train"}
-_MODEL_KEYS = {"family": str, "params_b": (int, float), "shape": (str, dict), "chat": bool, "source": str,
-               "repo": str, "revision": str, "file_pattern": str, "layout": str, "shards": int,
-               "default_quant": str, "chat_format": str, "card": dict, "quants": dict, "notes": list}
+_MODEL_KEYS: _KeyTypes = {"family": str, "params_b": (int, float), "shape": (str, dict), "chat": bool,
+                          "source": str, "repo": str, "revision": str, "file_pattern": str, "layout": str,
+                          "shards": int, "default_quant": str, "chat_format": str, "card": dict, "quants": dict,
+                          "notes": list}
 _MODEL_REQUIRED = {"family", "params_b", "shape", "chat", "source", "repo", "file_pattern", "card", "quants"}
-_CARD_KEYS = {"license": str, "publisher": str, "released": _dt.date, "training_data_disclosed": bool,
-              "training_code_published": bool, "code_license": str, "model_card_url": str, "notes": list}
+_CARD_KEYS: _KeyTypes = {"license": str, "publisher": str, "released": _dt.date, "training_data_disclosed": bool,
+                         "training_code_published": bool, "code_license": str, "model_card_url": str,
+                         "notes": list}
 _CARD_REQUIRED = {"license", "publisher", "released", "training_data_disclosed", "training_code_published"}
-_QUANT_KEYS = {"size": int, "size_gb": (int, float), "sha256": str, "file": str, "files": list, "layout": str,
-               "revision": str, "note": str}
-_FILE_KEYS = {"name": str, "size": int, "sha256": str}
+_QUANT_KEYS: _KeyTypes = {"size": int, "size_gb": (int, float), "sha256": str, "file": str, "files": list,
+                          "layout": str, "revision": str, "note": str}
+_FILE_KEYS: _KeyTypes = {"name": str, "size": int, "sha256": str}
 
 
-def _check_keys(table: Any, where: str, allowed: dict | set, required: set) -> None:
+def _check_keys(table: object, where: str, allowed: _KeyTypes | set[str], required: set[str]) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     unknown = sorted(set(table) - set(allowed))
@@ -270,7 +270,7 @@ def _check_keys(table: Any, where: str, allowed: dict | set, required: set) -> N
     missing = sorted(required - set(table))
     if missing:
         raise ConfigError(f"{where}: missing key {missing[0]!r}")
-    if isinstance(allowed, dict):
+    if not isinstance(allowed, set):
         for key, value in table.items():
             want = allowed[key]
             # bool is an int in Python; never accept one for a number
@@ -279,13 +279,14 @@ def _check_keys(table: Any, where: str, allowed: dict | set, required: set) -> N
                 raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
 
 
-def _str_list(value: list, where: str) -> tuple[str, ...]:
-    if not all(isinstance(v, str) for v in value):
+def _str_list(value: list[object], where: str) -> tuple[str, ...]:
+    strings = tuple(v for v in value if isinstance(v, str))
+    if len(strings) != len(value):
         raise ConfigError(f"{where}: expected a list of strings")
-    return tuple(value)
+    return strings
 
 
-def _load_licenses(raw: Any) -> dict[str, dict]:
+def _load_licenses(raw: object) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("[licenses]: missing or empty", hint="describe each licence once in a [licenses.KEY] table")
     out = {}
@@ -319,7 +320,7 @@ def _make_shape(raw: Any, where: str) -> ModelShape:
     return ModelShape(**raw)
 
 
-def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> OpennessCard:
+def _make_card(model: str, raw: Any, licenses: dict[str, dict[str, Any]], where: str) -> OpennessCard:
     _check_keys(raw, where, _CARD_KEYS, _CARD_REQUIRED)
     key = raw["license"]
     if key not in licenses:
@@ -339,7 +340,8 @@ def _make_card(model: str, raw: Any, licenses: dict[str, dict], where: str) -> O
     )
 
 
-def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: str) -> tuple[list[ModelFile], str]:
+def _quant_files(model: str, quant: str, q: dict[str, Any], m: dict[str, Any], layout: str,
+                 where: str) -> tuple[list[ModelFile], str]:
     """The files of one quant and the name llama.cpp loads after pull."""
     pattern = m["file_pattern"]
     if layout == "shards" and "shards" not in m:
@@ -393,7 +395,8 @@ def _quant_files(model: str, quant: str, q: dict, m: dict, layout: str, where: s
     return files, local
 
 
-def _make_entries(model: str, m: Any, licenses: dict[str, dict], shapes: dict[str, ModelShape]) -> list[CatalogEntry]:
+def _make_entries(model: str, m: Any, licenses: dict[str, dict[str, Any]],
+                  shapes: dict[str, ModelShape]) -> list[CatalogEntry]:
     where = f"[models.{model}]"
     if not _MODEL_NAME_RE.match(model):
         raise ConfigError(f"{where}: model names are lower-case letters, digits, '.', '-' and '_'")
@@ -447,19 +450,21 @@ def _make_entries(model: str, m: Any, licenses: dict[str, dict], shapes: dict[st
             if len(files) != 1:
                 raise ConfigError(f"{qwhere}.sha256: a quant-level sha256 needs exactly one file; "
                                   "put per-part hashes in 'files'")
-        file_sizes = [f.size for f in files]
+        file_sizes = [f.size for f in files if f.size is not None]
+        all_sized = len(file_sizes) == len(files)
+        size: int
         if "size" in q:
             if q["size"] <= 0:
                 raise ConfigError(f"{qwhere}.size: must be positive")
-            if len(files) != 1 and None not in file_sizes and sum(file_sizes) != q["size"]:  # type: ignore[arg-type]
+            if len(files) != 1 and all_sized and sum(file_sizes) != q["size"]:
                 raise ConfigError(f"{qwhere}.size: {q['size']} differs from the sum of its files' sizes")
             size, exact = q["size"], True
         elif "size_gb" in q:
             if q["size_gb"] <= 0:
                 raise ConfigError(f"{qwhere}.size_gb: must be positive")
             size, exact = round(q["size_gb"] * 1e9), False
-        elif None not in file_sizes:
-            size, exact = sum(file_sizes), True  # type: ignore[arg-type]
+        elif all_sized:
+            size, exact = sum(file_sizes), True
         else:
             raise ConfigError(f"{qwhere}: missing key 'size' (exact bytes) or 'size_gb' (GB as the model card prints)")
         if len(files) == 1:
@@ -475,7 +480,7 @@ def _make_entries(model: str, m: Any, licenses: dict[str, dict], shapes: dict[st
     return entries
 
 
-def parse_catalog(data: dict, path: Path | None = None) -> Catalog:
+def parse_catalog(data: dict[str, Any], path: Path | None = None) -> Catalog:
     """Build a Catalog from parsed TOML, validating every table."""
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:

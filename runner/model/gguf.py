@@ -23,11 +23,14 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, Mapping, NamedTuple, overload
 
 from runner.core.errors import FetchError, GGUFError, HubAuthError, HubUnreachableError, RemoteNotFoundError
-from runner.core.shapes import GGUFHeader, ModelShape, TensorInfo
+from runner.core.shapes import GGUFHeader, GGUFValue, ModelShape, TensorInfo
 from runner.core.units import MiB
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_TENSORS = 1 << 20
 MAX_KV = 1 << 20
@@ -52,26 +55,42 @@ class _NeedMore(Exception):
         self.end = end
 
 
-def _constants():
-    """(value types, fixed-size struct formats, ggml type names, block sizes) from the `gguf` package, imported
-    lazily (it pulls in numpy, ~0.2 s)."""
+class _Constants(NamedTuple):
+    """What the parser needs of the `gguf` package's constants, as plain ints and strings."""
+
+    fmts: dict[int, str]                      # fixed-size value type -> struct format
+    names: dict[int, str]                     # value type -> name ("UINT32", "STRING", ...)
+    ggml: dict[int, tuple[str, int, int]]     # ggml type -> (name, block size, bytes per block)
+    bool_type: int
+    string_type: int
+    array_type: int
+
+
+def _constants() -> _Constants:
+    """The value types, their struct formats, and ggml type names and block sizes from the `gguf` package,
+    imported lazily (it pulls in numpy, ~0.2 s)."""
     global _CONST
     if _CONST is None:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as T
 
         fmts = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
                 T.FLOAT32: "<f", T.BOOL: "<B", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
-        names = {int(t): T(t).name for t in T}
-        ggml = {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
-        _CONST = (T, {int(k): v for k, v in fmts.items()}, names, ggml)
+        names: dict[int, str] = {int(t): str(T(t).name) for t in T}
+        ggml: dict[int, tuple[str, int, int]] = {
+            int(t): (str(t.name), int(GGML_QUANT_SIZES[t][0]), int(GGML_QUANT_SIZES[t][1]))
+            for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+        _CONST = _Constants({int(k): str(v) for k, v in fmts.items()}, names, ggml,
+                            int(T.BOOL), int(T.STRING), int(T.ARRAY))
     return _CONST
 
 
-_CONST: Any = None
+_CONST: _Constants | None = None
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
 
 
 class _Cursor:
-    def __init__(self, buf: Any, *, complete: bool, file_size: int | None, where: str):
+    def __init__(self, buf: bytes | mmap.mmap, *, complete: bool, file_size: int | None, where: str):
         self.buf = buf
         self.pos = 0
         self.avail = len(buf)
@@ -95,17 +114,23 @@ class _Cursor:
                              _TRUNCATED_HINT)
         raise _NeedMore(end)
 
-    def unpack(self, fmt: str, size: int, what: str):
+    def unpack(self, fmt: str, size: int, what: str) -> int | float:
         self.need(size, what)
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        value: int | float = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += size
         return value
 
     def u32(self, what: str) -> int:
-        return self.unpack("<I", 4, what)
+        self.need(4, what)
+        value: int = _U32(self.buf, self.pos)[0]
+        self.pos += 4
+        return value
 
     def u64(self, what: str) -> int:
-        return self.unpack("<Q", 8, what)
+        self.need(8, what)
+        value: int = _U64(self.buf, self.pos)[0]
+        self.pos += 8
+        return value
 
     def remaining(self) -> int | None:
         """Bytes left in the file, when its size is known."""
@@ -138,18 +163,19 @@ def _decode_name(c: _Cursor, raw: bytes, what: str) -> str:
         raise c.error(f"{what} is not valid UTF-8 ({raw[:40]!r})", _TRUNCATED_HINT) from e
 
 
-def _read_value(c: _Cursor, vtype: int, key: str) -> Any:
-    T, fmts, names, _ = _constants()
+def _read_value(c: _Cursor, vtype: int, key: str) -> GGUFValue:
+    const = _constants()
+    fmts, names = const.fmts, const.names
     if vtype in fmts:
         fmt = fmts[vtype]
         value = c.unpack(fmt, struct.calcsize(fmt), f"value of {key}")
-        return bool(value) if vtype == T.BOOL else value
-    if vtype == T.STRING:
+        return bool(value) if vtype == const.bool_type else value
+    if vtype == const.string_type:
         return c.string(f"value of {key}", MAX_STRING_BYTES).decode("utf-8", errors="replace")
     # an array
     itype = c.u32(f"item type of array {key}")
-    if itype not in names or itype == T.ARRAY:
-        what = "arrays of arrays are not supported" if itype == T.ARRAY else f"unknown item type {itype}"
+    if itype not in names or itype == const.array_type:
+        what = "arrays of arrays are not supported" if itype == const.array_type else f"unknown item type {itype}"
         raise c.error(f"array {key}: {what}", _TRUNCATED_HINT)
     n = c.u64(f"length of array {key}")
     item_size = struct.calcsize(fmts[itype]) if itype in fmts else 8  # a string takes at least its 8-byte length
@@ -164,9 +190,6 @@ def _read_value(c: _Cursor, vtype: int, key: str) -> Any:
     else:
         _skip_strings(c, n, key)
     return {"type": "array", "item_type": names[itype], "len": n}
-
-
-_U64 = struct.Struct("<Q").unpack_from
 
 
 def _skip_strings(c: _Cursor, n: int, key: str) -> None:
@@ -185,7 +208,8 @@ def _skip_strings(c: _Cursor, n: int, key: str) -> None:
 
 
 def _parse(c: _Cursor) -> GGUFHeader:
-    T, _, names, ggml = _constants()
+    const = _constants()
+    names, ggml = const.names, const.ggml
     c.need(4, "the magic number")
     magic = bytes(c.buf[0:4])
     c.pos = 4
@@ -213,7 +237,7 @@ def _parse(c: _Cursor) -> GGUFHeader:
         raise c.error(f"the header claims {n_kv} metadata keys, more than the file can hold: it is corrupt",
                       _TRUNCATED_HINT)
 
-    metadata: dict[str, Any] = {}
+    metadata: dict[str, GGUFValue] = {}
     for i in range(n_kv):
         key = _decode_name(c, c.string(f"metadata key #{i}", MAX_KEY_BYTES), f"metadata key #{i}")
         if key in metadata:
@@ -284,35 +308,40 @@ def _parse(c: _Cursor) -> GGUFHeader:
                       (c.avail if c.complete else None), shape=derive_shape(metadata, tensors))
 
 
-def derive_shape(metadata: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo] = (), *,
-                 require: bool = False, where: str = "GGUF") -> ModelShape | None:
+Tensors = tuple[TensorInfo, ...] | list[TensorInfo]
+
+
+@overload
+def derive_shape(metadata: Mapping[str, GGUFValue], tensors: Tensors = (), *, require: Literal[True],
+                 where: str = "GGUF") -> ModelShape: ...
+@overload
+def derive_shape(metadata: Mapping[str, GGUFValue], tensors: Tensors = (), *, require: bool = False,
+                 where: str = "GGUF") -> ModelShape | None: ...
+def derive_shape(metadata: Mapping[str, GGUFValue], tensors: Tensors = (), *, require: bool = False,
+                 where: str = "GGUF") -> ModelShape | None:
     """The ModelShape from `{arch}.*` metadata keys; None when a needed key is missing (or a GGUFError naming it
     when `require`). Per-layer arrays (e.g. head_count_kv) count by their largest value. `n_params` counts the
     tensors given: for one shard of a llama.cpp split model (`split.count` > 1) that is only this shard's."""
-    def missing(key: str, problem: str = "is missing") -> None:
-        if require:
-            raise GGUFError(f"{where}: metadata key {key} {problem}; cannot tell the model's shape",
-                            hint="the file may be a non-LLM GGUF (a vision projector, an adapter) or corrupt")
-        return None
-
     arch = metadata.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        return missing("general.architecture")
-
-    def num(key: str, default: int | None = None, minimum: int = 1) -> int | None:
-        full = f"{arch}.{key}"
-        value = metadata.get(full)
-        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            value = max(value)
-        if value is None:
-            if default is None:
-                raise _Missing(full, "is missing")
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _Missing(full, f"is {value!r}, not an integer ≥ {minimum}")
-        return value
-
     try:
+        if not isinstance(arch, str) or not arch:
+            raise _Missing("general.architecture", "is missing")
+
+        def num(key: str, default: int | None = None, minimum: int = 1) -> int:
+            full = f"{arch}.{key}"
+            value = metadata.get(full)
+            if isinstance(value, list) and value:
+                ints = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+                if len(ints) == len(value):
+                    value = max(ints)
+            if value is None:
+                if default is None:
+                    raise _Missing(full, "is missing")
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise _Missing(full, f"is {value!r}, not an integer ≥ {minimum}")
+            return value
+
         n_head = num("attention.head_count")
         n_vocab = num("vocab_size", 0, minimum=0)
         if not n_vocab:
@@ -320,7 +349,8 @@ def derive_shape(metadata: dict, tensors: tuple[TensorInfo, ...] | list[TensorIn
             if isinstance(tokens, list):
                 n_vocab = len(tokens)
             elif isinstance(tokens, dict):
-                n_vocab = tokens.get("len", 0)
+                count = tokens.get("len", 0)
+                n_vocab = count if isinstance(count, int) else 0
         if not n_vocab:
             raise _Missing(f"{arch}.vocab_size", "and tokenizer.ggml.tokens are missing")
         n_ff = num("feed_forward_length", 0, minimum=0) or num("expert_feed_forward_length")
@@ -333,7 +363,10 @@ def derive_shape(metadata: dict, tensors: tuple[TensorInfo, ...] | list[TensorIn
             n_params=sum(t.n_elements for t in tensors),
         )
     except _Missing as e:
-        return missing(e.key, e.problem)
+        if require:
+            raise GGUFError(f"{where}: metadata key {e.key} {e.problem}; cannot tell the model's shape",
+                            hint="the file may be a non-LLM GGUF (a vision projector, an adapter) or corrupt") from None
+        return None
 
 
 class _Missing(Exception):
@@ -361,7 +394,7 @@ def _with_required_shape(header: GGUFHeader, require: bool, where: str) -> GGUFH
     return header
 
 
-def read_header(path: str | os.PathLike, *, require_shape: bool = False) -> GGUFHeader:
+def read_header(path: str | os.PathLike[str], *, require_shape: bool = False) -> GGUFHeader:
     """The header of a local GGUF file (the file is mapped; only the header's pages are read)."""
     path = Path(path)
     where = str(path)
@@ -394,7 +427,8 @@ def _content_range_size(value: str | None) -> tuple[int | None, int | None]:
     return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
 
 
-def _fetch_range(client: Any, url: str, start: int, end: int, headers: dict | None) -> tuple[bytes, int | None]:
+def _fetch_range(client: httpx.Client, url: str, start: int, end: int,
+                 headers: Mapping[str, str] | None) -> tuple[bytes, int | None]:
     """Bytes [start, end] of `url` (fewer at the end of the file) and the file's size if the server says."""
     import httpx
 
@@ -442,7 +476,7 @@ def _fetch_range(client: Any, url: str, start: int, end: int, headers: dict | No
         raise FetchError(f"{url}: not a valid URL ({e})", hint="give an http(s):// URL") from e
 
 
-def read_header_remote(url: str, *, headers: dict | None = None, http: Any = None,
+def read_header_remote(url: str, *, headers: Mapping[str, str] | None = None, http: httpx.Client | None = None,
                        first_bytes: int = REMOTE_FIRST_BYTES, max_bytes: int = REMOTE_MAX_BYTES,
                        require_shape: bool = False) -> GGUFHeader:
     """The header of a remote GGUF file, from its first bytes only: Range requests for a growing prefix (1 MiB,

@@ -13,6 +13,7 @@ Leaf of the estimator: imports only runner.shapes and runner.errors (no numpy, n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from runner.core.errors import UsageError
 from runner.core.shapes import GGUFHeader, ModelShape, TensorInfo
@@ -173,7 +174,7 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-_CONDITIONS = {
+_CONDITIONS: dict[str, Callable[[int, int, ModelShape], bool]] = {
     "always": lambda i, n, s: True,
     "more_bits": lambda i, n, s: _use_more_bits(i, n),
     "first_eighth": lambda i, n, s: i < n // 8,

@@ -14,11 +14,15 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.core.errors import UsageError
 from runner.core.files import atomic_path
 from runner.model.layout import GGUF_ALIGNMENT, WeightsLayout, layout_from_recipe
 from runner.core.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
 
 # llama.cpp file-type ids (enum llama_ftype) written as general.file_type
 FILE_TYPES = {
@@ -114,7 +118,7 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     return WeightsLayout(tensors=layout.tensors, header_bytes=data_start, quant=layout.quant)
 
 
-def _add_spm_vocab(writer, n_vocab: int) -> None:
+def _add_spm_vocab(writer: GGUFWriter, n_vocab: int) -> None:
     """A llama/SPM vocabulary llama.cpp accepts: <unk> <s> </s>, the 256 byte tokens, then plain pieces."""
     import gguf
 
@@ -164,7 +168,7 @@ def _bpe_byte_chars() -> list[str]:
     return chars
 
 
-def _add_bpe_vocab(writer, n_vocab: int, *, pre: str) -> None:
+def _add_bpe_vocab(writer: GGUFWriter, n_vocab: int, *, pre: str) -> None:
     """A byte-level BPE ("gpt2") vocabulary llama.cpp accepts: the 256 byte characters, then merged lowercase
     words built by merges that only join existing tokens, and <|endoftext|> (bos = eos) as the last token."""
     import gguf

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, TypedDict
 
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape
@@ -30,9 +30,40 @@ N_CTX = (512, 2048, 4096)
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 # python + llama_cpp imported, before the model: subtracted from nothing; the estimate's HOST_OVERHEAD covers it
 
-# (component name in the estimate, buffer key in llama.cpp's log)
+
+
+class ContextSpec(TypedDict):
+    """One context to create and measure (runner.engine.buffers.measure_contexts reads these keys)."""
+
+    n_ctx: int
+    n_ubatch: int
+    n_batch: int
+    flash_attn: bool
+    decode_tokens: int
+
+
+class ContextMeasurement(TypedDict):
+    """What was measured for one context: llama.cpp's logged buffers (bytes), RSS and peak RSS, timings."""
+
+    buffers: dict[str, int]
+    rss: int
+    hwm: int
+    ctx_s: float
+    decode_s: float
+    decoded: int
+
+
+class Measurement(TypedDict):
+    """A model loaded once: its load buffers and time, and each context's measurement."""
+
+    load_buffers: dict[str, int]
+    load_s: float
+    contexts: list[ContextMeasurement]
+
+
 # what measures: (model path, context specs) -> llama.cpp's logged buffers and RSS (runner.engine.buffers)
-Measure = Callable[[str, list[dict]], dict]
+Measure = Callable[[str, list[ContextSpec]], Measurement]
+# (component name in the estimate, buffer key in llama.cpp's log)
 COMPONENTS = (("weights", "CPU_Mapped model"), ("repack", "CPU_REPACK model"), ("kv_cache", "CPU KV"),
               ("compute", "CPU compute"), ("output", "CPU output"))
 
@@ -72,10 +103,11 @@ def synthetic_case(name: str, quant: str) -> Case:
 
 
 def demo_case(path: Path) -> Case:
-    from runner.model.gguf import read_header
+    from runner.model.gguf import derive_shape, read_header
 
-    header = read_header(path, require_shape=True)
-    return Case("demo SmolLM2-135M Q4_1", Path(path), header.shape, "")
+    header = read_header(path)
+    shape = derive_shape(header.metadata, header.tensors, require=True, where=str(path))
+    return Case("demo SmolLM2-135M Q4_1", Path(path), shape, "")
 
 
 def cpu_flags() -> frozenset[str]:
@@ -109,29 +141,31 @@ def measure_case(case: Case, n_ctxs: tuple[int, ...] = N_CTX, *, measure: Measur
     touches little of the compute buffer)."""
     flags = cpu_flags() if flags is None else flags
     defaults = RunSettings()
-    specs = [{"n_ctx": n, "n_ubatch": defaults.n_ubatch, "n_batch": defaults.n_batch,
-              "flash_attn": defaults.flash_attn, "decode_tokens": n if fill else 1} for n in n_ctxs]
+    specs = [ContextSpec(n_ctx=n, n_ubatch=defaults.n_ubatch, n_batch=defaults.n_batch,
+                         flash_attn=defaults.flash_attn, decode_tokens=n if fill else 1) for n in n_ctxs]
     result = measure(str(case.path), specs)
-    rows = []
+    rows: list[Row] = []
     for n_ctx, ctx in zip(n_ctxs, result["contexts"]):
         logged = dict(result["load_buffers"])
         logged.update(ctx["buffers"])
         measured = {comp: logged.get(key, 0) for comp, key in COMPONENTS}
         measured["rss"] = max(ctx["hwm"], ctx["rss"])
-        timings = {"load_s": result["load_s"], "ctx_s": ctx["ctx_s"], "decode_s": ctx["decode_s"],
-                   "decoded": ctx["decoded"]}
+        timings: dict[str, float] = {"load_s": result["load_s"], "ctx_s": ctx["ctx_s"],
+                                     "decode_s": ctx["decode_s"], "decoded": ctx["decoded"]}
         rows.append(row_from_measurement(case, n_ctx, measured, flags, timings))
     return rows
 
 
 def row_from_measurement(case: Case, n_ctx: int, measured: dict[str, int], flags: frozenset[str],
-                         timings: dict | None = None) -> Row:
+                         timings: Mapping[str, float] | None = None) -> Row:
     """Pair a measurement with the current estimate. When only one token was decoded, the compute buffer is
     barely touched, so the RSS is compared with the estimate's total less its committed compute pages (the
     compute term itself is checked against llama.cpp's log, and its residency on filled contexts)."""
     host = estimate_case(case, n_ctx, flags).host
-    estimated = {comp: getattr(host, comp) for comp, _ in COMPONENTS}
-    filled = bool(timings) and timings.get("decoded", 1) >= n_ctx
+    terms = {"weights": host.weights, "repack": host.repack, "kv_cache": host.kv_cache, "compute": host.compute,
+             "output": host.output}
+    estimated = {comp: terms[comp] for comp, _ in COMPONENTS}
+    filled = timings is not None and len(timings) > 0 and timings.get("decoded", 1) >= n_ctx
     committed = host.compute if host.compute_committed is None else host.compute_committed
     estimated["rss"] = host.total if filled else host.total - committed
     return Row(case.label, n_ctx, measured, estimated, dict(timings or {}))

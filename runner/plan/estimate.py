@@ -102,11 +102,15 @@ class DeviceMemory:
         compute = self.compute if self.compute_committed is None else self.compute_committed
         return self.weights + self.kv_cache + compute + self.output + self.repack + self.overhead + self.margin
 
-    def as_dict(self) -> dict:
-        return {"device": self.device, "weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
+    def sizes(self) -> dict[str, int | None]:
+        """Every figure by name (bytes, and n_layers), the derived total and needed too."""
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
                 "output": self.output, "repack": self.repack, "overhead": self.overhead, "margin": self.margin,
                 "n_layers": self.n_layers, "compute_committed": self.compute_committed,
                 "reclaimable": self.reclaimable, "total": self.total, "needed": self.needed}
+
+    def as_dict(self) -> dict[str, str | int | None]:
+        return {"device": self.device, **self.sizes()}
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(d.total for d in self.devices)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"devices": [d.as_dict() for d in self.devices], "n_gpu_layers": self.n_gpu_layers_effective,
                 "total": self.total, "notes": list(self.notes)}
 

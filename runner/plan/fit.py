@@ -13,35 +13,39 @@ parallel sequences. No llama_cpp, numpy or huggingface_hub import.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import NamedTuple
 
-from runner.model.layout import WeightsLayout, layout_from_recipe
-from runner.plan import estimate as estimator
-from runner.plan import speed as speedmod
-from runner.model.catalog import CatalogEntry
 from runner.core.run_settings import RunSettings
-from runner.hardware.types import HardwareProfile
-from runner.core.units import format_size
+from runner.core.shapes import ModelShape
+from runner.hardware.types import GPU, HardwareProfile
+from runner.model.catalog import CatalogEntry
+from runner.model.layout import WeightsLayout, layout_from_recipe
+from runner.plan import speed as speedmod
+from runner.plan.estimate import NO_FLASH_ATTN_ARCHS, MemoryEstimate, estimate, layer_devices, repacked_types
+from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, MachineTooSmall, Memory, Placement, RuledOut, \
+    TooBig, TooBigForUnifiedMemory
 
 MIN_AUTO_CTX = 2048               # context is never reduced below this without the user asking (--ctx)
 KV_TYPES = ("f16", "q8_0")
 NO_REPACK_PROMPT_FACTOR = 0.5     # CPU prompt speed without llama.cpp's repacked weight kernels
-PLACEMENTS = ("gpu", "experts-in-ram", "partial", "cpu")   # best first
-PLACEMENT_LABEL = {"gpu": "full GPU offload", "experts-in-ram": "dense layers on GPU, experts in RAM",
-                   "partial": "partial GPU offload", "cpu": "CPU only"}
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """One configuration of one catalog entry, and what became of it. Entries ruled out before any estimate
+    (too big a download, too slow, ranked below the choice) have no placement, estimate or speed."""
+
     entry: CatalogEntry
     settings: RunSettings
-    estimate: Any | None              # runner.estimate.MemoryEstimate; None when ruled out before estimating
-    speed: speedmod.SpeedPrediction | None
+    estimate: MemoryEstimate | None   # None when ruled out before estimating
+    speed: speedmod.SpeedPrediction | None  # predicted when it fits
     fits: bool
-    reason: str                       # the one number that ruled it out, or why it ranked lower
-    placement: str = "cpu"            # one of PLACEMENTS
-    shortfall: float = 0.0            # worst need/capacity ratio over devices (>1 = does not fit); for ranking
-    need_bytes: int = 0               # total bytes over all devices
+    placement: Placement | None = None  # None when never placed (ruled out before estimating)
+    shortfall: float | None = None    # worst need/capacity ratio over devices (>1 = does not fit), for ranking;
+                                      # None when it was never sized
+    need_bytes: int | None = None     # total bytes over all devices (for a download too big for the machine,
+                                      # that lower bound); None when it was never sized
+    ruled_out: RuledOut | None = None  # why it was not chosen; None for the choice (and before the choice)
 
     @property
     def name(self) -> str:
@@ -52,11 +56,18 @@ class Candidate:
         """Context per sequence."""
         return self.settings.n_ctx // max(self.settings.n_parallel, 1)
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def reason(self) -> str:
+        """Why it was not chosen, in one line ("" for the choice)."""
+        return self.ruled_out.reason if self.ruled_out is not None else ""
+
+    def to_dict(self) -> dict[str, object]:
         s = self.settings
-        d: dict[str, Any] = {
+        d: dict[str, object] = {
             "name": self.entry.name, "model": self.entry.model, "quant": self.entry.quant,
-            "family": self.entry.family, "fits": self.fits, "reason": self.reason, "placement": self.placement,
+            "family": self.entry.family, "fits": self.fits, "reason": self.reason,
+            # candidates never placed have always been listed as "cpu" here (`ruled_out` says what they are)
+            "placement": self.placement if self.placement is not None else "cpu",
             "n_ctx": self.n_ctx, "n_ctx_total": s.n_ctx, "n_parallel": s.n_parallel,
             "n_gpu_layers": s.n_gpu_layers, "n_layer": self.entry.shape.n_layer,
             "tensor_split": list(s.tensor_split), "type_k": s.type_k, "type_v": s.type_v,
@@ -64,10 +75,11 @@ class Candidate:
             "download_bytes": self.entry.size_bytes, "download_exact": self.entry.size_exact,
             "license": self.entry.license,
             "license_osi_approved": self.entry.license_open,
-            "need_bytes": self.need_bytes,
+            "need_bytes": self.need_bytes or 0,
+            "ruled_out": self.ruled_out.to_dict() if self.ruled_out is not None else None,
         }
         if self.estimate is not None:
-            d["memory"] = {dev.device: _device_dict(dev) for dev in _devices(self.estimate)}
+            d["memory"] = {dev.device: dev.sizes() for dev in self.estimate.devices}
         if self.speed is not None:
             d["speed"] = {"decode_tps": round(self.speed.decode_tps, 2), "prompt_tps": round(self.speed.prompt_tps, 1),
                           "aggregate_decode_tps": round(self.speed.aggregate_decode_tps, 2),
@@ -77,14 +89,6 @@ class Candidate:
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
-def _devices(est: Any) -> tuple:
-    return tuple(est.devices)
-
-
-def _device_dict(dev: Any) -> dict[str, int]:
-    return {k: v for k, v in dev.as_dict().items() if k != "device"}
-
-
 def capacity_total(hardware: HardwareProfile) -> int:
     """Bytes all devices together may use (the shared RAM on unified memory)."""
     if hardware.unified_memory:
@@ -92,18 +96,19 @@ def capacity_total(hardware: HardwareProfile) -> int:
     return sum(capacities(hardware).values())
 
 
-def where_label(hardware: HardwareProfile) -> str:
+def machine_memory(hardware: HardwareProfile) -> Memory:
+    """What `capacity_total` counts, as a refusal names it."""
     if hardware.unified_memory:
-        return "of unified memory available"
-    return "in RAM and VRAM together" if hardware.gpus else "RAM available"
+        return Memory.UNIFIED
+    return Memory.RAM_AND_VRAM if hardware.gpus else Memory.RAM
 
 
-def device_name(g) -> str:
+def device_name(g: GPU) -> str:
     """The estimate's name for a GPU entry: "GPU<i>", or "RPC<i>" for an RPC worker's device (cluster)."""
     return f"{'RPC' if g.vendor == 'rpc' else 'GPU'}{g.index}"
 
 
-def local_gpus(hardware: HardwareProfile) -> tuple:
+def local_gpus(hardware: HardwareProfile) -> tuple[GPU, ...]:
     """The GPUs in this host (RPC workers' devices left out)."""
     return tuple(g for g in hardware.gpus if g.vendor != "rpc")
 
@@ -121,34 +126,45 @@ def capacities(hardware: HardwareProfile) -> dict[str, int]:
     return caps
 
 
-def _device_label(name: str, hardware: HardwareProfile) -> tuple[str, str]:
-    """("GPU0", "free") or ("RAM", "available") for messages."""
-    if name == "CPU":
-        return ("unified memory" if hardware.unified_memory else "RAM"), "available"
-    return f"on {name}", "free"
+class MemoryCheck(NamedTuple):
+    short: TooBig | TooBigForUnifiedMemory | None  # what does not fit (the worst device); None when all fits
+    shortfall: float                  # worst need/capacity ratio over devices (>1 = does not fit)
+
+    @property
+    def fits(self) -> bool:
+        return self.short is None
 
 
-def check_fit(est: Any, hardware: HardwareProfile) -> tuple[bool, str, float]:
-    """(fits, the one number that rules it out, worst need/capacity ratio)."""
+def check_memory(est: MemoryEstimate, hardware: HardwareProfile) -> MemoryCheck:
+    """Whether an estimate fits every device (and, on unified memory, the shared RAM), and if not, the one that
+    is worst over its capacity."""
     caps = capacities(hardware)
-    worst_ratio, worst = 0.0, ""
+    worst_ratio = 0.0
+    short: TooBig | TooBigForUnifiedMemory | None = None
     # `needed` = total less host file pages read once at load (behind a repacked copy): the kernel drops those
     # under pressure, so they show in peak RSS but never cause an out-of-memory
-    totals = {dev.device: int(dev.needed) for dev in _devices(est)}
-    for name, need in totals.items():
-        cap = caps.get(name, 0)
+    total_need = 0
+    for dev in est.devices:
+        need = dev.needed
+        total_need += need
+        cap = caps.get(dev.device, 0)
         ratio = need / cap if cap > 0 else (float("inf") if need > 0 else 0.0)
         if ratio > worst_ratio:
-            label, verb = _device_label(name, hardware)
-            worst_ratio, worst = ratio, f"needs {format_size(need)} {label}, {format_size(cap)} {verb}"
+            worst_ratio = ratio
+            short = TooBig(dev.device, need, cap, hardware.unified_memory) if ratio > 1.0 else None
     if hardware.unified_memory:
-        need = sum(totals.values())
         cap = hardware.ram_available_bytes
-        ratio = need / cap if cap > 0 else float("inf")
+        ratio = total_need / cap if cap > 0 else float("inf")
         if ratio > worst_ratio:
             worst_ratio = ratio
-            worst = f"needs {format_size(need)} of unified memory, {format_size(cap)} available"
-    return worst_ratio <= 1.0, worst, worst_ratio
+            short = TooBigForUnifiedMemory(total_need, cap) if ratio > 1.0 else None
+    return MemoryCheck(short, worst_ratio)
+
+
+def check_fit(est: MemoryEstimate, hardware: HardwareProfile) -> tuple[bool, str, float]:
+    """(fits, the one number that rules it out or "", worst need/capacity ratio): `check_memory` as text."""
+    check = check_memory(est, hardware)
+    return check.fits, check.short.reason if check.short is not None else "", check.shortfall
 
 
 # ---------------------------------------------------------------------------------------------------------- ladder
@@ -164,10 +180,10 @@ def contexts(entry: CatalogEntry, n_ctx: int | None) -> list[int]:
     return out
 
 
-def placements(entry: CatalogEntry, hardware: HardwareProfile) -> list[str]:
+def placements(entry: CatalogEntry, hardware: HardwareProfile) -> list[Placement]:
     if not hardware.gpus:
         return ["cpu"]
-    out = ["gpu"]
+    out: list[Placement] = ["gpu"]
     if entry.shape.is_moe and not hardware.unified_memory:
         out.append("experts-in-ram")
     out += ["partial", "cpu"]
@@ -182,44 +198,56 @@ def _tensor_split(hardware: HardwareProfile) -> tuple[float, ...]:
     return tuple(round(f / total, 4) for f in free)
 
 
+class LayoutFacts(NamedTuple):
+    """What the ladder needs of an entry's tensor layout before any estimate."""
+
+    weights: int                      # all weight bytes
+    embd_bytes: int                   # token embedding bytes (always in host memory)
+    expert_bytes: int                 # MoE expert tensor bytes
+    repacks: bool                     # whether this CPU repacks any of its tensors
+
+
 class Memo:
     """Layouts and estimates shared across entries: a chat model and its base model have the same shape and
     quant, so they cost one estimate. Keyed by values, so it is only valid for one hardware profile."""
 
     def __init__(self, hardware: HardwareProfile):
-        self.est, self.hardware = estimator, hardware
-        self.layouts: dict[tuple, Any] = {}
-        self.estimates: dict[tuple, Any] = {}
+        self.hardware = hardware
+        self.layouts: dict[tuple[ModelShape, str], WeightsLayout] = {}
+        self.facts: dict[tuple[ModelShape, str], LayoutFacts] = {}
+        self.estimates: dict[tuple[ModelShape, str, RunSettings], MemoryEstimate] = {}
+        self.gpus = len(local_gpus(hardware))
         self.gpu_free = tuple(g.free_bytes for g in local_gpus(hardware))  # RPC devices: settings.rpc_servers
+        self.repackable = repacked_types(hardware.cpu.flags)
 
-    def layout(self, entry: CatalogEntry) -> Any:
+    def layout(self, entry: CatalogEntry) -> WeightsLayout:
         key = (entry.shape, entry.quant)
-        if key not in self.layouts:
-            self.layouts[key] = layout_from_recipe(entry.shape, entry.quant)
-        return self.layouts[key]
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = layout_from_recipe(entry.shape, entry.quant)
+        return layout
 
-    def layout_facts(self, entry: CatalogEntry) -> tuple[int, int, int, bool]:
-        """(weight bytes, token embedding bytes, expert bytes, whether this CPU repacks any tensor) of an entry's
-        layout."""
-        key = ("facts", entry.shape, entry.quant)
-        if key not in self.layouts:
+    def layout_facts(self, entry: CatalogEntry) -> LayoutFacts:
+        key = (entry.shape, entry.quant)
+        facts = self.facts.get(key)
+        if facts is None:
             layout = self.layout(entry)
-            repackable = self.est.repacked_types(self.hardware.cpu.flags)
-            self.layouts[key] = (
+            facts = self.facts[key] = LayoutFacts(
                 layout.weights_bytes,
                 sum(t.n_bytes for t in layout.tensors if t.name.startswith("token_embd")),
                 sum(t.n_bytes for t in layout.tensors if "_exps" in t.name),
-                any(t.type_name in repackable for t in layout.tensors))
-        return self.layouts[key]
+                any(t.type_name in self.repackable for t in layout.tensors))
+        return facts
 
-    def estimate(self, entry: CatalogEntry, settings: RunSettings) -> Any:
+    def estimate(self, entry: CatalogEntry, settings: RunSettings) -> MemoryEstimate:
         key = (entry.shape, entry.quant, settings)
-        if key not in self.estimates:
+        memory = self.estimates.get(key)
+        if memory is None:
             hw = self.hardware
-            self.estimates[key] = self.est.estimate(
-                entry.shape, self.layout(entry), settings, gpus=len(local_gpus(hw)), gpu_free=self.gpu_free,
+            memory = self.estimates[key] = estimate(
+                entry.shape, self.layout(entry), settings, gpus=self.gpus, gpu_free=self.gpu_free,
                 cpu_flags=hw.cpu.flags, unified=hw.unified_memory)
-        return self.estimates[key]
+        return memory
 
 
 class EntryPlanner:
@@ -232,15 +260,21 @@ class EntryPlanner:
         self.layout = memo.layout(entry)
         self.tried: list[Candidate] = []
         self.weights, self.embd_bytes, self.expert_bytes, self.repacks = memo.layout_facts(entry)
+        self.caps = capacities(hardware)
 
-    def settings(self, placement: str, ctx: int, kv: str, ngl: int | None = None, repack: bool = True) -> RunSettings:
+    def settings(self, placement: Placement, ctx: int, kv: str, ngl: int | None = None,
+                 repack: bool = True) -> RunSettings:
         n_layer = self.entry.shape.n_layer
-        n_gpu_layers = {"gpu": n_layer + 1, "experts-in-ram": n_layer + 1, "cpu": 0}.get(placement, ngl or 0)
+        if placement in ("gpu", "experts-in-ram"):
+            n_gpu_layers = n_layer + 1
+        elif placement == "cpu":
+            n_gpu_layers = 0
+        else:
+            n_gpu_layers = ngl or 0
         if not self.hardware.gpus:
             n_gpu_layers = 0
         # a quantized V cache needs flash attention; architectures llama.cpp runs without it quantize K only
-        no_fa = self.entry.shape.arch in getattr(estimator, "NO_FLASH_ATTN_ARCHS", frozenset())
-        type_v = "f16" if no_fa else kv
+        type_v = "f16" if self.entry.shape.arch in NO_FLASH_ATTN_ARCHS else kv
         return RunSettings(
             n_ctx=ctx * self.n_parallel, n_parallel=self.n_parallel,
             type_k=kv, type_v=type_v, flash_attn=type_v != "f16",
@@ -252,20 +286,24 @@ class EntryPlanner:
             rpc_servers=rpc_servers(self.hardware) if n_gpu_layers else (),  # cluster: workers join the split
         )
 
-    def evaluate(self, placement: str, settings: RunSettings, *, record: bool = True) -> Candidate:
-        memory = self.memo.estimate(self.entry, settings)
-        fits, why, ratio = check_fit(memory, self.hardware)
-        need = sum(int(d.total) for d in _devices(memory))
-        pred = self.predict(memory, settings) if fits else None
-        cand = Candidate(self.entry, settings, memory, pred, fits, "" if fits else why, placement, ratio, need)
+    def evaluate(self, placement: Placement, settings: RunSettings, *, record: bool = True) -> Candidate:
+        cand, _ = self._evaluate(placement, settings)
         if record:
             self.tried.append(cand)
         return cand
 
-    def predict(self, memory: Any, settings: RunSettings) -> speedmod.SpeedPrediction:
+    def _evaluate(self, placement: Placement, settings: RunSettings) -> tuple[Candidate, MemoryEstimate]:
+        memory = self.memo.estimate(self.entry, settings)
+        check = check_memory(memory, self.hardware)
+        pred = self.predict(memory, settings) if check.fits else None
+        cand = Candidate(self.entry, settings, memory, pred, check.fits, placement=placement,
+                         shortfall=check.shortfall, need_bytes=memory.total, ruled_out=check.short)
+        return cand, memory
+
+    def predict(self, memory: MemoryEstimate, settings: RunSettings) -> speedmod.SpeedPrediction:
         shape = self.entry.shape
-        weights = {d.device: int(d.weights) for d in _devices(memory)}
-        kv = {d.device: int(d.kv_cache) for d in _devices(memory)}
+        weights = {d.device: d.weights for d in memory.devices}
+        kv = {d.device: d.kv_cache for d in memory.devices}
         n_params = float(shape.n_params or self.entry.params_b * 1e9)
         total_w = sum(weights.values()) or 1
         bytes_per_param = total_w / n_params
@@ -284,21 +322,20 @@ class EntryPlanner:
         # cluster: every token crosses the network to and from each RPC worker that holds layers
         network_s = 0.0
         if settings.rpc_servers:
-            _, out_dev, _ = estimator.layer_devices(shape.n_layer, settings, len(local_gpus(self.hardware)),
-                                                    self.memo.gpu_free)
+            _, out_dev, _ = layer_devices(shape.n_layer, settings, self.memo.gpus, self.memo.gpu_free)
             network_s = speedmod.network_seconds(
-                self.hardware, {d.device: d.n_layers for d in _devices(memory) if d.device.startswith("RPC")},
+                self.hardware, {d.device: d.n_layers for d in memory.devices if d.device.startswith("RPC")},
                 n_embd=shape.n_embd, n_vocab=shape.n_vocab, output_device=out_dev, n_parallel=settings.n_parallel)
         return speedmod.predict(flows, self.hardware, at_tokens=at, n_parallel=settings.n_parallel,
                                 n_ubatch=settings.n_ubatch, specs=specs, network_s=network_s)
 
-    def gpu_ok(self, memory: Any) -> bool:
-        caps = capacities(self.hardware)
-        return all(int(d.total) <= caps.get(d.device, 0) for d in _devices(memory) if d.device != "CPU")
+    def gpu_ok(self, memory: MemoryEstimate) -> bool:
+        caps = self.caps
+        return all(d.total <= caps.get(d.device, 0) for d in memory.devices if d.device != "CPU")
 
-    def _gpu_ratio(self, memory: Any) -> float:
-        caps = capacities(self.hardware)
-        return max((int(d.total) / max(caps.get(d.device, 0), 1) for d in _devices(memory) if d.device != "CPU"),
+    def _gpu_ratio(self, memory: MemoryEstimate) -> float:
+        caps = self.caps
+        return max((d.total / max(caps.get(d.device, 0), 1) for d in memory.devices if d.device != "CPU"),
                    default=0.0)
 
     def max_layers(self, ctx: int, kv: str, repack: bool = True) -> Candidate:
@@ -307,33 +344,33 @@ class EntryPlanner:
         step to the exact boundary (two to four estimates instead of a bisection's seven). Records and returns
         that candidate, or the one-layer attempt when not even one layer fits on the GPUs."""
         n = self.entry.shape.n_layer
-        one = self.evaluate("partial", self.settings("partial", ctx, kv, 1, repack), record=False)
-        if not self.gpu_ok(one.estimate):
+        one, one_mem = self._evaluate("partial", self.settings("partial", ctx, kv, 1, repack))
+        if not self.gpu_ok(one_mem):
             self.tried.append(one)
             return one
         full = self.memo.estimate(self.entry, self.settings("partial", ctx, kv, n + 1, repack))
-        r1, rf = self._gpu_ratio(one.estimate), self._gpu_ratio(full)
+        r1, rf = self._gpu_ratio(one_mem), self._gpu_ratio(full)
         guess = n if rf <= r1 else int(1 + (1.0 - r1) * n / (rf - r1))
         k = max(1, min(n, guess))
-        cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
-        if self.gpu_ok(cand.estimate):
+        cand, mem = self._evaluate("partial", self.settings("partial", ctx, kv, k, repack))
+        if self.gpu_ok(mem):
             while k < n:
-                nxt = self.evaluate("partial", self.settings("partial", ctx, kv, k + 1, repack), record=False)
-                if not self.gpu_ok(nxt.estimate):
+                nxt, mem = self._evaluate("partial", self.settings("partial", ctx, kv, k + 1, repack))
+                if not self.gpu_ok(mem):
                     break
                 cand, k = nxt, k + 1
         else:
             while k > 1:
                 k -= 1
-                cand = self.evaluate("partial", self.settings("partial", ctx, kv, k, repack), record=False)
-                if self.gpu_ok(cand.estimate):
+                cand, mem = self._evaluate("partial", self.settings("partial", ctx, kv, k, repack))
+                if self.gpu_ok(mem):
                     break
             else:
                 cand = one
         self.tried.append(cand)
         return cand
 
-    def possible(self, placement: str) -> bool:
+    def possible(self, placement: Placement) -> bool:
         """Cheap lower bounds from the layout alone: can this placement fit at all?"""
         gpu_free = sum(g.free_bytes for g in self.hardware.gpus)
         if placement == "gpu":
@@ -342,17 +379,14 @@ class EntryPlanner:
             return self.weights - self.embd_bytes - self.expert_bytes <= gpu_free
         return True
 
-    def first_fit(self, allowed: list[str] | None = None) -> Candidate | None:
+    def first_fit(self, allowed: list[Placement] | None = None) -> Candidate | None:
         """The first configuration of the ladder that fits; with `allowed`, only those placements (the ones
         that could still rank above the best fit so far)."""
         ctxs = contexts(self.entry, self.n_ctx)
         ladder = [p for p in placements(self.entry, self.hardware) if allowed is None or p in allowed]
         if self.weights > capacity_total(self.hardware):
             # cannot fit anywhere: one estimate of the most frugal configuration gives the number to report
-            c = self.evaluate("cpu", self.settings("cpu", ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
-            self.tried[-1] = replace(c, reason=f"needs {format_size(c.need_bytes)} at least, "
-                                               f"{format_size(capacity_total(self.hardware))} "
-                                               f"{where_label(self.hardware)}")
+            self.tried.append(self.most_frugal(ctxs[-1], KV_TYPES[-1], repack=not self.repacks))
             return None
         for placement in ladder:
             if not self.possible(placement):
@@ -370,6 +404,13 @@ class EntryPlanner:
                         return c
         return None
 
+    def most_frugal(self, ctx: int, kv: str, *, repack: bool) -> Candidate:
+        """The CPU-only configuration at this context and KV type, ruled out as what the entry needs at least
+        (not recorded)."""
+        c, memory = self._evaluate("cpu", self.settings("cpu", ctx, kv, repack=repack))
+        return replace(c, ruled_out=MachineTooSmall(memory.total, capacity_total(self.hardware),
+                                                    machine_memory(self.hardware)))
+
     def kv_rungs(self) -> list[tuple[str, bool]]:
         """(KV type, repack) in order: f16, q8_0, then both again without the CPU repack copy of the weights
         (llama.cpp --no-repack) when this CPU would repack some of this model's weights."""
@@ -377,3 +418,8 @@ class EntryPlanner:
         if self.repacks:
             rungs += [(kv, False) for kv in KV_TYPES]
         return rungs
+
+
+__all__ = ["Candidate", "EntryPlanner", "Memo", "MemoryCheck", "LayoutFacts", "check_memory", "check_fit",
+           "capacities", "capacity_total", "machine_memory", "device_name", "local_gpus", "rpc_servers", "contexts",
+           "placements", "Placement", "PLACEMENTS", "PLACEMENT_LABEL", "MIN_AUTO_CTX", "KV_TYPES"]

@@ -20,16 +20,20 @@ Pure and fast: no llama_cpp, huggingface_hub or numpy import, no disk scan, no m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
-from runner.plan import speed as speedmod
-from runner.model.catalog import Catalog, CatalogEntry, quant_rank
 from runner.core.errors import DoesNotFitError, UsageError
 from runner.core.run_settings import RunSettings
-from runner.plan.fit import MIN_AUTO_CTX, PLACEMENT_LABEL, PLACEMENTS, Candidate, EntryPlanner, Memo, capacities, capacity_total, check_fit, contexts, device_name, placements, where_label
-from runner.hardware.types import HardwareProfile
 from runner.core.units import format_size
+from runner.hardware.types import HardwareProfile
+from runner.model.catalog import Catalog, CatalogEntry, quant_rank
+from runner.plan import speed as speedmod
+from runner.plan.fit import MIN_AUTO_CTX, Candidate, EntryPlanner, Memo, capacities, capacity_total, check_fit, \
+    contexts, device_name, machine_memory, placements
+from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, BelowQualityFloor, CannotEstimate, \
+    NotEstimated, OverDownloadLimit, Placement, RankedLower, RuledOut, RuledOutKind, Slower, TooSlow, \
+    TooSlowNotEstimated, WeightsTooBig
 
 Prefer = Literal["quality", "speed"]
 
@@ -72,7 +76,7 @@ class PlanResult:
     preferences: Preferences
     notes: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         hw = self.hardware
         return {
             "chosen": self.chosen.to_dict() if self.chosen else None,
@@ -80,7 +84,7 @@ class PlanResult:
             "hardware": {"name": hw.name, "ram_available_bytes": hw.ram_available_bytes,
                          "gpus": [{"index": g.index, "name": g.name, "free_bytes": g.free_bytes} for g in hw.gpus],
                          "unified_memory": hw.unified_memory, "memory_bandwidth_gbps": hw.memory_bandwidth_gbps},
-            "preferences": {k: getattr(self.preferences, k) for k in self.preferences.__dataclass_fields__},
+            "preferences": asdict(self.preferences),
             "notes": list(self.notes),
         }
 
@@ -93,6 +97,9 @@ def _ctx_share(c: Candidate) -> float:
 
 
 def _placement_class(c: Candidate) -> int:
+    """Higher is better: 0 full GPU offload ... -3 CPU only (-4: never placed)."""
+    if c.placement is None:
+        return -len(PLACEMENTS)
     # cluster: with RPC workers and no local GPU in use, full and partial "offload" both put layers in (remote)
     # CPU memory and run at CPU speed alike: one class, so the better quant wins over offloading everything
     if c.placement == "partial" and c.settings.rpc_servers and c.estimate is not None and \
@@ -101,14 +108,22 @@ def _placement_class(c: Candidate) -> int:
     return -PLACEMENTS.index(c.placement)
 
 
-def _quality_key(c: Candidate) -> tuple:
+QualityKey = tuple[int, float, float, int, bool, bool, bool, int]
+
+
+def _decode_tps(c: Candidate) -> float:
+    """Predicted decode tok/s; 0 without a prediction (a candidate that does not fit)."""
+    return c.speed.decode_tps if c.speed is not None else 0.0
+
+
+def _quality_key(c: Candidate) -> QualityKey:
     """Placement class, then model size, then context kept, then quant, then chat over base, f16 KV, layers."""
     return (_placement_class(c), c.entry.params_b, _ctx_share(c), quant_rank(c.entry.quant),
             c.entry.chat, c.settings.type_k == "f16", c.settings.repack, c.settings.n_gpu_layers)
 
 
-def _speed_key(c: Candidate) -> tuple:
-    return (round(c.speed.decode_tps, 1) if c.speed else 0.0,) + _quality_key(c)
+def _speed_key(c: Candidate) -> tuple[float, QualityKey]:
+    return round(_decode_tps(c), 1), _quality_key(c)
 
 
 def _select(fitting: list[Candidate], prefs: Preferences, notes: list[str]) -> Candidate | None:
@@ -127,19 +142,19 @@ def _select(fitting: list[Candidate], prefs: Preferences, notes: list[str]) -> C
         # keeping to the quality floor where possible
         floor = quant_rank(QUALITY_FLOOR_QUANT)
         pool = [c for c in fitting if quant_rank(c.entry.quant) >= floor] or fitting
-        top = max((c.speed.decode_tps for c in pool if c.speed), default=0.0)
-        near = [c for c in pool if c.speed and c.speed.decode_tps >= NEAR_FASTEST * top] or pool
+        top_tps = max((c.speed.decode_tps for c in pool if c.speed), default=0.0)
+        near = [c for c in pool if c.speed and c.speed.decode_tps >= NEAR_FASTEST * top_tps] or pool
         best = max(near, key=_quality_key)
         richest = max(fitting, key=_quality_key)
         notes.append(f"nothing that fits decodes at {USABLE_DECODE_TPS:g} tok/s or more here: chose among the "
                      f"fastest; the best quality that fits is {richest.name} at about "
-                     f"{richest.speed.decode_tps:.1f} tok/s (--model {richest.name})")
+                     f"{_decode_tps(richest):.1f} tok/s (--model {richest.name})")
         return best
     best = max(usable, key=_quality_key)
     better = [c for c in fitting if _quality_key(c) > _quality_key(best)]
     if better:
         top = max(better, key=_quality_key)
-        notes.append(f"{top.name} also fits but would decode at about {top.speed.decode_tps:.1f} tok/s; "
+        notes.append(f"{top.name} also fits but would decode at about {_decode_tps(top):.1f} tok/s; "
                      f"chose {best.name} (≥ {USABLE_DECODE_TPS:g} tok/s). Ask for it with --model {top.name}")
     return best
 
@@ -181,18 +196,22 @@ def _gb(n: int | float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def _unestimated(entry: CatalogEntry, why: RuledOut, *, shortfall: float | None = None,
+                 need_bytes: int | None = None) -> Candidate:
+    """A candidate ruled out before any configuration of it was placed or estimated."""
+    return Candidate(entry, RunSettings(), None, None, False, shortfall=shortfall, need_bytes=need_bytes,
+                     ruled_out=why)
+
+
 def _ruled_out_by_size(entry: CatalogEntry, hardware: HardwareProfile, prefs: Preferences) -> Candidate | None:
     """A rejection from the download size alone: over --max-download, or more than every device together holds."""
     if prefs.max_download_bytes is not None and entry.size_bytes > prefs.max_download_bytes:
-        return Candidate(entry, RunSettings(), None, None, False,
-                         f"download {_gb(entry.size_bytes)} > --max-download {_gb(prefs.max_download_bytes)}",
-                         "cpu", float("inf"), 0)
+        return _unestimated(entry, OverDownloadLimit(entry.size_bytes, prefs.max_download_bytes))
     floor = int(entry.size_bytes * SIZE_FLOOR_SHARE)
     cap = capacity_total(hardware)
     if floor > cap:
-        return Candidate(entry, RunSettings(), None, None, False,
-                         f"weights alone need {format_size(floor)}, {format_size(cap)} {where_label(hardware)}",
-                         "cpu", floor / max(cap, 1), floor)
+        return _unestimated(entry, WeightsTooBig(floor, cap, machine_memory(hardware)),
+                            shortfall=floor / max(cap, 1), need_bytes=floor)
     return None
 
 
@@ -217,11 +236,11 @@ def decode_bound(entry: CatalogEntry, hardware: HardwareProfile, specs: dict[str
     return 1.05 / t   # 5% slack: the catalog's rounded sizes
 
 
-def _entry_rank(e: CatalogEntry) -> tuple:
+def _entry_rank(e: CatalogEntry) -> tuple[float, int, bool]:
     return (e.params_b, quant_rank(e.quant), e.chat)
 
 
-def _allowed(entry: CatalogEntry, best: Candidate | None, hardware: HardwareProfile) -> list[str] | None:
+def _allowed(entry: CatalogEntry, best: Candidate | None, hardware: HardwareProfile) -> list[Placement] | None:
     """Quality mode visits entries best first (size, then quant). Once a usable fit is found, a later entry can
     only rank above it with a strictly better placement, or with the same placement and more of the wanted
     context at the same size. The placements worth trying (None = all: no usable fit yet)."""
@@ -233,13 +252,14 @@ def _allowed(entry: CatalogEntry, best: Candidate | None, hardware: HardwareProf
             if PLACEMENTS.index(p) < limit or (same_ok and PLACEMENTS.index(p) == limit)]
 
 
-def _calibration(bench: dict, fingerprint: str, catalog: Catalog, hardware: HardwareProfile, prefs: Preferences,
-                 specs: dict[str, speedmod.DeviceSpec], memo: Memo) -> float | None:
+def _calibration(bench: speedmod.Bench, fingerprint: str, catalog: Catalog, hardware: HardwareProfile,
+                 prefs: Preferences, specs: dict[str, speedmod.DeviceSpec], memo: Memo) -> float | None:
     """Median of measured / predicted decode speed over the bench results taken on this machine for catalog
     entries (predicted for the configuration the planner gives that entry, as `llmrun bench` runs it)."""
-    ratios = []
-    for name, rec in bench.items():
-        if speedmod.bench_record(bench, (name,), fingerprint) is None or name not in catalog:
+    ratios: list[float] = []
+    for name in bench:
+        rec = speedmod.bench_record(bench, (name,), fingerprint)
+        if rec is None or name not in catalog:
             continue
         entry = catalog.get(name)
         try:
@@ -247,7 +267,7 @@ def _calibration(bench: dict, fingerprint: str, catalog: Catalog, hardware: Hard
         except UsageError:
             continue
         if fit is not None and fit.speed and fit.speed.decode_tps > 0:
-            ratios.append(float(rec["decode_tps"]) / fit.speed.decode_tps)
+            ratios.append(speedmod.bench_decode_tps(rec) / fit.speed.decode_tps)
     if not ratios:
         return None
     ratios.sort()
@@ -279,7 +299,7 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     best: Candidate | None = None
     skipped: list[CatalogEntry] = []
     slow: list[tuple[CatalogEntry, float]] = []
-    kept = []
+    kept: list[CatalogEntry] = []
     for entry in entries:  # what rules an entry out without a layout or an estimate
         ruled_out = _ruled_out_by_size(entry, hardware, prefs)
         if ruled_out is not None:
@@ -305,14 +325,13 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
             planner = EntryPlanner(entry, hardware, n_ctx=prefs.n_ctx, n_parallel=prefs.n_parallel, specs=specs,
                                    memo=memo)
         except UsageError as e:  # the estimator has no tensor recipe for this quant
-            tried.append(Candidate(entry, RunSettings(), None, None, False, f"cannot estimate: {e.message}",
-                                   "cpu", float("inf"), 0))
+            tried.append(_unestimated(entry, CannotEstimate(e.message)))
             continue
         fit = planner.first_fit(allowed)
         if fit is None and allowed is not None and not planner.tried:
             skipped.append(entry)
             continue
-        if fit is not None and bench:
+        if fit is not None and fit.speed is not None and bench:
             record = speedmod.bench_record(bench, (entry.name, entry.local_file or ""), fingerprint)
             if record or calibration:
                 fitted = replace(fit, speed=speedmod.apply_bench(fit.speed, record, calibration=calibration))
@@ -326,17 +345,13 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
                 best = fit
 
     for entry, bound in slow:  # a usable candidate was found: these could not have been chosen
-        tried.append(Candidate(entry, RunSettings(), None, None, False,
-                               f"too slow here: at most {bound:.1f} tok/s (< {USABLE_DECODE_TPS:g}), not estimated",
-                               "cpu", 0.0, 0))
+        tried.append(_unestimated(entry, TooSlowNotEstimated(bound, USABLE_DECODE_TPS)))
     chosen = _select(fitting, prefs, notes)
     if chosen is None:
         tried = _refine_smallest(tried, hardware, prefs, specs, memo)
     rejected = [_explain(c, chosen, prefs) for c in tried if c is not chosen]
     for entry in skipped:
-        rejected.append(Candidate(entry, RunSettings(), None, None, False,
-                                  f"ranked below {chosen.name if chosen else 'the choice'}; not estimated (--all)",
-                                  "cpu", 0.0, 0))
+        rejected.append(_unestimated(entry, NotEstimated(chosen.name if chosen is not None else None)))
     if chosen is not None:
         notes.extend(_chosen_notes(chosen, hardware, prefs))
     if hardware.memory_bandwidth_gbps is None:
@@ -350,23 +365,23 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
 
 def _explain(c: Candidate, chosen: Candidate | None, prefs: Preferences) -> Candidate:
     """A fitting candidate that was not chosen gets the reason it ranked lower."""
-    if not c.fits or chosen is None:
+    if not c.fits or chosen is None or c.placement is None:
         return c
-    speed = f"{c.speed.decode_tps:.1f} tok/s" if c.speed else "?"
+    why: RuledOut
     if prefs.prefer == "speed" and chosen.speed and c.speed and c.speed.decode_tps < chosen.speed.decode_tps:
-        why = f"fits ({PLACEMENT_LABEL[c.placement]}), slower: {speed}"
+        why = Slower(chosen.name, c.placement, c.speed.decode_tps, chosen.speed.decode_tps)
     elif chosen.speed and c.speed and c.speed.decode_tps < USABLE_DECODE_TPS <= chosen.speed.decode_tps \
             and _quality_key(c) > _quality_key(chosen):
-        why = f"fits ({PLACEMENT_LABEL[c.placement]}), too slow: {speed} < {USABLE_DECODE_TPS:g} tok/s"
+        why = TooSlow(chosen.name, c.placement, c.speed.decode_tps, USABLE_DECODE_TPS)
     elif prefs.prefer == "speed" and quant_rank(c.entry.quant) < quant_rank(QUALITY_FLOOR_QUANT):
-        why = f"fits, below the {QUALITY_FLOOR_QUANT} quality floor"
+        why = BelowQualityFloor(chosen.name, QUALITY_FLOOR_QUANT)
     else:
-        why = f"fits ({PLACEMENT_LABEL[c.placement]}, {speed}), ranked below {chosen.name}"
-    return replace(c, reason=why)
+        why = RankedLower(chosen.name, c.placement, c.speed.decode_tps if c.speed else None)
+    return replace(c, ruled_out=why)
 
 
 def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -> list[str]:
-    notes = []
+    notes: list[str] = []
     train = c.entry.shape.n_ctx_train
     if prefs.n_ctx is None and train and c.n_ctx < train:
         notes.append(f"context reduced to {c.n_ctx} tokens (trained for {train}) so that {c.name} fits")
@@ -387,7 +402,7 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
         notes.append(f"download {_gb(c.entry.size_bytes)} is more than the {_gb(hardware.disk_free_bytes)} "
                      "free disk (unless already pulled)")
     if c.estimate is not None:
-        notes.extend(getattr(c.estimate, "notes", ()))
+        notes.extend(c.estimate.notes)
     notes.extend(hardware.notes)
     if not c.entry.size_exact:
         notes.append(f"{c.name}: size is the model card's rounded figure; the real size is checked at pull time")
@@ -399,10 +414,9 @@ def _refine_smallest(tried: list[Candidate], hardware: HardwareProfile, prefs: P
                      specs: dict[str, speedmod.DeviceSpec], memo: Memo) -> list[Candidate]:
     """Nothing fits: if the smallest requirement is a size-only lower bound, replace it by a real estimate of
     that entry's most frugal configuration, so the refusal names the full figure."""
-    out = [c for c in tried if not c.fits and c.need_bytes > 0]
-    if not out:
+    small = _smallest(tried)
+    if small is None:
         return tried
-    small = min(out, key=lambda c: c.need_bytes)
     if small.estimate is not None:
         return tried
     try:
@@ -411,16 +425,19 @@ def _refine_smallest(tried: list[Candidate], hardware: HardwareProfile, prefs: P
     except UsageError:
         return tried
     kv, repack = planner.kv_rungs()[-1]
-    c = planner.evaluate("cpu", planner.settings("cpu", contexts(small.entry, prefs.n_ctx)[-1], kv, repack=repack))
-    c = replace(c, reason=f"needs {format_size(c.need_bytes)} at least, {format_size(capacity_total(hardware))} "
-                          f"{where_label(hardware)}")
+    c = planner.most_frugal(contexts(small.entry, prefs.n_ctx)[-1], kv, repack=repack)
     return [c if x is small else x for x in tried]
+
+
+def _smallest(candidates: list[Candidate] | tuple[Candidate, ...]) -> Candidate | None:
+    """The candidate that does not fit and needs the least memory in all (of those sized)."""
+    return min((c for c in candidates if not c.fits and c.need_bytes), key=lambda c: c.need_bytes or 0,
+               default=None)
 
 
 def smallest_requirement(result: PlanResult) -> Candidate | None:
     """The rejected candidate that needs the least memory in all (what any machine would need at minimum)."""
-    out = [c for c in result.rejected if not c.fits and c.need_bytes > 0]
-    return min(out, key=lambda c: c.need_bytes, default=None)
+    return _smallest(result.rejected)
 
 
 def require_fit(result: PlanResult) -> Candidate:
@@ -436,10 +453,11 @@ def require_fit(result: PlanResult) -> Candidate:
     small = smallest_requirement(result)
     if small is None:
         reasons = sorted({c.reason for c in result.rejected}) or ["no candidate"]
+        kinds = {c.ruled_out.kind for c in result.rejected if c.ruled_out is not None}
         hints = []
-        if any(r.startswith("download") for r in reasons):
+        if RuledOutKind.OVER_DOWNLOAD_LIMIT in kinds:
             hints.append("raise --max-download")
-        if any(r.startswith("cannot estimate") for r in reasons):
+        if RuledOutKind.CANNOT_ESTIMATE in kinds:
             hints.append("the memory estimate does not cover this model yet")
         hints.append("choose another --model or --family")
         raise DoesNotFitError("nothing to plan: " + "; ".join(reasons[:3]), hint="; ".join(hints))
@@ -451,17 +469,19 @@ def require_fit(result: PlanResult) -> Candidate:
         ways.append("a smaller quant")
     ways += ["more RAM or GPU memory",
              "more hosts (`llmrun worker` on each, then `llmrun plan --workers host:port,...`)"]
-    if small.estimate is not None:
+    if small.placement is not None:
         extras = "" if small.settings.repack else ", no repack"
         what = (f"{small.name} ({PLACEMENT_LABEL[small.placement]}, {small.n_ctx} context, "
                 f"{small.settings.type_k} KV{extras}), needs")
     else:
         what = f"{small.name}, needs at least"
+    need = small.need_bytes or 0   # sized: smallest_requirement only returns those
     raise DoesNotFitError(
-        f"nothing fits {hw.name}: the smallest option, {what} {format_size(small.need_bytes)} "
-        f"({_gb(small.need_bytes)}); {hw.name} has {have}",
+        f"nothing fits {hw.name}: the smallest option, {what} {format_size(need)} "
+        f"({_gb(need)}); {hw.name} has {have}",
         hint="ways out: " + "; ".join(ways))
 
 
-__all__ = ["Preferences", "Candidate", "PlanResult", "make_plan", "require_fit", "check_fit", "capacities",
-           "smallest_requirement", "DEFAULT_FAMILIES", "PLACEMENTS", "PLACEMENT_LABEL", "MIN_AUTO_CTX"]
+__all__ = ["Preferences", "Candidate", "PlanResult", "RuledOut", "RuledOutKind", "make_plan", "require_fit",
+           "check_fit", "capacities", "smallest_requirement", "DEFAULT_FAMILIES", "PLACEMENTS", "PLACEMENT_LABEL",
+           "MIN_AUTO_CTX"]

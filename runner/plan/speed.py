@@ -157,7 +157,11 @@ def hardware_fingerprint(hardware: HardwareProfile) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- bench
-def load_bench(path: Path | None = None) -> dict[str, dict]:
+BenchRecord = Mapping[str, object]    # one JSON object of bench.json: decode_tps, prompt_tps, fingerprint, date...
+Bench = Mapping[str, BenchRecord]     # model file or catalog name → its record
+
+
+def load_bench(path: Path | None = None) -> dict[str, BenchRecord]:
     """`llmrun bench` results: dirs.home()/bench.json, {model file or catalog name: {decode_tps, prompt_tps,
     fingerprint, ...}}. Missing file → {}; a malformed file is a ConfigError naming it."""
     p = path or dirs.home() / BENCH_FILE
@@ -172,18 +176,35 @@ def load_bench(path: Path | None = None) -> dict[str, dict]:
     return {k: v for k, v in data.items() if isinstance(v, dict)}
 
 
-def _bench_fingerprint(rec: Mapping) -> str | None:
+def _bench_fingerprint(rec: BenchRecord) -> str | None:
     for key in ("fingerprint", "hardware_fingerprint", "hardware"):
-        if isinstance(rec.get(key), str):
-            return rec[key]
+        value = rec.get(key)
+        if isinstance(value, str):
+            return value
     return None
 
 
-def bench_record(bench: Mapping[str, Mapping], names: tuple[str, ...], fingerprint: str) -> Mapping | None:
+def _bench_number(rec: BenchRecord, key: str) -> float:
+    """A speed from a record: a number (or a numeric string, as hand-edited files have it); 0 when absent."""
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not value:
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
+
+
+def bench_decode_tps(rec: BenchRecord) -> float:
+    """The record's measured decode tok/s (0 when it has none)."""
+    return _bench_number(rec, "decode_tps")
+
+
+def bench_record(bench: Bench, names: tuple[str, ...], fingerprint: str) -> BenchRecord | None:
     """The bench result for any of `names` measured on this machine, with a positive decode_tps."""
     for n in names:
         rec = bench.get(n)
-        if rec and _bench_fingerprint(rec) == fingerprint and float(rec.get("decode_tps") or 0) > 0:
+        if rec and _bench_fingerprint(rec) == fingerprint and bench_decode_tps(rec) > 0:
             return rec
     return None
 
@@ -206,8 +227,8 @@ def traffic(*, weights: Mapping[str, int], kv_cache: Mapping[str, int], n_ctx: i
     total_w = sum(weights.values()) or 1
     used_share = n_expert_used / n_expert if n_expert else 1.0
     out = []
-    for dev, w in weights.items():
-        w = float(w)
+    for dev, w_bytes in weights.items():
+        w = float(w_bytes)
         if dev == "CPU":
             w = max(0.0, w - token_embd_bytes)
         if n_expert:
@@ -289,21 +310,22 @@ def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, 
     aggregate = min(n_parallel / step, max(prompt, decode)) if step > 0 else 0.0
     if network_s:
         decode_time["network"] = network_s
-    bottleneck = max(decode_time, key=decode_time.get) if decode_time else "CPU"
+    bottleneck = max(decode_time, key=lambda d: decode_time[d]) if decode_time else "CPU"
     return SpeedPrediction(
         decode_tps=decode, prompt_tps=prompt, aggregate_decode_tps=aggregate,
         at_tokens=at_tokens, bytes_per_token=int(sum(f.weight_bytes + f.kv_bytes for f in flows)),
         bottleneck=bottleneck, basis="predicted")
 
 
-def apply_bench(pred: SpeedPrediction, record: Mapping | None, *, calibration: float | None = None) -> SpeedPrediction:
+def apply_bench(pred: SpeedPrediction, record: BenchRecord | None, *,
+                calibration: float | None = None) -> SpeedPrediction:
     """A measured record replaces the prediction ("measured"); else a calibration factor from other models'
     measurements on this machine scales it ("calibrated")."""
     from dataclasses import replace
 
     if record:
-        decode = float(record["decode_tps"])
-        prompt = float(record.get("prompt_tps") or pred.prompt_tps)
+        decode = bench_decode_tps(record)
+        prompt = _bench_number(record, "prompt_tps") or pred.prompt_tps
         agg = pred.aggregate_decode_tps * decode / pred.decode_tps if pred.decode_tps else decode
         return replace(pred, decode_tps=decode, prompt_tps=prompt, aggregate_decode_tps=agg, basis="measured")
     if calibration and calibration > 0:

@@ -1,6 +1,6 @@
 """The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
-/health, /metrics, and the two adapters. `create_app` takes the engine, or a loader that makes one in the
-background while /health says 503."""
+/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes
+the engine, or a loader that makes one in the background while /health says 503."""
 
 from __future__ import annotations
 
@@ -21,17 +21,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from runner import __version__
 from runner.engine.types import Engine
 from runner.core.errors import LlmrunError
+from runner.hardware.types import HardwareProfile
 from runner.server import errors as err
 from runner.server.common import AppState
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.native import ClientGone
+from runner.server.status import MachineProbe, default_probe
+from runner.server.webui import OPEN_PATHS as PAGE_PATHS
 
 log = logging.getLogger("llmrun.server")
 
 Loader = Callable[[], "tuple[Engine, ModelCard]"]
-OPEN_PATHS = {"/health", "/"}        # answered without the API key (liveness probes, "is it running?")
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat",
-               "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version", "/openapi.json", "/docs"}
+OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness probes, the chat page's files
+KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
+               "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
+               "/openapi.json", "/docs"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -39,6 +43,8 @@ def _endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/ui/"):
+        return "/ui/{file}"
     return "other"
 
 
@@ -135,10 +141,11 @@ class GuardMiddleware:
 
 def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None, card: ModelCard | None = None,
                loader: Loader | None = None, on_load_failed: Callable[[BaseException], None] | None = None,
-               close_engine: bool = True) -> FastAPI:
+               close_engine: bool = True, probe: Callable[[], HardwareProfile] = default_probe) -> FastAPI:
     """The app. Give `engine` (+ `card`) when it is already loaded, or `loader` to load it in a background
-    thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown."""
-    from runner.server import ollama_api, openai_api
+    thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown. `probe`
+    describes the machine for /llmrun/status; it runs once, in a background thread started at startup."""
+    from runner.server import ollama_api, openai_api, status, webui
 
     config = config or ServerConfig()
     state = AppState(config)
@@ -159,6 +166,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        machine.start()
         if state.ready is None and loader is not None:
             threading.Thread(target=load, args=(loader,), name="llmrun-load", daemon=True).start()
         yield
@@ -167,9 +175,13 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
 
     app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
                   description="OpenAI- and Ollama-compatible API for a local llama.cpp model.")
+    machine = MachineProbe(probe)
     app.state.llm = state
+    app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(status.router)
+    app.include_router(webui.router)
 
     @app.get("/health", tags=["server"])
     async def health():
@@ -195,10 +207,6 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                                     busy_slots=stats.busy_slots if stats else 0,
                                     slots=stats.n_parallel if stats else 0, ready=ready is not None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def root():
-        return PlainTextResponse("llmrun is running (OpenAI API under /v1, Ollama API under /api)\n")
 
     @app.exception_handler(err.ApiError)
     async def api_error(request: Request, e: err.ApiError):

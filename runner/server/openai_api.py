@@ -178,6 +178,20 @@ def _usage(run: Run) -> dict[str, Any]:
     return usage
 
 
+def _timings(run: Run) -> dict[str, Any] | None:
+    """The engine's own clock, as llama-server reports it next to the usage (its `timings` object): prompt
+    evaluation up to the first token, then decoding. None when the generation did not finish."""
+    c = run.completion
+    if c is None:
+        return None
+    n = c.usage.completion_tokens
+    # the engine times decoding from the first token to the last: n - 1 steps
+    predicted_ms = 1000 * (n - 1) / c.decode_tokens_per_s if c.decode_tokens_per_s > 0 and n > 1 else 0.0
+    return {"prompt_n": c.usage.prompt_tokens, "prompt_ms": round(1000 * c.time_to_first_token_s, 3),
+            "predicted_n": n, "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_second": round(c.decode_tokens_per_s, 3)}
+
+
 def _finish_reason(run: Run) -> str:
     c = run.completion
     return "length" if c and c.finish_reason == "length" else "stop"
@@ -214,7 +228,7 @@ def _stream(run: Run, head: dict, include_usage: bool, piece, end: dict, start: 
             return
         yield _sse(chunk(end, _finish_reason(run)))
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(run)})
+            yield _sse({**head, "choices": [], "usage": _usage(run), "timings": _timings(run)})
         yield "data: [DONE]\n\n"
 
     return RunStream(run, events(), media_type="text/event-stream")
