@@ -29,6 +29,7 @@ class Launch:
     summary: str                  # one line, printed before loading
     notice: str | None = None     # e.g. the demo-model fallback, printed too
     estimate: MemoryEstimate | None = None  # the plan's, to compare with llama.cpp's real buffers
+    speed_keys: tuple[str, ...] = ()        # the names bench.json files this model's real speed under
 
 
 def is_model_path(model: str) -> bool:
@@ -40,9 +41,10 @@ def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | 
                  notice: str | None = None) -> Launch:
     ctx = n_ctx or DEFAULT_PATH_CTX
     settings = RunSettings(n_ctx=ctx * n_parallel, n_parallel=n_parallel)
+    keys = (name, path.name) if name else (path.name,)      # as `llmrun bench` files them
     name = name or path.stem
     summary = f"{name}: {path}, context {ctx} tokens" + (f" x {n_parallel} slots" if n_parallel > 1 else "") + ", CPU"
-    return Launch(path=path, name=name, settings=settings, summary=summary, notice=notice)
+    return Launch(path=path, name=name, settings=settings, summary=summary, notice=notice, speed_keys=keys)
 
 
 def plan_summary(candidate: Candidate) -> str:
@@ -85,7 +87,8 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
                                    f"{entry.name}: `llmrun pull {entry.name}` when the hub can be reached)")
     path = Path(fetch.ensure_local(entry, accept_license=accept_license, progress=progress))
     return Launch(path=path, name=entry.name, settings=settings, summary=plan_summary(candidate),
-                  estimate=file_estimate(entry, path, settings, profile) or candidate.estimate)
+                  estimate=file_estimate(entry, path, settings, profile) or candidate.estimate,
+                  speed_keys=tuple(k for k in (entry.name, entry.local_file) if k))
 
 
 def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,

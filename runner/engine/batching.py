@@ -98,6 +98,8 @@ class LlamaEngine:
         self._lock = threading.Lock()        # guards the counters read by stats()
         self._tokens_in = 0
         self._tokens_out = 0
+        self._solo_tokens = 0
+        self._solo_seconds = 0.0
         self._closing = False
         self._dead: str | None = None
         self._eog: tuple[int, ...] | None = None
@@ -194,7 +196,8 @@ class LlamaEngine:
             busy = sum(1 for s in self._slots if s.req is not None)
             return EngineStats(model=self.model_name, n_ctx=self.n_ctx, n_parallel=self.n_parallel, busy_slots=busy,
                                queued=len(self._waiting) + self._inbox_requests(), tokens_in=self._tokens_in,
-                               tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers))
+                               tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers),
+                               solo_decode_tokens=self._solo_tokens, solo_decode_seconds=self._solo_seconds)
 
     def _inbox_requests(self) -> int:
         """Requests in the inbox, not counting the wake-ups cancellations post there."""
@@ -314,6 +317,7 @@ class LlamaEngine:
             req.pending = req.prompt[common:]
 
     def _step(self, batch) -> None:
+        t0 = time.perf_counter()
         b = batch
         n = 0
         outputs: list[tuple[_Slot, _Request, int]] = []
@@ -378,6 +382,10 @@ class LlamaEngine:
             self._tokens_in += prompt_tokens
         for slot, req, idx in outputs:
             self._sample(slot, req, idx)
+        if n == 1 and prompt_tokens == 0:        # one sequence decoding alone: its speed, undiluted
+            with self._lock:
+                self._solo_tokens += 1
+                self._solo_seconds += time.perf_counter() - t0
 
     def _sample(self, slot: _Slot, req: _Request, idx: int) -> None:
         tok = lc.llama_sampler_sample(req.chain, self._m.ctx, idx)

@@ -67,6 +67,10 @@ class EngineStats:
     tokens_out: int
     load_seconds: float
     buffers: dict[str, int] = field(default_factory=dict, compare=False)  # llama.cpp's logged buffer sizes
+    # decode steps in which one sequence decoded alone (no other sequence, no prompt tokens): the tokens and the
+    # seconds they took, i.e. this machine's real single-sequence decode speed for the planner (runner.app.bench)
+    solo_decode_tokens: int = 0
+    solo_decode_seconds: float = 0.0
 
 
 class Generation(Protocol):

@@ -267,7 +267,7 @@ def _calibration(bench: speedmod.Bench, fingerprint: str, catalog: Catalog, hard
         except UsageError:
             continue
         if fit is not None and fit.speed and fit.speed.decode_tps > 0:
-            ratios.append(speedmod.bench_decode_tps(rec) / fit.speed.decode_tps)
+            ratios.append(speedmod.calibration_ratio(rec, fit.speed.decode_tps))
     if not ratios:
         return None
     ratios.sort()
@@ -292,7 +292,8 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     memo = Memo(hardware)
     calibration = _calibration(bench, fingerprint, catalog, hardware, prefs, specs, memo) if bench else None
     if calibration:
-        notes.append(f"speeds calibrated by `llmrun bench` results on this machine (× {calibration:.2f})")
+        notes.append(f"speeds calibrated by speeds measured on this machine (`llmrun bench`, real runs: "
+                     f"× {calibration:.2f})")
 
     tried: list[Candidate] = []
     fitting: list[Candidate] = []

@@ -141,10 +141,12 @@ class GuardMiddleware:
 
 def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None, card: ModelCard | None = None,
                loader: Loader | None = None, on_load_failed: Callable[[BaseException], None] | None = None,
-               close_engine: bool = True, probe: Callable[[], HardwareProfile] = default_probe) -> FastAPI:
+               close_engine: bool = True, probe: Callable[[], HardwareProfile] = default_probe,
+               on_shutdown: Callable[[Engine], None] | None = None) -> FastAPI:
     """The app. Give `engine` (+ `card`) when it is already loaded, or `loader` to load it in a background
-    thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown. `probe`
-    describes the machine for /llmrun/status; it runs once, in a background thread started at startup."""
+    thread after startup (/health answers 503 until it is ready). At shutdown `on_shutdown(engine)` runs (the
+    CLI records the speed the engine reached), then the engine is closed. `probe` describes the machine for
+    /llmrun/status; it runs once, in a background thread started at startup."""
     from runner.server import ollama_api, openai_api, status, webui
 
     config = config or ServerConfig()
@@ -170,6 +172,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
         if state.ready is None and loader is not None:
             threading.Thread(target=load, args=(loader,), name="llmrun-load", daemon=True).start()
         yield
+        if state.ready is not None and on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown, state.ready.engine)
         if close_engine and state.ready is not None:
             await asyncio.to_thread(state.ready.engine.close)
 

@@ -46,9 +46,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(config: ServerConfig, loader: Callable, *, sock: socket.socket | None = None,
-          log_level: str = "info", on_listening: Callable[[int], None] | None = None) -> None:
+          log_level: str = "info", on_listening: Callable[[int], None] | None = None,
+          on_shutdown: Callable | None = None) -> None:
     """Serve until SIGTERM / Ctrl-C. `loader()` returns (engine, ModelCard) and runs in the background while
-    /health answers 503. A load failure stops the server and is raised here."""
+    /health answers 503. A load failure stops the server and is raised here. `on_shutdown(engine)` runs before
+    the engine is closed."""
     import uvicorn
 
     from runner.server.app import create_app
@@ -62,7 +64,7 @@ def serve(config: ServerConfig, loader: Callable, *, sock: socket.socket | None 
         failures.append(e)
         holder["server"].should_exit = True
 
-    app = create_app(config, loader=loader, on_load_failed=failed)
+    app = create_app(config, loader=loader, on_load_failed=failed, on_shutdown=on_shutdown)
     uconfig = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=5,
                              timeout_graceful_shutdown=max(1, int(config.grace_seconds)))
     server = uvicorn.Server(uconfig)
