@@ -355,3 +355,17 @@ def test_grammar_error_keeps_what_others_printed_meanwhile():
     reason, rest = grammar_error(f"parse: error parsing grammar: {long}\n\n{grammar}\n", grammar)
     assert reason.startswith("unknown escape at xxx") and len(reason) <= 160 and rest == ""
     assert grammar_error("nothing about grammars\n", grammar) == (None, "nothing about grammars\n")
+
+
+def test_a_file_name_that_is_not_utf8_loads(demo_gguf, tmp_path):
+    """A file name is bytes: one that is not UTF-8 comes to Python with surrogates (surrogateescape), which
+    str.encode() refuses; os.fsencode gives llama.cpp the real name."""
+    import os
+
+    odd = tmp_path / os.fsdecode(b"demo-\xff.gguf")
+    odd.symlink_to(demo_gguf)
+    e = start_engine(odd, RunSettings(n_ctx=512), model_name="odd", threads=1)
+    try:
+        assert e.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=3)).result().text
+    finally:
+        e.close()

@@ -280,3 +280,15 @@ def test_an_empty_ollama_request_is_the_load_request(fake_server, path, body):
     assert answer["done"] is True and answer["done_reason"] == "load"
     assert answer.get("response", answer.get("message", {}).get("content")) == ""
     assert len(engine.submitted) == before, "a load request generates nothing"
+
+
+def test_an_api_key_with_bytes_that_are_not_utf8():
+    """`--api-key` / $LLMRUN_API_KEY come from argv or the environment, where bytes that are not UTF-8 arrive as
+    surrogates: the server compares the bytes the client sends (it crashed at start, UnicodeEncodeError)."""
+    import os
+
+    key = os.fsdecode(b"k\xffey")
+    app = create_app(ServerConfig(api_key=key), engine=FakeEngine(), card=ModelCard(name="fake-model"))
+    with running(app) as base:
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": b"Bearer k\xffey"}).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": b"Bearer key"}).status_code == 401

@@ -193,7 +193,7 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
         t0 = time.monotonic()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(model_path), mparams)
         if not model:
             raise EngineError(f"llama.cpp could not load {model_path}", hint=cap.text[-2000:])
         result["load_s"] = time.monotonic() - t0

@@ -137,7 +137,7 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
             overrides = experts_on_cpu_overrides()
             keep.append(overrides)
             mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        model = lc.llama_model_load_from_file(os.fsencode(path), mp)   # a file name need not be UTF-8
         if not model:
             raise EngineError(f"llama.cpp could not load {path}: {_last_error(cap.lines) or 'no reason given'}",
                               hint="check the file is a complete GGUF download (`llmrun pull` verifies it)")

@@ -84,7 +84,8 @@ class GuardMiddleware:
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app, self.config = app, config
-        self.key = config.api_key.encode() if config.api_key else None
+        # the bytes a client sends (a key from the environment may hold undecodable bytes, kept as surrogates)
+        self.key = config.api_key.encode("utf-8", "surrogateescape") if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
