@@ -100,6 +100,7 @@ def serve(model, name, host, port, parallel, queue, ctx, threads, api_key, cors_
                f"({parallel} slots x {slot_ctx} tokens, queue {queue})", err=True)
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, shown)   # a wildcard address is not a place to browse
     click.echo(f"chat in a browser: http://{local}:{port}/", err=True)
+
     def record_speed(engine) -> None:   # the speed it really decoded at, for the planner (bench.json)
         from runner.app.bench import record_run
 
