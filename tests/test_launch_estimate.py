@@ -61,9 +61,9 @@ def test_serve_of_the_local_demo_model_prints_no_buffer_warning(demo_gguf, _isol
     models = _isolated_home / "models"
     models.mkdir(parents=True, exist_ok=True)
     (models / Path(demo_gguf).name).symlink_to(demo_gguf)
-    with cli_server(Path(DEMO_ENTRY), "--ctx", "512", "--parallel", "1", "--log-level", "info") as (base, proc,
-                                                                                                   lines):
+    with cli_server(Path(DEMO_ENTRY), "--ctx", "512", "--parallel", "1", "--log-level", "info",
+                    home=_isolated_home) as (base, proc, lines):
         time.sleep(0.5)                   # the stderr reader thread catches up
         text = "".join(lines)
-    assert "plan: smollm2-135m:Q4_1" in text and "ready" in text, text
-    assert "warning" not in text.lower(), text
+    assert "loaded demo" in text and "smollm2-135m:Q4_1" in text, text
+    assert "llama.cpp allocated" not in text and "warning" not in text.lower(), text

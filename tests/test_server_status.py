@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from fake_engine import REPLY, FakeEngine
+from fake_pool import FakeLoader, fake_pool
 from live_server import running, wait_ready
 from runner.core.errors import HardwareError
 from runner.hardware.types import CPU, GPU, HardwareProfile
@@ -66,22 +67,20 @@ def test_status_reports_machine_model_and_slots():
     assert model["memory"] == []       # the fake engine has no llama.cpp buffers
 
 
-def test_status_while_loading_and_when_the_probe_fails():
+def test_status_while_loading_and_when_the_probe_fails(tmp_path):
     release = threading.Event()
-
-    def loader():
-        release.wait(30)
-        return FakeEngine(), _card()
+    loader = FakeLoader({"fake-model": 100 << 20}, hold={"fake-model": release})
 
     def probe() -> HardwareProfile:
         raise HardwareError("cannot tell how much RAM this machine has")
 
-    app = create_app(ServerConfig(), loader=loader, probe=probe)
+    app = create_app(ServerConfig(), pool=fake_pool(tmp_path, loader, budget=None), preload="fake-model",
+                     probe=probe)
     with running(app) as base:
         r = httpx.get(f"{base}/llmrun/status")
         assert r.status_code == 200
         s = r.json()
-        assert s["state"] == "loading" and s["models"] == []
+        assert s["state"] == "loading" and s["models"] == [] and s["loading"] == ["fake-model"]
         assert s["machine"] is None and "cannot tell how much RAM" in s["machine_error"]
         release.set()
         wait_ready(base)

@@ -16,14 +16,11 @@ import httpx
 import pytest
 
 from runner.app import bench as benchmod
-from runner.app.launch import resolve_model
-from runner.app.load import load
 from runner.core import dirs
 from runner.engine.types import EngineStats
 from runner.hardware.probe import probe
 from runner.plan import speed as speedmod
 from runner.plan.select import Preferences, make_plan
-from runner.store import fetch
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "smollm2-135m:Q4_1"
@@ -144,20 +141,26 @@ def test_a_slow_real_run_does_not_calibrate_the_other_models_down():
     assert speedmod.calibration_ratio({"decode_tps": 40.0}, 100.0) == 0.4                  # older bench.json
 
 
-def test_serve_records_the_speed_at_shutdown(monkeypatch, demo_gguf):
+def test_serve_records_the_speed_of_each_model_it_unloads(demo_gguf, _isolated_home):
+    """`llmrun serve` (its model pool, with the real loader): when a model is unloaded (keep_alive, eviction,
+    shutdown) the speed it reached is recorded, under its catalog name."""
     from live_server import running
+    from runner.app.models import ModelIndex
+    from runner.app.pool import Budget, ModelPool
+    from runner.app.serving import ModelSettings, PlannedLoader
+    from runner.model.catalog import load_catalog
     from runner.server.app import create_app
-    from runner.server.config import ModelCard, ServerConfig
+    from runner.server.config import ServerConfig
 
-    monkeypatch.setattr(fetch, "ensure_local", lambda entry, **kw: Path(demo_gguf))
-    launch = resolve_model(DEMO, hardware=lambda: probe(measure=False), n_ctx=512)
-    engine = load(launch).engine
-    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="demo"),
-                     on_shutdown=lambda e: benchmod.record_run(e, launch, source="serve"))
-    with running(app) as base:
+    _demo_in_store(_isolated_home, demo_gguf)
+    index = ModelIndex(catalog=load_catalog())
+    budget = Budget({"CPU": 4 * 1024 ** 3})
+    loader = PlannedLoader(index, probe(measure=False), budget, defaults=ModelSettings(ctx=512, parallel=1))
+    with running(create_app(ServerConfig(), pool=ModelPool(index, loader, budget))) as base:
         r = httpx.post(f"{base}/v1/completions", timeout=120, json={
-            "model": "demo", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 40, "temperature": 0})
+            "model": DEMO, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 40, "temperature": 0})
         assert r.json()["usage"]["completion_tokens"] == 40          # the model counts on to the limit
+        assert not (dirs.home() / "bench.json").exists()              # loaded still
     record = json.loads((dirs.home() / "bench.json").read_text())[DEMO]
     assert record["source"] == "serve" and record["n_gen"] >= 36 and record["decode_tps"] > 0
 

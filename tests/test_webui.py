@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from fake_engine import FakeEngine
+from fake_pool import FakeLoader, fake_pool
 from live_server import running, wait_ready
 from runner.server.app import create_app
 from runner.server.config import ModelCard, ServerConfig
@@ -301,14 +302,12 @@ def test_model_output_that_looks_like_html_is_shown_as_text(open_page):
         assert engine.submitted and engine.submitted[-1][0] == "chat"
 
 
-def test_a_slow_first_token_shows_loading_and_a_missing_model_is_explained(open_page):
+def test_a_slow_first_token_shows_loading_and_a_missing_model_is_explained(open_page, tmp_path):
     release = threading.Event()
-
-    def loader():
-        release.wait(60)
-        return FakeEngine(model_name="fake-model", n_ctx=4096, token_delay=1.0), ModelCard(name="fake-model")
-
-    app = create_app(ServerConfig(retry_after_s=1), loader=loader)
+    loader = FakeLoader({"fake-model": 100 << 20}, hold={"fake-model": release}, token_delay=1.0,
+                        n_ctx=4096)
+    app = create_app(ServerConfig(retry_after_s=1), pool=fake_pool(tmp_path, loader, budget=None),
+                     preload="fake-model")
     with running(app) as base:
         page = open_page(base)
         expect(page.locator("#server-state")).to_have_text("loading model…")
@@ -340,7 +339,7 @@ def test_a_slow_first_token_shows_loading_and_a_missing_model_is_explained(open_
         expect(page.locator("#model option:checked")).to_have_text("gone-model (not served)")
         _ask(page, "Anyone?")
         error = _last_reply(page).locator(".error")
-        expect(error).to_contain_text("'gone-model' does not exist")
+        expect(error).to_contain_text("unknown model 'gone-model'")
         expect(error).to_contain_text("Pick another model")
         page.select_option("#model", "fake-model")
         page.locator(".msg.user").last.get_by_role("button", name="Resend").click()

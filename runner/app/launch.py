@@ -13,7 +13,9 @@ from runner.cluster.workers import split_over_workers
 from runner.core.run_settings import RunSettings
 from runner.core.units import format_size
 from runner.hardware.types import HardwareProfile
+from runner.core.shapes import ModelShape
 from runner.model.catalog import CatalogEntry
+from runner.model.layout import WeightsLayout
 from runner.plan.estimate import MemoryEstimate
 from runner.plan.fit import Candidate
 
@@ -73,6 +75,8 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         from runner.hardware import probe as hw
 
         hardware = hw.probe
+    if model:
+        model = _catalog_name(model)
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
     profile = hardware()
     candidate = plan.require_fit(plan.make_plan(profile, prefs))
@@ -91,17 +95,14 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
                   speed_keys=tuple(k for k in (entry.name, entry.local_file) if k))
 
 
-def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
-                  hardware: HardwareProfile) -> MemoryEstimate | None:
-    """The memory estimate for `settings` from the file's own header (its tensors as they are: byte-exact), now
-    that the file is here; the plan's estimate came from the quant recipe, which can differ from how a file was
-    really quantized (SmolLM2-135M Q4_1: 92.1 MiB of weights, the recipe 109.0 MiB). None when the header
-    cannot be read (the load then says what is wrong)."""
+def file_layout(entry: CatalogEntry, path: Path) -> tuple[ModelShape, WeightsLayout] | None:
+    """The model's shape and weights layout from the file's own header (its tensors as they are, so the estimate
+    is byte-exact), now that the file is here; the plan's came from the quant recipe, which can differ from how a
+    file was really quantized (SmolLM2-135M Q4_1: 92.1 MiB of weights, the recipe 109.0 MiB). llama.cpp shards
+    count all together. None when a header cannot be read (the load then says what is wrong)."""
     from runner.core.errors import GGUFError
     from runner.model.gguf import read_header
     from runner.model.layout import layout_from_headers
-    from runner.plan.estimate import estimate
-    from runner.plan.fit import local_gpus
     from runner.store import local as store
 
     try:
@@ -111,15 +112,26 @@ def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
         if isinstance(count, int) and count > 1:       # llama.cpp shards: the layout spans them all
             local = store.local_model(entry)
             shards = sorted(p for p in (local.paths if local else ()) if p.suffix == ".gguf")
-            headers = [read_header(p) for p in shards] if len(shards) == count else []
+            if len(shards) != count:
+                return None
+            headers = [read_header(p) for p in shards]
     except (GGUFError, OSError):
         return None
-    if not headers:
+    return first.shape or entry.shape, layout_from_headers(headers)
+
+
+def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
+                  hardware: HardwareProfile) -> MemoryEstimate | None:
+    """The memory estimate for `settings` from the file's header (`file_layout`), on `hardware`."""
+    from runner.plan.estimate import estimate
+    from runner.plan.fit import local_gpus
+
+    found = file_layout(entry, path)
+    if found is None:
         return None
     gpus = local_gpus(hardware)
-    return estimate(first.shape or entry.shape, layout_from_headers(headers), settings, gpus=len(gpus),
-                    gpu_free=tuple(g.free_bytes for g in gpus), cpu_flags=hardware.cpu.flags,
-                    unified=hardware.unified_memory)
+    return estimate(found[0], found[1], settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
+                    cpu_flags=hardware.cpu.flags, unified=hardware.unified_memory)
 
 
 def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: int | None = None,
@@ -138,6 +150,19 @@ def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: i
     return replace(resolved, settings=settings,
                    summary=resolved.summary.removesuffix(", CPU") +
                    f", split over {len(settings.rpc_servers)} RPC worker(s)")
+
+
+def _catalog_name(model: str) -> str:
+    """What to plan for a name, resolved as the server resolves it (runner.app.models): a local model exactly
+    (`smollm2-135m` -> its best local quant, `NAME:latest`, a file's stem); otherwise the catalog name as given,
+    so that for a model with no quant named the planner picks the quant that fits (then pulled)."""
+    from runner.app.models import ModelIndex
+    from runner.model.catalog import load_catalog
+
+    ref = ModelIndex(catalog=load_catalog(), pull=True).resolve(model)
+    if ref.path is not None and ref.entry is not None:
+        return ref.entry.name
+    return model.strip().removesuffix(":latest")
 
 
 def _is_local(entry: CatalogEntry) -> bool:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runner.engine.types import ChatMessage
 from runner.core.errors import UsageError
 from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
 
@@ -246,14 +247,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs:
         raise _unsupported("top_logprobs", "log probabilities are not supported")
     state = state_of(request)
-    state.check_model(body.model)
+    state.resolve(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = state.config.max_tokens      # the server's backstop (--max-tokens)
     grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages),
                            grammar_field=_grammar_field(body.response_format))
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
@@ -286,12 +287,12 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         prompt = body.prompt
     state = state_of(request)
-    state.check_model(body.model)
+    state.resolve(body.model)
     grammar = _grammar(body.response_format)
     max_tokens = body.max_tokens if body.max_tokens is not None else state.config.max_tokens
     native = NativeRequest(params=_params(body, max_tokens, grammar), prompt=prompt,
                            grammar_field=_grammar_field(body.response_format))
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
@@ -304,18 +305,19 @@ async def completions(body: CompletionRequest, request: Request):
     return _stream(run, head, _include_usage(body), lambda delta: {"text": delta}, end={"text": ""})
 
 
+def _model(card: ModelCard, started_at: float) -> dict[str, Any]:
+    return {"id": card.name, "object": "model", "created": int(card.modified_at or started_at), "owned_by": "llmrun"}
+
+
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request):
     state = state_of(request)
-    card = state.require_ready().card
-    return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(card.modified_at or
-                                                                                        state.started_at),
-                                        "owned_by": "llmrun"}]}
+    state.require_started()
+    return {"object": "list", "data": [_model(card, state.started_at) for card in await state.pool.cards()]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    card = state.check_model(model_id).card
-    return {"id": card.name, "object": "model", "created": int(card.modified_at or state.started_at),
-            "owned_by": "llmrun"}
+    state.resolve(model_id)
+    return _model(state.pool.card(model_id), state.started_at)

@@ -2,19 +2,21 @@
 probe, made once in a background thread at startup), and each loaded model with its context, slots and
 llama.cpp's real buffer sizes per device (`runner.engine.report.actual_terms`) next to that device's memory.
 
-`status()` is a plain function of the app state and the probe's result, so a server that holds several models
-only has to add entries to `models`."""
+`status()` is a plain function of a snapshot of the model pool (taken on the event loop) and the probe's result;
+`models` lists every model in memory, `loading` those on their way in or out."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import APIRouter, Request
 
 from runner import __version__
+from runner.app.pool import State
 from runner.core.errors import LlmrunError
 from runner.engine.report import actual_terms
 from runner.engine.types import Engine, EngineStats
@@ -115,28 +117,45 @@ def model_json(engine: Engine, card: ModelCard, stats: EngineStats, hw: Hardware
     }
 
 
-def status(state: AppState, hw: HardwareProfile | None, machine_error: str | None) -> dict:
+@dataclass(frozen=True)
+class Snapshot:
+    """The server as the event loop sees it at one moment (taken there: the pool changes only on the loop)."""
+
+    loaded: tuple[tuple[Engine, ModelCard], ...]     # the models in memory
+    loading: tuple[str, ...]                          # models being loaded (or unloaded) now
+    starting: bool                                    # the model `llmrun serve --model` named is loading
+    load_error: str | None
+
+
+def snapshot(state: AppState) -> Snapshot:
+    loaded, moving = [], []
+    for m in state.pool.models.values():
+        if m.state is State.LOADED and m.engine is not None:
+            loaded.append((m.engine, m.card))
+        else:
+            moving.append(m.name)
+    return Snapshot(tuple(loaded), tuple(moving), state.starting, state.load_error)
+
+
+def status(snap: Snapshot, hw: HardwareProfile | None, machine_error: str | None) -> dict:
     """The whole answer. Runs in a worker thread: `engine.stats()` is a child process's round trip in a cluster."""
-    ready = state.ready
-    models = []
-    if ready is not None:
-        models.append(model_json(ready.engine, ready.card, ready.engine.stats(), hw))
-    outage = ready.engine.health() if ready is not None else None
-    if outage is not None:
-        server_state, error = "unavailable", outage.message
-    elif ready is not None:
-        server_state, error = "ready", None
-    elif state.load_error:
-        server_state, error = "error", state.load_error
-    else:
+    models = [model_json(engine, card, engine.stats(), hw) for engine, card in snap.loaded]
+    outage = next((e for e in (engine.health() for engine, _ in snap.loaded) if e is not None), None)
+    if snap.load_error:
+        server_state, error = "error", snap.load_error
+    elif snap.starting:
         server_state, error = "loading", None
+    elif outage is not None:
+        server_state, error = "unavailable", outage.message
+    else:
+        server_state, error = "ready", None     # models load on demand: the server can serve
     return {"version": __version__, "state": server_state, "error": error,
             "machine": machine_json(hw) if hw is not None else None, "machine_error": machine_error,
-            "models": models}
+            "models": models, "loading": list(snap.loading)}
 
 
 @router.get("/llmrun/status", tags=["server"])
 async def get_status(request: Request) -> dict:
-    """The machine, the loaded model(s), context and slots, and llama.cpp's buffers per device (for the page)."""
+    """The machine, the models in memory (context, slots, llama.cpp's buffers per device) and those loading."""
     hw, machine_error = await request.app.state.machine.result()
-    return await asyncio.to_thread(status, state_of(request), hw, machine_error)
+    return await asyncio.to_thread(status, snapshot(state_of(request)), hw, machine_error)
