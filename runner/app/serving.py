@@ -44,8 +44,8 @@ from runner.app.pool import DEFAULT_KEEP_ALIVE_S, Budget, Prepared, Started
 from runner.core.errors import ConfigError, DoesNotFitError, LicenseNotAcceptedError, UsageError
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape
-from runner.engine.types import Engine
 from runner.core.units import FOREVER, GiB, MiB, format_size, parse_duration
+from runner.engine.types import Engine
 from runner.hardware.types import HardwareProfile
 from runner.model.layout import WeightsLayout
 from runner.plan.estimate import HOST_OVERHEAD_BYTES, MemoryEstimate
