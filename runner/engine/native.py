@@ -151,6 +151,7 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
         cp.type_v = kv_type(settings.type_v).ggml_type
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = kv_unified or settings.kv_unified
+        cp.swa_full = settings.swa_full
         cp.no_perf = True
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:

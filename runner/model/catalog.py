@@ -30,9 +30,13 @@ import tomllib
 
 # Quantization types in quality order (worst first). Where two types sit close (Q5_0 / Q5_K_S have the same size
 # in TheBloke's files) the k-quant ranks higher, as its error is lower at the same size.
+# Hub files add the names their publishers use: IQ1/IQ2 mixes, TQ ternary types, gpt-oss's MXFP4, and the
+# "_L"/"_XL" variants (the same mix with 8-bit embeddings and output, ranked just above it).
 QUANT_ORDER: tuple[str, ...] = (
-    "Q2_K", "IQ3_XXS", "IQ3_XS", "Q3_K_S", "IQ3_S", "IQ3_M", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_0", "IQ4_NL",
-    "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S", "Q5_K", "Q5_K_M", "Q6_K", "Q8_0",
+    "IQ1_S", "IQ1_M", "TQ1_0", "IQ2_XXS", "IQ2_XS", "TQ2_0", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "Q2_K_L",
+    "Q2_K_XL", "IQ3_XXS", "IQ3_XS", "Q3_K_S", "IQ3_S", "IQ3_M", "Q3_K_M", "Q3_K_L", "Q3_K_XL", "IQ4_XS", "Q4_0",
+    "IQ4_NL", "MXFP4", "MXFP4_MOE", "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M", "Q4_K_L", "Q4_K_XL", "Q5_0", "Q5_1",
+    "Q5_K_S", "Q5_K", "Q5_K_M", "Q5_K_L", "Q5_K_XL", "Q6_K", "Q6_K_L", "Q6_K_XL", "Q8_0", "Q8_K_XL",
     "F16", "BF16", "F32",
 )
 _QUANT_RANK = {q: i for i, q in enumerate(QUANT_ORDER)}
@@ -41,11 +45,17 @@ _QUANT_BY_UPPER = {q.upper(): q for q in QUANT_ORDER}
 
 def quant_rank(quant: str) -> int:
     """Quality order of a quantization type, higher = better (Q2_K < IQ3_XS < Q3_K_S < ... < Q6_K < Q8_0 < F16).
-    Case-insensitive; an unknown type raises UsageError."""
-    canonical = _QUANT_BY_UPPER.get(str(quant).upper())
+    Case-insensitive; unsloth's "UD-" (dynamic) variants rank as their base type; an unknown type raises
+    UsageError."""
+    key = str(quant).upper()
+    canonical = _QUANT_BY_UPPER.get(key.removeprefix("UD-"))
     if canonical is None:
         raise UsageError(f"unknown quantization type {quant!r}", hint="known types: " + ", ".join(QUANT_ORDER))
     return _QUANT_RANK[canonical]
+
+
+def is_known_quant(quant: str) -> bool:
+    return str(quant).upper().removeprefix("UD-") in _QUANT_BY_UPPER
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from runner.hardware.types import GPU, HardwareProfile
 from runner.model.catalog import CatalogEntry
 from runner.model.layout import WeightsLayout, layout_from_recipe
 from runner.plan import speed as speedmod
-from runner.plan.estimate import NO_FLASH_ATTN_ARCHS, MemoryEstimate, estimate, layer_devices, repacked_types
+from runner.plan.estimate import MemoryEstimate, estimate, layer_devices, repacked_types
+from runner.plan.graph import NO_FLASH_ATTN_ARCHS
 from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, MachineTooSmall, Memory, Placement, RuledOut, \
     TooBig, TooBigForUnifiedMemory
 
