@@ -32,7 +32,7 @@ FILE_TYPES = {
     "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
     "BF16": 32, "MXFP4_MOE": 38,
 }
-_FORMAT_VERSION = 2   # bump when the written file changes, so cached files are rewritten
+_FORMAT_VERSION = 3   # bump when the written file changes, so cached files are rewritten
 
 
 def synth_cache_dir() -> Path:
@@ -190,8 +190,8 @@ def _add_hparams(writer: GGUFWriter, spec: ArchSpec, shape: ModelShape, n_layer:
     if shape.n_expert:
         writer.add_expert_count(shape.n_expert)
         writer.add_expert_used_count(shape.n_expert_used)
-    if shape.n_ff_exp:
-        writer.add_expert_feed_forward_length(shape.n_ff_exp)
+    if shape.n_expert:
+        writer.add_expert_feed_forward_length(shape.expert_ff)
     if shape.n_expert_shared:
         writer.add_expert_shared_count(shape.n_expert_shared)
     if shape.n_layer_dense_lead:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from runner.core.errors import UsageError
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape, TensorInfo
-from runner.model.archs import is_covered
+from runner.model.archs import arch_spec, is_covered
 from runner.model.layout import WeightsLayout
 from runner.plan.graph import NO_FLASH_ATTN_ARCHS, SMALL_INPUTS, compute_buffer_bytes, compute_committed_bytes, \
     flash_attn_effective, output_buffer_bytes
@@ -264,13 +264,19 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
         span = max(t.offset + t.n_bytes for t in mapped) - min(t.offset for t in mapped)
         reclaimable = max(0, span - sum(t.n_bytes for t in mapped))
         weights["CPU"] = span
-    if out_dev != "CPU" and not any(_tensor_layer(t.name) is None and t.name.startswith("output.")
-                                    for t in layout.tensors):
-        # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
+    spec = arch_spec(shape.arch)
+    tied = None
+    if not (spec is not None and spec.embedding) and not any(
+            _tensor_layer(t.name) is None and t.name.startswith("output.") for t in layout.tensors):
         tied = next((t for t in layout.tensors if t.name.startswith("token_embd.")), None)
-        if tied is not None:
-            weights[out_dev] += tied.n_bytes
-            notes.append("tied embeddings: token_embd is copied to " + out_dev + " for the output layer")
+    if tied is not None and out_dev != "CPU":
+        # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
+        weights[out_dev] += tied.n_bytes
+        notes.append("tied embeddings: token_embd is copied to " + out_dev + " for the output layer")
+    elif tied is not None and tied.type_name in repackable and len(tied.shape) == 2 and tied.shape[1] % 8 == 0:
+        # ... and on the CPU that duplicate feeds a matmul, so it is repacked (measured on gemma2, whose output
+        # is always token_embd)
+        repack["CPU"] += tied.n_bytes
 
     kv = dict.fromkeys(names, 0)
     for dev, layer_bytes in zip(layers, kv_layers(shape, settings)):
