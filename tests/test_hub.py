@@ -353,3 +353,18 @@ def test_run_a_hub_model_with_its_chat_template(hub):
     assert f"plan: hf.co/{QWEN_REPO}:Q4_K_M" in r.output
     lm = store.local_model(hubmod.resolve(f"hf.co/{QWEN_REPO}:Q4_K_M").chosen)
     assert lm is not None and lm.verified
+
+
+def test_synth_writes_a_shape_true_copy_from_the_hub_header(hub, tmp_path):
+    """`llmrun synth hf.co/...` copies the file's own tensors (names, shapes, types) from its header alone."""
+    from runner.model.gguf import parse_header
+
+    out = tmp_path / "copy.gguf"
+    r = CliRunner().invoke(cli, ["synth", f"hf.co/{QWEN_REPO}:Q8_0", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    original = parse_header(hub.repos[QWEN_REPO].files["qwen2.5-tiny-instruct-q8_0.gguf"])
+    copy = read_header(out)
+    assert [(t.name, t.shape, t.type_name, t.n_bytes) for t in copy.tensors] == \
+        [(t.name, t.shape, t.type_name, t.n_bytes) for t in original.tensors]
+    assert copy.shape == original.shape
+    assert all(g.headers.get("range") for g in hub.file_gets())            # the header only, never the weights

@@ -20,6 +20,7 @@ from typing import Literal
 
 from runner.hardware.types import HardwareProfile
 from runner.model.catalog import Catalog, CatalogEntry
+from runner.plan.ruled_out import PLACEMENT_LABEL
 from runner.plan.select import Preferences, PlanResult, make_plan
 
 Kind = Literal["catalog", "hub", "file"]
@@ -107,8 +108,9 @@ def _plan_hub(model: str, hardware: HardwareProfile, prefs: Preferences, *, exha
         b = best.chosen
         if b is not None and (result.chosen is None or b.entry.name != result.chosen.entry.name):
             speed = f", ~{b.speed.decode_tps:.1f} tok/s" if b.speed is not None else ""
+            where = PLACEMENT_LABEL[b.placement] if b.placement is not None else "?"
             notes.append(f"the best quant of hf.co/{hm.listing.repo} for this machine is {b.entry.quant} "
-                         f"({b.placement}{speed}): `llmrun plan {b.entry.name}`")
+                         f"({where}{speed}): `llmrun plan {b.entry.name}`")
         elif b is None:
             notes.append(f"no quant of hf.co/{hm.listing.repo} fits this machine")
     return Planned(replace(result, notes=tuple(dict.fromkeys(tuple(notes) + result.notes))), hub=hm)

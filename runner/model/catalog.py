@@ -36,9 +36,9 @@ import tomllib
 QUANT_ORDER: tuple[str, ...] = (
     "IQ1_S", "IQ1_M", "TQ1_0", "IQ2_XXS", "IQ2_XS", "TQ2_0", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "Q2_K_L",
     "Q2_K_XL", "IQ3_XXS", "IQ3_XS", "Q3_K_S", "IQ3_S", "IQ3_M", "Q3_K_M", "Q3_K_L", "Q3_K_XL", "IQ4_XS", "Q4_0",
-    "IQ4_NL", "MXFP4", "MXFP4_MOE", "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M", "Q4_K_L", "Q4_K_XL", "Q5_0", "Q5_1",
-    "Q5_K_S", "Q5_K", "Q5_K_M", "Q5_K_L", "Q5_K_XL", "Q6_K", "Q6_K_L", "Q6_K_XL", "Q8_0", "Q8_K_XL",
-    "F16", "BF16", "F32",
+    "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "IQ4_NL", "MXFP4", "MXFP4_MOE", "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M",
+    "Q4_K_L", "Q4_K_XL", "Q5_0", "Q5_1", "Q5_K_S", "Q5_K", "Q5_K_M", "Q5_K_L", "Q5_K_XL", "Q6_K", "Q6_K_L",
+    "Q6_K_XL", "Q8_0", "Q8_K_XL", "F16", "BF16", "F32",
 )
 _QUANT_RANK = {q: i for i, q in enumerate(QUANT_ORDER)}
 _QUANT_BY_UPPER = {q.upper(): q for q in QUANT_ORDER}
@@ -156,7 +156,7 @@ class Catalog:
         self._by_name = {e.name.lower(): e for e in self.entries}
         self._by_model: dict[str, list[CatalogEntry]] = {}
         for e in self.entries:
-            self._by_model.setdefault(e.model, []).append(e)
+            self._by_model.setdefault(e.model.lower(), []).append(e)
 
     def __iter__(self) -> Iterator[CatalogEntry]:
         return iter(self.entries)
@@ -213,7 +213,7 @@ class Catalog:
         for e in self.entries:
             if family is not None and e.family != family.lower():
                 continue
-            if model is not None and e.model != model.lower():
+            if model is not None and e.model.lower() != model.lower():
                 continue
             if license_open is not None and e.license_open != license_open:
                 continue

@@ -168,13 +168,13 @@ def entries_for_repo(*, repo: str, commit: str, groups: list[QuantGroup], files:
     (`headers`, by first file) get their exact tensors; the others llama.cpp's mix for their quant over the same
     tensors, scaled to their download (`weights_exact` False). A group whose quant cannot be ranked (a file
     named without one, and no header read) is left out. The chosen group is the default."""
-    model = f"hf.co/{repo}".lower()
+    model = f"hf.co/{repo}"
     read = headers[chosen.first]
     shape = header_shape(read, f"hf.co/{repo}/{chosen.first}")
     template = layout_from_headers(read)
     out: list[CatalogEntry] = []
     seen: set[str] = set()
-    for g in groups:
+    for g in sorted(groups, key=lambda g: g != chosen):     # the chosen group keeps its label when two share one
         hs = headers.get(g.first)
         quant = g.label
         if hs is not None and not is_known_quant(quant):
@@ -218,7 +218,7 @@ def entry_for_file(path: str, headers: list[GGUFHeader], *, size: int, released:
     card = openness_card(Path(path).name, str(meta.get("general.organization") or "unknown"), {}, released,
                          header_license=lic if isinstance(lic, str) else None, source="the file's metadata")
     return CatalogEntry(
-        name=path, model=path.lower(), quant=quant, family=shape.arch, params_b=round((shape.n_params or 0) / 1e9, 3)
+        name=path, model=path, quant=quant, family=shape.arch, params_b=round((shape.n_params or 0) / 1e9, 3)
         or 0.001, shape=shape, source="file", repo="", revision=None, files=(ModelFile(Path(path).name, size, None),),
         layout="single" if len(headers) == 1 else "shards", size_bytes=size, size_exact=True,
         chat=_has_chat_template(headers[0]), license=card.license, local_file=path, card=card, default=True,

@@ -30,7 +30,7 @@ _REPO_RE = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 _HOSTS = ("hf.co/", "huggingface.co/", "www.huggingface.co/")
 _SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 # a quant label between separators: Q4_K_M, IQ3_XXS, Q4_0_4_4, UD-Q4_K_XL, BF16, F16, F32, MXFP4, TQ1_0
-_QUANT_TOKEN = r"(?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|F16|F32|MXFP4(?:_MOE)?)"
+_QUANT_TOKEN = r"(?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|FP?16|FP?32|MXFP4(?:_MOE)?)"
 _LABEL_RE = re.compile(rf"(?<![A-Za-z0-9]){_QUANT_TOKEN}(?![A-Za-z0-9])", re.IGNORECASE)
 DEFAULT_TAG = "Q4_K_M"
 
@@ -149,7 +149,10 @@ def quant_label(filename: str) -> str | None:
     m = _SHARD_RE.match(name)
     stem = m.group("base") if m else re.sub(r"(?i)\.gguf$", "", name)
     found = _LABEL_RE.findall(stem)
-    return found[-1].upper() if found else None
+    if not found:
+        return None
+    label = found[-1].upper()
+    return {"FP16": "F16", "FP32": "F32"}.get(label, label)
 
 
 def _is_model_file(name: str) -> bool:

@@ -344,7 +344,7 @@ _NEAREST_RECIPE = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "TQ1_0": "Q2_K", "TQ2_0": "
                    "Q2_K_XL": "Q2_K", "IQ3_XXS": "IQ3_XS", "IQ3_S": "IQ3_XS", "IQ3_M": "Q3_K_M", "Q3_K_XL": "Q3_K_L",
                    "IQ4_NL": "IQ4_XS", "MXFP4": "MXFP4_MOE", "Q4_K_L": "Q4_K_M", "Q4_K_XL": "Q4_K_M",
                    "Q5_K_L": "Q5_K_M", "Q5_K_XL": "Q5_K_M", "Q6_K_L": "Q6_K", "Q6_K_XL": "Q6_K", "Q8_K_XL": "Q8_0",
-                   "F32": "F16"}
+                   "Q4_0_4_4": "Q4_0", "Q4_0_4_8": "Q4_0", "Q4_0_8_8": "Q4_0", "F32": "F16"}
 
 
 def _role(name: str, n_dims: int, roles: dict[str, str]) -> str:

@@ -84,8 +84,8 @@ class HubModel:
             out.append(f"the hub was not asked: the file list cached {_age(self.listing.fetched_at)} was used")
         predicted = [e.quant for e in self.entries if not e.weights_exact]
         if predicted:
-            out.append(f"{', '.join(predicted)}: sized from their downloads with llama.cpp's quant mixes (headers "
-                       "not read)")
+            out.append(f"{', '.join(predicted)} of this repo: tensors sized from the download with llama.cpp's "
+                       "quant mix (header not read)")
         return out
 
 
