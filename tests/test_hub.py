@@ -194,6 +194,16 @@ def test_gated_repo_needs_hf_token(hub, monkeypatch):
     assert [e.quant for e in hubmod.resolve(f"hf.co/{GEMMA_REPO}").entries] == ["Q4_K_M", "Q8_0"]  # no mmproj
 
 
+def test_private_repo_needs_hf_token_for_its_listing(hub, monkeypatch, files):
+    hub.add_repo("me/private-GGUF", {"x-Q4_K_M.gguf": files["qwen"]["qwen2.5-tiny-instruct-q4_k_m.gguf"]},
+                 token=TOKEN, private=True, card={"license": "mit"})
+    with pytest.raises(HubAuthError) as e:
+        hubmod.resolve("hf.co/me/private-GGUF")
+    assert "401" in e.value.message and "HF_TOKEN" in e.value.hint
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert hubmod.resolve("hf.co/me/private-GGUF").chosen.license == "MIT"
+
+
 # -------------------------------------------------------------------------------------------- header-only plan
 
 def test_plan_reads_only_the_header(hub):
