@@ -33,6 +33,7 @@ _SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.
 _QUANT_TOKEN = r"(?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|TQ\d_\d|BF16|FP?16|FP?32|MXFP4(?:_MOE)?)"
 _LABEL_RE = re.compile(rf"(?<![A-Za-z0-9]){_QUANT_TOKEN}(?![A-Za-z0-9])", re.IGNORECASE)
 DEFAULT_TAG = "Q4_K_M"
+_LABEL_ALIASES = {"FP16": "F16", "FP32": "F32"}
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,11 @@ def quant_label(filename: str) -> str | None:
     name = filename.rsplit("/", 1)[-1]
     m = _SHARD_RE.match(name)
     stem = m.group("base") if m else re.sub(r"(?i)\.gguf$", "", name)
-    found = _LABEL_RE.findall(stem)
+    found: list[str] = _LABEL_RE.findall(stem)
     if not found:
         return None
     label = found[-1].upper()
-    return {"FP16": "F16", "FP32": "F32"}.get(label, label)
+    return _LABEL_ALIASES.get(label, label)
 
 
 def _is_model_file(name: str) -> bool:
