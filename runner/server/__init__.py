@@ -4,7 +4,9 @@
 - `native`: the one generation path both APIs share (admission, submit, stream, cancel);
 - `openai_api`, `ollama_api`: thin adapters that only translate shapes;
 - `common`, `errors`, `metrics`, `config`, `lifecycle`: shared state, the status table, Prometheus metrics,
-  frozen settings, bind/serve/SIGTERM.
+  frozen settings, bind/serve/SIGTERM;
+- `webui`: the chat page at `/` (the plain files in `ui/`, shipped as package data, no build step);
+- `status`: `GET /llmrun/status`, the machine (probed once) and the loaded model's buffers for the page.
 
 Importing this package imports nothing; `app` imports FastAPI.
 """
