@@ -378,3 +378,55 @@ def test_synth_writes_a_shape_true_copy_from_the_hub_header(hub, tmp_path):
         [(t.name, t.shape, t.type_name, t.n_bytes) for t in original.tensors]
     assert copy.shape == original.shape
     assert all(g.headers.get("range") for g in hub.file_gets())            # the header only, never the weights
+
+
+def test_the_name_resolver_takes_hub_references(hub):
+    """runner.app.models.ModelIndex: a hub reference not local is refused with the pull command (or handed to the
+    loader to pull, with --pull); once pulled it is served under its name and found by any of its forms."""
+    from runner.app.models import ModelIndex
+    from runner.core.errors import ModelNotLocalError
+    from runner.model.catalog import load_catalog
+
+    with pytest.raises(ModelNotLocalError) as e:
+        ModelIndex(catalog=load_catalog()).resolve(f"hf.co/{QWEN_REPO}:q8_0")
+    assert f"llmrun pull hf.co/{QWEN_REPO}:Q8_0" in e.value.hint
+    ref = ModelIndex(catalog=load_catalog(), pull=True).resolve(f"{QWEN_REPO}:q8_0")
+    assert ref.path is None and ref.entry is not None and ref.entry.name == f"hf.co/{QWEN_REPO}:Q8_0"
+    fetch.pull(ref.entry, progress=False)
+    index = ModelIndex(catalog=load_catalog())
+    assert f"hf.co/{QWEN_REPO}:Q8_0" in [r.name for r in index.listing()]
+    for form in (f"hf.co/{QWEN_REPO}:Q8_0", f"https://huggingface.co/{QWEN_REPO}:q8_0"):
+        assert index.resolve(form).path == store.local_model(ref.entry).path
+
+
+@pytest.mark.llama
+def test_the_server_pulls_a_hub_model_named_in_a_request(hub, tmp_path, demo_gguf, monkeypatch):
+    """`llmrun serve --pull`: a request whose `model` is a hub reference resolves it (pinned to a commit, from its
+    header), pulls it verified and answers with it; a quant the repo lacks is a 404, a gated repo a 403 naming
+    HF_TOKEN."""
+    pytest.importorskip("llama_cpp")
+    import httpx
+
+    from tests.test_server_models import llmrun_serve
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf"))
+    with llmrun_serve(home, "--model", str(demo_gguf), "--pull", "--ctx", "512", "--parallel", "1",
+                      "--max-memory", "2GiB") as (base, _proc, _lines):
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=180, json={
+            "model": f"{QWEN_REPO}:q4_k_m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        from tests.test_server_models import wait_for
+
+        # listed once the store is rescanned (at most every 2 s)
+        assert wait_for(lambda: f"hf.co/{QWEN_REPO}:Q4_K_M" in
+                        [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]], timeout=10)
+        missing = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": f"hf.co/{QWEN_REPO}:Q2_K", "messages": [{"role": "user", "content": "hi"}]})
+        assert missing.status_code == 404 and "Q4_K_M" in missing.text
+        gated = httpx.post(f"{base}/api/chat", timeout=60, json={
+            "model": f"hf.co/{GEMMA_REPO}:Q4_K_M", "messages": [{"role": "user", "content": "hi"}],
+            "stream": False})
+        assert gated.status_code == 403 and "HF_TOKEN" in gated.text

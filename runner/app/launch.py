@@ -75,7 +75,9 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         from runner.hardware import probe as hw
 
         hardware = hw.probe
-    if model:
+    from runner.app.planning import kind_of
+
+    if model and kind_of(model) == "catalog":
         model = _catalog_name(model)
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
     candidate = plan.require_fit(plan_model(model, hardware(), prefs).result)

@@ -337,6 +337,8 @@ def local_hub_entries() -> list[CatalogEntry]:
                 continue
             groups = tuple(quant_groups(list(lst.files)))
             for g in groups:
+                if any(store.cached_repo_file(lst.repo, lst.commit, f) is None for f in g.files):
+                    continue                         # not pulled: its header is not even read
                 headers = [_load_header(lst.repo, lst.commit, f) for f in g.files]
                 if any(h is None for h in headers):
                     continue
