@@ -32,6 +32,7 @@ Loader = Callable[[], "tuple[Engine, ModelCard]"]
 OPEN_PATHS = {"/health", "/"}        # answered without the API key (liveness probes, "is it running?")
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat",
                "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version", "/openapi.json", "/docs"}
+KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -134,7 +135,7 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
                close_engine: bool = True) -> FastAPI:
     """The app. Give `engine` (+ `card`) when it is already loaded, or `loader` to load it in a background
     thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown."""
-    from runner.server import ollama_api, openai_api
+    from runner.server import embeddings_api, ollama_api, openai_api, tokens_api
 
     config = config or ServerConfig()
     state = AppState(config)
@@ -166,6 +167,8 @@ def create_app(config: ServerConfig | None = None, *, engine: Engine | None = No
     app.state.llm = state
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
+    app.include_router(tokens_api.router)
 
     @app.get("/health", tags=["server"])
     async def health():
