@@ -52,7 +52,11 @@ async def _call(request: Request, model: str | None, fn: Callable[[Engine], T], 
         try:
             return await asyncio.to_thread(fn, engine)
         except LlmrunError as e:
-            raise from_llmrun(e, param=param) from e
+            error = from_llmrun(e, param=param)
+            if not error.message.startswith(param):
+                error = ApiError(error.status, f"{param}: {error.message}", type=error.type, param=param,
+                                 code=error.code)
+            raise error from e
 
 
 def _tokenizer(text: str, add_special: bool, parse_special: bool) -> Callable[[Engine], list[int]]:
