@@ -228,3 +228,52 @@ def test_token_routes_as_llama_server_has_them(base, engine):
     assert prompt["prompt"].endswith("<|im_start|>assistant\n")
     count = httpx.post(f"{base}/tokenize", json={"content": prompt["prompt"]}).json()["tokens"]
     assert len(count) > 5
+
+
+# ------------------------------------------------------------------------------------------------ BERT family
+
+@pytest.fixture(scope="module", params=[("mean", 1), ("cls", 2)], ids=["mean", "cls"])
+def bert(request, tmp_path_factory):
+    from runner.engine.batching import start_engine
+    from tiny_bert import write_tiny_bert
+
+    pooling, code = request.param
+    path = write_tiny_bert(tmp_path_factory.mktemp("bert") / f"tiny-bert-{pooling}.gguf", pooling=code)
+    e = start_engine(path, RunSettings(n_ctx=512, n_parallel=1), model_name="tiny-bert", threads=1)
+    yield e, path, pooling
+    e.close()
+
+
+def test_bert_pools_as_the_gguf_declares_checked_against_numpy(bert):
+    """A non-causal model: all sequences of a decode in one ubatch, llama.cpp's pooling (the GGUF's mean or CLS)
+    equal to an independent numpy forward pass, and inputs kept apart within the decode."""
+    from tiny_bert import N_CTX, N_EMBD, reference_embedding
+
+    engine, path, pooling = bert
+    assert engine.declared_pooling == pooling and engine.embedding_tokens == N_CTX
+    texts = ["the cat sat on the mat", "hello world", "a dog ran in the park", "the cat sat on the mat"]
+    r = engine.embed(texts)
+    assert r.pooling == pooling and r.dimensions == N_EMBD and r.decodes == 1
+    for text, vec in zip(texts, r.vectors):
+        tokens = engine.tokenize_with(text, add_special=True, parse_special=False)
+        assert tokens[0] == 2 and tokens[-1] == 3                     # [CLS] ... [SEP]
+        assert cos(vec, reference_embedding(path, tokens, pooling)) > 0.99999
+        assert cos(vec, engine.embed([text]).vectors[0]) > 0.999999
+    assert cos(r.vectors[0], r.vectors[1]) < 0.99
+
+
+def test_an_embedding_model_refuses_to_generate(bert):
+    engine, _, _ = bert
+    with pytest.raises(UsageError, match="embedding model"):
+        engine.complete("the cat", SamplingParams(max_tokens=2))
+    with pytest.raises(UsageError, match="embedding model"):
+        engine.chat([ChatMessage("user", "hi")], SamplingParams(max_tokens=2))
+    app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="tiny-bert"), close_engine=False)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny-bert",
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "cannot generate text" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/api/generate", json={"model": "tiny-bert", "prompt": "hi", "stream": False})
+        assert r.status_code == 400 and "embedding model" in r.json()["error"]
+        e = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-bert", "input": ["the cat", "a dog"]}).json()
+        assert len(e["data"]) == 2 and np.linalg.norm(e["data"][0]["embedding"]) == pytest.approx(1.0, abs=1e-5)
