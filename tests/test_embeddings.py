@@ -40,6 +40,10 @@ def base(engine):
         yield url
 
 
+def post(url: str, json) -> httpx.Response:
+    return httpx.post(url, json=json, timeout=300)      # the real model on a shared 2-core machine can be slow
+
+
 def cos(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
@@ -165,8 +169,8 @@ def test_openai_client_one_input_and_a_batch(base):
 
 def test_base64_decodes_to_the_same_floats(base):
     body = {"model": "demo", "input": ["one text", "another text"]}
-    floats = httpx.post(f"{base}/v1/embeddings", json={**body, "encoding_format": "float"}).json()
-    b64 = httpx.post(f"{base}/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    floats = post(f"{base}/v1/embeddings", {**body, "encoding_format": "float"}).json()
+    b64 = post(f"{base}/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
     for f, b in zip(floats["data"], b64["data"]):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         assert decoded.tolist() == pytest.approx(f["embedding"], abs=0) and len(decoded) == N_EMBD
@@ -211,22 +215,22 @@ def test_langchain_openai_and_ollama_embeddings(base):
 
 def test_token_routes_as_llama_server_has_them(base, engine):
     text = "Hello <|im_start|> world"
-    r = httpx.post(f"{base}/tokenize", json={"content": text}).json()
+    r = post(f"{base}/tokenize", json={"content": text}).json()
     assert r["tokens"] == engine.tokenize_with(text, add_special=False, parse_special=True)
-    literal = httpx.post(f"{base}/tokenize", json={"content": text, "parse_special": False}).json()["tokens"]
+    literal = post(f"{base}/tokenize", json={"content": text, "parse_special": False}).json()["tokens"]
     assert len(literal) > len(r["tokens"])
-    pieces = httpx.post(f"{base}/tokenize", json={"content": "héllo", "with_pieces": True}).json()["tokens"]
+    pieces = post(f"{base}/tokenize", json={"content": "héllo", "with_pieces": True}).json()["tokens"]
     assert all(set(p) == {"id", "piece"} for p in pieces)
     # a piece is its text, or its byte values when it is not valid UTF-8 alone (half of "é")
     joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
     assert joined == "héllo".encode()
-    back = httpx.post(f"{base}/detokenize", json={"tokens": r["tokens"]}).json()
+    back = post(f"{base}/detokenize", json={"tokens": r["tokens"]}).json()
     assert back == {"content": text}
-    prompt = httpx.post(f"{base}/apply-template", json={"messages": [{"role": "system", "content": "Be brief."},
+    prompt = post(f"{base}/apply-template", json={"messages": [{"role": "system", "content": "Be brief."},
                                                                      {"role": "user", "content": "hi"}]}).json()
     assert prompt["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert prompt["prompt"].endswith("<|im_start|>assistant\n")
-    count = httpx.post(f"{base}/tokenize", json={"content": prompt["prompt"]}).json()["tokens"]
+    count = post(f"{base}/tokenize", json={"content": prompt["prompt"]}).json()["tokens"]
     assert len(count) > 5
 
 
@@ -270,10 +274,10 @@ def test_an_embedding_model_refuses_to_generate(bert):
         engine.chat([ChatMessage("user", "hi")], SamplingParams(max_tokens=2))
     app = create_app(ServerConfig(), engine=engine, card=ModelCard(name="tiny-bert"), close_engine=False)
     with running(app) as url:
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny-bert",
+        r = post(f"{url}/v1/chat/completions", json={"model": "tiny-bert",
                                                            "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and "cannot generate text" in r.json()["error"]["message"]
-        r = httpx.post(f"{url}/api/generate", json={"model": "tiny-bert", "prompt": "hi", "stream": False})
+        r = post(f"{url}/api/generate", json={"model": "tiny-bert", "prompt": "hi", "stream": False})
         assert r.status_code == 400 and "embedding model" in r.json()["error"]
-        e = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-bert", "input": ["the cat", "a dog"]}).json()
+        e = post(f"{url}/v1/embeddings", json={"model": "tiny-bert", "input": ["the cat", "a dog"]}).json()
         assert len(e["data"]) == 2 and np.linalg.norm(e["data"][0]["embedding"]) == pytest.approx(1.0, abs=1e-5)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Literal, Sequence
 
@@ -24,6 +26,10 @@ from runner.server.errors import ApiError, from_llmrun
 router = APIRouter()
 
 MAX_INPUTS = 2048          # OpenAI's limit on inputs per request
+# `Engine.embed` blocks its thread until the engine thread has decoded the inputs (up to seconds). Those waits get
+# their own threads (created on demand, bounded by the admission gate in practice) so that they never occupy the
+# event loop's default executor, which generation submissions and /metrics use.
+_WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmrun-embed-wait")
 
 
 @asynccontextmanager
@@ -50,7 +56,8 @@ async def embed(request: Request, model: str, inputs: Sequence[EmbedInput], *, t
     """`Engine.embed` off the event loop; an llmrun error becomes the route's 4xx/5xx naming `param`."""
     async with engine_for(request, model, admit=True) as engine:
         try:
-            result = await asyncio.to_thread(engine.embed, inputs, truncate=truncate)
+            result = await asyncio.get_running_loop().run_in_executor(
+                _WAITS, functools.partial(engine.embed, inputs, truncate=truncate))
         except LlmrunError as e:
             raise from_llmrun(e, param=param) from e
     state_of(request).metrics.tokens(result.prompt_tokens, 0)
