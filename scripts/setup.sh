@@ -5,6 +5,7 @@
 #   LLMRUN_ACCEL=cpu|cuda|metal   force a build flavour (default: detected)
 #   LLMRUN_WHEEL_CACHE=DIR        where built llama-cpp-python wheels are kept, one folder per flavour
 #   PYTHON=python3.x              interpreter for the virtualenv
+#   LLMRUN_NO_CHROMIUM=1          do not install Chromium (the chat page's browser tests are then skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,26 @@ say "llama.cpp build: $accel ($reason); CMAKE_ARGS=\"$cmake_args\""
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 PY="$VENV/bin/python"
 pytag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+
+# The chat page's browser tests (tests/test_webui.py) drive Debian's chromium through Playwright; never a browser
+# download of Playwright's own. Checked on every run (a file test when installed), installed as root with apt-get.
+ensure_chromium() {
+  [ "${LLMRUN_NO_CHROMIUM:-}" = 1 ] && { say "LLMRUN_NO_CHROMIUM=1: the browser tests will be skipped"; return; }
+  [ -x /usr/bin/chromium ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium for the browser tests (apt-get, about a minute)"
+    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+        >/dev/null && [ -x /usr/bin/chromium ]; then
+      say "chromium installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
+    else
+      say "could not install chromium with apt-get: the browser tests will be skipped"
+    fi
+  else
+    say "no /usr/bin/chromium, and installing it needs root and apt-get: the browser tests will be skipped" \
+        "(install Debian's chromium package to run them)"
+  fi
+}
+ensure_chromium
 
 stamp="$VENV/.llmrun-setup"
 want=$(cat pyproject.toml scripts/setup.sh scripts/llama_accel.sh | cksum | cut -d' ' -f1)-$flavour-$EXTRAS

@@ -1,4 +1,5 @@
-"""Shared fixtures. Every test runs with LLMRUN_HOME in a temporary folder, so nothing touches ~/.llmrun."""
+"""Shared fixtures. Every test runs with LLMRUN_HOME and the hub cache in a temporary folder, so nothing touches
+~/.llmrun or the user's models."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ TEST_CACHE = Path(os.environ.get("LLMRUN_TEST_CACHE") or Path.home() / ".cache" 
 def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("llmrun-home")
     monkeypatch.setenv("LLMRUN_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-cache"))   # never the user's models (`llmrun serve` lists them)
     yield home
 
 

@@ -7,6 +7,7 @@ cancellation and completion. Tests of real generation use the real engine with t
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Mapping, Sequence
@@ -89,8 +90,10 @@ class FakeEngine:
     """n_parallel slots (a semaphore), token_delay seconds per token; everything observable for tests."""
 
     def __init__(self, *, model_name: str = "fake-model", n_ctx: int = 256, n_parallel: int = 2,
-                 token_delay: float = 0.002):
+                 token_delay: float = 0.002, reply: str = REPLY, notice: str | None = None):
         self.model_name, self.n_ctx, self.n_parallel, self.token_delay = model_name, n_ctx, n_parallel, token_delay
+        self.reply = reply                # one "token" per word, with the whitespace before it
+        self.notice = notice              # what every chat generation says it had to do to fit (X-Llmrun-Notice)
         self._slots = threading.Semaphore(n_parallel)
         self._lock = threading.Lock()
         self._busy = 0
@@ -119,8 +122,9 @@ class FakeEngine:
         if n >= self.n_ctx:
             raise ContextOverflowError(f"the prompt is {n} tokens; the context holds {self.n_ctx}",
                                        hint="shorten the prompt or start with a larger --ctx")
-        pieces = list(JSON_REPLY) if params.grammar else [(" " if i else "") + w for i, w in enumerate(REPLY.split())]
+        pieces = list(JSON_REPLY) if params.grammar else re.findall(r"\s*\S+", self.reply)
         gen = FakeGeneration(self, pieces, n, params, fail=FAIL_PROMPT in prompt_text)
+        gen.notice = self.notice
         self.generations.append(gen)
         return gen
 

@@ -171,3 +171,23 @@ def test_embeddings_wait_their_turn_at_the_gate():
         finally:
             holding.join()
         assert httpx.post(f"{base}/v1/embeddings", json=ROUTES["/v1/embeddings"]).status_code == 200
+
+
+def test_over_a_pool_of_models(tmp_path):
+    """Several models: embeddings load the one named (on demand), and the token routes, whose llama-server shape
+    names no model, need `model` once more than one is in memory."""
+    from fake_pool import MiB, FakeLoader, fake_pool
+
+    loader = FakeLoader({"one": 100 * MiB, "two": 100 * MiB})
+    app = create_app(ServerConfig(), pool=fake_pool(tmp_path, loader, budget=None))
+    with running(app) as base:
+        r = httpx.post(f"{base}/tokenize", json={"content": "a bb"})
+        assert r.status_code == 400 and "none is loaded" in r.json()["error"]["message"]
+        assert httpx.post(f"{base}/v1/embeddings", json={"model": "one", "input": "x"}).status_code == 200
+        assert loader.loads == ["one"]
+        assert httpx.post(f"{base}/tokenize", json={"content": "a bb"}).json() == {"tokens": [1, 2]}
+        assert httpx.post(f"{base}/api/embed", json={"model": "two", "input": ""}).json()["embeddings"] == []
+        assert loader.loads == ["one", "two"]                   # an empty /api/embed loads the model, as Ollama
+        r = httpx.post(f"{base}/detokenize", json={"tokens": [1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model" and "one, two" in r.text
+        assert httpx.post(f"{base}/detokenize", json={"tokens": [1], "model": "two"}).json() == {"content": "<1>"}

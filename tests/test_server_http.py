@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from fake_engine import FAIL_PROMPT, REPLY, FakeEngine
+from fake_pool import MiB, FakeLoader, fake_pool
 from live_server import running, wait_ready
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.app import create_app
@@ -57,15 +58,12 @@ def wait_for(predicate, timeout=5.0):
 
 # ---- readiness, health ----------------------------------------------------------------------------------------
 
-def test_health_is_503_while_loading_then_200():
+def test_health_is_503_while_loading_then_200(tmp_path):
+    """The model `llmrun serve --model` names is loaded at start: until it is ready, /health and every model
+    route answer 503."""
     release = threading.Event()
-    engine = FakeEngine()
-
-    def loader():
-        release.wait(10)
-        return engine, ModelCard(name="fake-model")
-
-    app = create_app(ServerConfig(), loader=loader)
+    loader = FakeLoader({"fake-model": 100 * MiB}, hold={"fake-model": release})
+    app = create_app(ServerConfig(), pool=fake_pool(tmp_path, loader, budget=None), preload="fake-model")
     with running(app) as base:
         r = httpx.get(f"{base}/health")
         assert r.status_code == 503 and r.json()["status"] == "loading" and "retry-after" in r.headers
@@ -74,18 +72,14 @@ def test_health_is_503_while_loading_then_200():
         release.set()
         wait_ready(base)
         assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": "fake-model", "slots": 2}
-    assert engine.closed, "the engine is closed at shutdown"
+    assert loader.closes == ["fake-model"], "the engine is closed at shutdown"
 
 
-def test_load_failure_is_reported_by_health_and_callback():
-    from runner.core.errors import EngineError
-
+def test_load_failure_is_reported_by_health_and_callback(tmp_path):
     failures = []
-
-    def loader():
-        raise EngineError("llama.cpp could not load model.gguf")
-
-    app = create_app(ServerConfig(), loader=loader, on_load_failed=failures.append)
+    loader = FakeLoader({"model": 100 * MiB}, fail={"model"})
+    app = create_app(ServerConfig(), pool=fake_pool(tmp_path, loader, budget=None), preload="model",
+                     on_load_failed=failures.append)
     with running(app) as base:
         assert wait_for(lambda: failures)
         r = httpx.get(f"{base}/health")
@@ -295,7 +289,9 @@ def test_disconnect_cancels_generation_and_frees_slot(path, body):
         assert gen.slot_released.wait(2.0), "slot still busy after the client left"
         assert gen.result(1).finish_reason == "cancelled"
         assert gen.result(1).usage.completion_tokens < len(REPLY.split())
-        assert wait_for(lambda: app.state.llm.gate.in_flight == 0)
+        assert wait_for(lambda: app.state.llm.in_flight == 0)
+        assert wait_for(lambda: all(m.in_flight == 0 for m in app.state.llm.pool.models.values())), \
+            "the model is still held"
         r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fake-model", "messages": USER,
                                                              "max_tokens": 2}, timeout=10)
         assert r.status_code == 200
@@ -314,7 +310,7 @@ def test_queue_full_gives_429_with_retry_after_and_recovers():
         threads = [threading.Thread(target=slow) for _ in range(2)]
         for t in threads:
             t.start()
-        assert wait_for(lambda: app.state.llm.gate.in_flight == 2)
+        assert wait_for(lambda: app.state.llm.in_flight == 2)
         r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fake-model", "messages": USER})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
@@ -323,7 +319,8 @@ def test_queue_full_gives_429_with_retry_after_and_recovers():
         for t in threads:
             t.join()
         assert results == [200, 200]
-        assert app.state.llm.gate.in_flight == 0
+        assert app.state.llm.in_flight == 0
+        assert all(m.in_flight == 0 for m in app.state.llm.pool.models.values()), "a 429 still holds its model"
         r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fake-model", "messages": USER, "max_tokens": 1})
         assert r.status_code == 200
         metrics = httpx.get(f"{base}/metrics").text

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ pytestmark = pytest.mark.llama
 
 
 @contextlib.contextmanager
-def cli_server(model: Path, *args: str, timeout: float = 120.0):
-    """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def cli_server(model: Path, *args: str, timeout: float = 120.0, home: Path | None = None):
+    """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process). `home`: its own
+    LLMRUN_HOME and hub cache (default: a new temporary one; a module-scoped server starts before the per-test
+    isolated home is set, and the server lists every model in its home's store)."""
+    home = home or Path(tempfile.mkdtemp(prefix="llmrun-home-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMRUN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache")}
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--model", str(model), "--name", "demo",
                              "--port", "0", "--threads", "1", "--log-level", "warning", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
@@ -110,6 +114,12 @@ def test_openai_completions_and_stop(oai):
 
 def test_openai_models(oai):
     assert [m.id for m in oai.models.list()] == ["demo"]
+
+
+def test_the_one_model_also_answers_to_its_short_names(oai, demo_gguf):
+    for name in ("demo:latest", Path(demo_gguf).stem, Path(demo_gguf).stem + ":latest"):
+        r = oai.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
+        assert r.model == name and r.choices[0].message.content
 
 
 def test_openai_json_mode_parses(oai):

@@ -3,6 +3,9 @@
 - `launch`: what the user asked for (path, name, nothing) → a file and settings: probe → plan → pull, the demo
   model when the hub is unreachable, and the split over RPC workers;
 - `load`: load a launch (in process, or isolated with workers) and compare llama.cpp's buffers with the plan;
+- `models`: the one resolution of a model name (server, chat and CLI alike) and the models a process serves;
+- `pool`: the models a server holds in memory: load on demand, keep alive, evict, never past the budget;
+- `serving`: the budget, the per-model settings file and the real loader `llmrun serve` gives the pool;
 - `chat`: the terminal chat session and REPL;
 - `bench`: `llmrun bench`.
 """

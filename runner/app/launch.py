@@ -71,6 +71,8 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         from runner.hardware import probe as hw
 
         hardware = hw.probe
+    if model:
+        model = _catalog_name(model)
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
     candidate = plan.require_fit(plan.make_plan(hardware(), prefs))
     entry = candidate.entry
@@ -103,6 +105,19 @@ def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: i
     return replace(resolved, settings=settings,
                    summary=resolved.summary.removesuffix(", CPU") +
                    f", split over {len(settings.rpc_servers)} RPC worker(s)")
+
+
+def _catalog_name(model: str) -> str:
+    """What to plan for a name, resolved as the server resolves it (runner.app.models): a local model exactly
+    (`smollm2-135m` -> its best local quant, `NAME:latest`, a file's stem); otherwise the catalog name as given,
+    so that for a model with no quant named the planner picks the quant that fits (then pulled)."""
+    from runner.app.models import ModelIndex
+    from runner.model.catalog import load_catalog
+
+    ref = ModelIndex(catalog=load_catalog(), pull=True).resolve(model)
+    if ref.path is not None and ref.entry is not None:
+        return ref.entry.name
+    return model.strip().removesuffix(":latest")
 
 
 def _is_local(entry: CatalogEntry) -> bool:

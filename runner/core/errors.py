@@ -18,6 +18,7 @@
     ├── EngineError                  llama.cpp failed to load or run a model
     │   └── ContextOverflowError     a prompt longer than the context window
     ├── ServerError                  the HTTP server could not start
+    │   └── CapacityError            no room for a model now: the models holding the memory are busy (retry)
     └── ClusterError                 RPC workers unreachable or incompatible
 
 Foreign errors (NVML, huggingface_hub, llama.cpp, HTTP) are translated into these once, at the boundary
@@ -119,6 +120,15 @@ class ContextOverflowError(EngineError):
 
 class ServerError(LlmrunError):
     pass
+
+
+class CapacityError(ServerError):
+    """A model fits the memory budget, but not now: the loaded models that hold the room are busy. Retry after
+    `retry_after_s` seconds (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 class ClusterError(LlmrunError):

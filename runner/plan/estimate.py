@@ -376,12 +376,12 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
             dev = layers[il] if il < len(layers) else out_dev
         if settings.experts_on_cpu and _is_expert(t.name):
             dev = "CPU"
+        if dev == "CPU" and _is_repacked(t, repackable):
+            repack["CPU"] += t.n_bytes        # only in CPU_REPACK (with mmap, its file pages are in the span below)
+            continue
         weights[dev] += t.n_bytes
         if dev == "CPU":
-            if _is_repacked(t, repackable):
-                repack["CPU"] += t.n_bytes
-            else:
-                mapped.append(t)
+            mapped.append(t)
     reclaimable = 0
     if settings.use_mmap and mapped:
         # llama.cpp maps one span of the file, from the first to the last host tensor it serves from the mapping

@@ -6,7 +6,9 @@
 - `embeddings_api`, `tokens_api`: /v1/embeddings, /api/embed(dings) over `Engine.embed`; llama-server's /tokenize,
   /detokenize, /apply-template;
 - `common`, `errors`, `metrics`, `config`, `lifecycle`: shared state, the status table, Prometheus metrics,
-  frozen settings, bind/serve/SIGTERM.
+  frozen settings, bind/serve/SIGTERM;
+- `webui`: the chat page at `/` (the plain files in `ui/`, shipped as package data, no build step);
+- `status`: `GET /llmrun/status`, the machine (probed once) and the loaded model's buffers for the page.
 
 Importing this package imports nothing; `app` imports FastAPI.
 """

@@ -1,13 +1,12 @@
 """The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
-/health, /metrics, and the two adapters. `create_app` takes the engine, or a loader that makes one in the
-background while /health says 503."""
+/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes
+a model pool (models loaded on demand by name), or one engine already loaded."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import threading
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -19,19 +18,23 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__
-from runner.engine.types import Engine
+from runner.app.pool import ModelPool, State, pool_of_engine
 from runner.core.errors import LlmrunError
+from runner.engine.types import Engine
+from runner.hardware.types import HardwareProfile
 from runner.server import errors as err
 from runner.server.common import AppState
 from runner.server.config import ModelCard, ServerConfig
+from runner.server.metrics import model_metrics
 from runner.server.native import ClientGone
+from runner.server.status import MachineProbe, default_probe
+from runner.server.webui import OPEN_PATHS as PAGE_PATHS
 
 log = logging.getLogger("llmrun.server")
-
-Loader = Callable[[], "tuple[Engine, ModelCard]"]
-OPEN_PATHS = {"/health", "/"}        # answered without the API key (liveness probes, "is it running?")
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/api/chat",
-               "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version", "/openapi.json", "/docs"}
+OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness probes, the chat page's files
+KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
+               "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
+               "/openapi.json", "/docs"}
 KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template"}
 
 
@@ -40,6 +43,8 @@ def _endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/ui/"):
+        return "/ui/{file}"
     return "other"
 
 
@@ -130,74 +135,92 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
-def create_app(config: ServerConfig | None = None, *, engine: Engine | None = None, card: ModelCard | None = None,
-               loader: Loader | None = None, on_load_failed: Callable[[BaseException], None] | None = None,
-               close_engine: bool = True) -> FastAPI:
-    """The app. Give `engine` (+ `card`) when it is already loaded, or `loader` to load it in a background
-    thread after startup (/health answers 503 until it is ready). The engine is closed at shutdown."""
-    from runner.server import embeddings_api, ollama_api, openai_api, tokens_api
+def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = None, preload: str | None = None,
+               engine: Engine | None = None, card: ModelCard | None = None,
+               on_load_failed: Callable[[BaseException], None] | None = None, close_engine: bool = True,
+               probe: Callable[[], HardwareProfile] = default_probe) -> FastAPI:
+    """The app over a model pool (runner.app.pool), or over one `engine` already loaded (+ its `card`). With
+    `preload`, that model is loaded right after startup and every route answers 503 until it is ready (a failure
+    is reported to `on_load_failed`). At shutdown every engine is closed (`close_engine=False`: not the one
+    handed over). `probe` describes the machine for /llmrun/status; it runs once, in a background thread
+    started at startup."""
+    from runner.server import embeddings_api, ollama_api, openai_api, status, tokens_api, webui
 
     config = config or ServerConfig()
-    state = AppState(config)
-    if engine is not None:
-        state.set_ready(engine, card or ModelCard(name=engine.model_name))
+    if pool is None:
+        if engine is None:
+            raise TypeError("create_app needs a pool or an engine")
+        pool = pool_of_engine(engine, card or ModelCard(name=engine.model_name))
+    state = AppState(config, pool, starting=preload is not None)
 
-    def load(load_model: Loader) -> None:
+    async def load_at_start(name: str) -> None:
         try:
-            eng, crd = load_model()
+            lease = await pool.acquire(name)
+            lease.release()
         except (LlmrunError, OSError, MemoryError) as e:
-            state.load_error = str(e)
-            log.error("model failed to load: %s", e)
+            hint = e.hint if isinstance(e, LlmrunError) else None
+            state.load_error = str(e) + (f" ({hint})" if hint else "")
+            log.error("model failed to load: %s", state.load_error)
             if on_load_failed:
                 on_load_failed(e)
-            return
-        state.set_ready(eng, crd)
-        log.info("model %s ready: %d slots, context %d per sequence", crd.name, eng.n_parallel, eng.n_ctx)
+        else:
+            log.info("model %s ready: %d slots, context %d per sequence", lease.card.name, lease.engine.n_parallel,
+                     lease.engine.n_ctx)
+        finally:
+            state.starting = False
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if state.ready is None and loader is not None:
-            threading.Thread(target=load, args=(loader,), name="llmrun-load", daemon=True).start()
+        machine.start()
+        await pool.start()
+        startup = asyncio.ensure_future(load_at_start(preload)) if preload is not None else None
         yield
-        if close_engine and state.ready is not None:
-            await asyncio.to_thread(state.ready.engine.close)
+        if startup is not None and not startup.done():
+            startup.cancel()
+        await pool.aclose(close_engines=close_engine)
 
     app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
-                  description="OpenAI- and Ollama-compatible API for a local llama.cpp model.")
+                  description="OpenAI- and Ollama-compatible API for local llama.cpp models.")
+    machine = MachineProbe(probe)
     app.state.llm = state
+    app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(embeddings_api.router)
     app.include_router(tokens_api.router)
+    app.include_router(status.router)
+    app.include_router(webui.router)
 
     @app.get("/health", tags=["server"])
     async def health():
-        ready = state.ready
-        outage = ready.engine.health() if ready is not None else None  # e.g. an RPC worker is down
-        if outage is not None:
-            return JSONResponse({"status": "unavailable", "error": outage.message}, status_code=503,
-                                headers={"Retry-After": str(config.retry_after_s)})
-        if ready is not None:
-            return {"status": "ok", "model": ready.card.name, "slots": ready.engine.n_parallel}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503,
-                            headers={"Retry-After": str(config.retry_after_s)})
+        if state.starting:
+            return JSONResponse({"status": "loading"}, status_code=503,
+                                headers={"Retry-After": str(config.retry_after_s)})
+        loaded = [s for s in pool.status() if s.state is State.LOADED]
+        for s in loaded:
+            engine = pool.models[s.name].engine
+            outage = engine.health() if engine is not None else None   # e.g. an RPC worker is down
+            if outage is not None:
+                return JSONResponse({"status": "unavailable", "model": s.name, "error": outage.message},
+                                    status_code=503, headers={"Retry-After": str(config.retry_after_s)})
+        slots = sum(s.n_parallel for s in loaded)
+        if len(loaded) == 1:
+            return {"status": "ok", "model": loaded[0].name, "slots": slots}
+        return {"status": "ok", "loaded": [s.name for s in loaded], "slots": slots}
 
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     async def metrics():
-        ready = state.ready
+        engines = [m.engine for m in pool.models.values() if m.state is State.LOADED and m.engine is not None]
         # a child process's round trip (cluster) must not hold the loop
-        stats = await asyncio.to_thread(ready.engine.stats) if ready is not None else None
-        text = state.metrics.render(in_flight=ready.gate.in_flight if ready is not None else 0,
-                                    queued=stats.queued if stats else 0,
-                                    busy_slots=stats.busy_slots if stats else 0,
-                                    slots=stats.n_parallel if stats else 0, ready=ready is not None)
+        stats = [await asyncio.to_thread(e.stats) for e in engines]
+        text = state.metrics.render(in_flight=state.in_flight,
+                                    queued=sum(s.queued for s in stats), busy_slots=sum(s.busy_slots for s in stats),
+                                    slots=sum(s.n_parallel for s in stats),
+                                    ready=not state.starting and not state.load_error,
+                                    models=model_metrics(pool))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
-    async def root():
-        return PlainTextResponse("llmrun is running (OpenAI API under /v1, Ollama API under /api)\n")
 
     @app.exception_handler(err.ApiError)
     async def api_error(request: Request, e: err.ApiError):

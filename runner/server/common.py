@@ -1,66 +1,89 @@
-"""What both adapters share: the app's live state, request-to-native helpers, and the streaming response that
-always releases its generation."""
+"""What both adapters share: the app's live state (the model pool), request-to-native helpers, the run that
+holds its model, and the streaming response that always releases its generation and its model."""
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from runner.engine.types import Engine, SamplingParams
-from runner.server.config import ModelCard, ServerConfig
-from runner.server.errors import ApiError, unknown_model
+from runner.app.models import ModelRef
+from runner.app.pool import Lease, Model, ModelPool
+from runner.core.errors import ModelNotLocalError, UnknownModelError, UsageError
+from runner.core.units import parse_duration
+from runner.engine.types import SamplingParams
+from runner.server.config import ServerConfig
+from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 from runner.server.native import Gate, NativeRequest, Run
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 
 
-@dataclass(frozen=True)
-class Ready:
-    """The loaded model, its card and its admission gate: set together, once, when loading finished."""
-
-    engine: Engine
-    card: ModelCard
-    gate: Gate
-
-
 @dataclass
 class AppState:
+    """The server's live state: the model pool (runner.app.pool), one admission gate per loaded model, the
+    metrics, and the start-up load of the model `llmrun serve --model` named (503 for everything until it is
+    ready, as a one-model server always answered)."""
+
     config: ServerConfig
+    pool: ModelPool
     metrics: Metrics = field(default_factory=Metrics)
-    ready: Ready | None = None
+    starting: bool = False
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
+    gates: "weakref.WeakKeyDictionary[Model, Gate]" = field(default_factory=weakref.WeakKeyDictionary)
 
-    def set_ready(self, engine: Engine, card: ModelCard) -> None:
-        self.ready = Ready(engine, card, Gate(engine.n_parallel, self.config.queue, self.config.retry_after_s))
-
-    @property
-    def engine(self) -> Engine | None:
-        return self.ready.engine if self.ready is not None else None
-
-    @property
-    def gate(self) -> Gate | None:
-        return self.ready.gate if self.ready is not None else None
-
-    def require_ready(self) -> Ready:
-        """The loaded model, or a 503 while it is loading (or failed to load)."""
-        if self.ready is None:
+    def require_started(self) -> None:
+        """A 503 while the start-up model loads (or after it failed to)."""
+        if self.starting or self.load_error:
             msg = f"The model failed to load: {self.load_error}" if self.load_error else "The model is still loading."
             raise ApiError(503, msg, type="server_error", code="model_loading",
                            headers={"Retry-After": str(self.config.retry_after_s)})
-        return self.ready
 
-    def check_model(self, name: str) -> Ready:
-        """The loaded model when `name` names it; a 503 while loading, a 404 for another name."""
-        ready = self.require_ready()
-        if not ready.card.answers_to(name):
-            raise unknown_model(name, ready.card.name)
-        return ready
+    def resolve(self, name: str) -> ModelRef:
+        """The model `name` names (404 with close matches otherwise); nothing is loaded."""
+        self.require_started()
+        try:
+            return self.pool.resolve(name)
+        except (UnknownModelError, ModelNotLocalError) as e:
+            raise from_llmrun(e, param="model") from e
+
+    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+        """A lease on the model, loaded on demand (404, 503, 507 as the pool decides)."""
+        self.require_started()
+        try:
+            return await self.pool.acquire(name, keep_alive)
+        except (UnknownModelError, ModelNotLocalError) as e:
+            raise from_llmrun(e, param="model") from e
+
+    @property
+    def in_flight(self) -> int:
+        """Generation requests admitted and not finished, over every model."""
+        return sum(g.in_flight for g in self.gates.values())
+
+    def gate(self, lease: Lease) -> Gate:
+        """The admission gate of the leased model's engine (one per load: --parallel slots plus --queue)."""
+        gate = self.gates.get(lease.model)
+        if gate is None:
+            gate = self.gates[lease.model] = Gate(lease.engine.n_parallel, self.config.queue,
+                                                  self.config.retry_after_s)
+        return gate
+
+
+def keep_alive_of(value: float | int | str | None) -> float | None:
+    """A request's keep_alive (Ollama's forms) in seconds, or None when it did not say; 400 when unreadable."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, what="keep_alive")
+    except UsageError as e:
+        raise ApiError(400, e.message + (f" ({e.hint})" if e.hint else ""), param="keep_alive",
+                       code="invalid_value") from e
 
 
 def state_of(request: Request) -> AppState:
@@ -81,15 +104,35 @@ def sampling(*, temperature=None, top_p=None, top_k=None, min_p=None, repeat_pen
     return SamplingParams(**kwargs)
 
 
-async def start_run(request: Request, native: NativeRequest) -> Run:
+class LeasedRun(Run):
+    """A Run that holds its model: the lease is released when the run closes, however it ends (finished, client
+    gone, error, refused at the gate), exactly once."""
+
+    def __init__(self, lease: Lease, gate: Gate, metrics: Metrics, native: NativeRequest, http: Request):
+        super().__init__(lease.engine, gate, metrics, native, http)
+        self.lease = lease
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self.lease.release()
+
+
+async def start_run(request: Request, model: str, native: NativeRequest, keep_alive: float | None = None) -> LeasedRun:
+    """Acquire `model` (loading it when needed), admit the request at its gate and start generating."""
     state = state_of(request)
-    ready = state.require_ready()
-    run = Run(ready.engine, ready.gate, state.metrics, native, request)
+    lease = await state.acquire(model, keep_alive)
     try:
+        run = LeasedRun(lease, state.gate(lease), state.metrics, native, request)
         await run.start()
     except ApiError as e:
+        lease.release()
         if e.status == 429:
             state.metrics.busy()
+        raise
+    except BaseException:
+        lease.release()
         raise
     return run
 

@@ -1,9 +1,14 @@
 """What the server is told at start: where to listen, who may call it, how much work it accepts, and what it
-serves. Plain frozen values, filled by `llmrun serve` (or a test)."""
+serves. Plain frozen values, filled by `llmrun serve` (or a test). ModelCard (what is said about a model) lives
+in runner.app.models, where the model index reads it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from runner.app.models import ModelCard
+
+__all__ = ["ServerConfig", "ModelCard"]
 
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE = 64
@@ -21,22 +26,3 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What /v1/models, /api/tags, /api/show and /api/ps say about the served model (beyond the engine)."""
-
-    name: str
-    path: str | None = None
-    size_bytes: int = 0
-    family: str = ""
-    parameter_size: str = ""           # e.g. "7B"
-    quantization: str = ""             # e.g. "Q4_K_M"
-    chat_template: str = ""
-    modified_at: float = 0.0           # unix seconds
-    extra: dict = field(default_factory=dict, compare=False)  # GGUF metadata worth showing in /api/show
-
-    def answers_to(self, name: str) -> bool:
-        """Ollama clients add a ":latest" tag to bare names; accept the name with or without it."""
-        return name in (self.name, f"{self.name}:latest")

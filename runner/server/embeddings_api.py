@@ -18,9 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from runner.app.pool import State
 from runner.core.errors import EngineError, LlmrunError
 from runner.engine.types import EmbedInput, Embeddings, Engine
-from runner.server.common import state_of
+from runner.server.common import keep_alive_of, state_of
 from runner.server.errors import ApiError, from_llmrun
 
 router = APIRouter()
@@ -32,29 +33,49 @@ MAX_INPUTS = 2048          # OpenAI's limit on inputs per request
 _WAITS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmrun-embed-wait")
 
 
-@asynccontextmanager
-async def engine_for(request: Request, model: str | None, *, admit: bool) -> AsyncIterator[Engine]:
-    """The engine serving `model` (any loaded one when None): 503 while loading, 404 for another name. With
-    `admit`, the request also takes a place at the model's admission gate (429 when full) until it ends."""
+def default_model(request: Request) -> str:
+    """The model a request that names none means (llama-server's token routes have no `model`): the one model in
+    memory; 400 when there is none or several."""
     state = state_of(request)
-    ready = state.check_model(model) if model is not None else state.require_ready()
-    if admit:
+    state.require_started()
+    loaded = [s.name for s in state.pool.status() if s.state is State.LOADED]
+    if len(loaded) == 1:
+        return loaded[0]
+    which = f"{len(loaded)} are loaded ({', '.join(loaded)})" if loaded else "none is loaded"
+    raise ApiError(400, f"model: name the model this request is for ({which}; /v1/models lists them)",
+                   param="model", code="invalid_value")
+
+
+@asynccontextmanager
+async def engine_for(request: Request, model: str | None, *, admit: bool,
+                     keep_alive: float | None = None) -> AsyncIterator[Engine]:
+    """The engine of `model` (loaded on demand; the one in memory when None), held for the request: 503 while the
+    start-up model loads, 404 for an unknown name. With `admit`, the request also takes a place at the model's
+    admission gate (429 when full) until it ends."""
+    state = state_of(request)
+    lease = await state.acquire(model if model is not None else default_model(request), keep_alive)
+    try:
+        if not admit:
+            yield lease.engine
+            return
+        gate = state.gate(lease)
         try:
-            ready.gate.enter()
+            gate.enter()
         except ApiError:
             state.metrics.busy()
             raise
-    try:
-        yield ready.engine
+        try:
+            yield lease.engine
+        finally:
+            gate.leave()
     finally:
-        if admit:
-            ready.gate.leave()
+        lease.release()
 
 
 async def embed(request: Request, model: str, inputs: Sequence[EmbedInput], *, truncate: bool,
-                param: str) -> Embeddings:
+                param: str, keep_alive: float | None = None) -> Embeddings:
     """`Engine.embed` off the event loop; an llmrun error becomes the route's 4xx/5xx naming `param`."""
-    async with engine_for(request, model, admit=True) as engine:
+    async with engine_for(request, model, admit=True, keep_alive=keep_alive) as engine:
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 _WAITS, functools.partial(engine.embed, inputs, truncate=truncate))
@@ -167,16 +188,18 @@ class LegacyEmbeddingRequest(_OllamaBase):
 @router.post("/api/embed", tags=["ollama"])
 async def ollama_embed(body: EmbedRequest, request: Request):
     t0 = time.perf_counter()
+    keep_alive = keep_alive_of(body.keep_alive)
     items = [body.input] if isinstance(body.input, str) and body.input else list(body.input or [])
     if not items:   # Ollama answers an empty input by loading the model and returning no vectors
-        state_of(request).check_model(body.model)
-        return {"model": body.model, "embeddings": []}
+        async with engine_for(request, body.model, admit=False, keep_alive=keep_alive):
+            return {"model": body.model, "embeddings": []}
     if len(items) > MAX_INPUTS:
         raise ApiError(400, f"input: at most {MAX_INPUTS} inputs per request, not {len(items)}", param="input")
     for i, s in enumerate(items):
         if not s:
             raise ApiError(400, f"input[{i}]: an input must not be empty", param=f"input[{i}]")
-    result = await embed(request, body.model, list(items), truncate=body.truncate, param="input")
+    result = await embed(request, body.model, list(items), truncate=body.truncate, param="input",
+                         keep_alive=keep_alive)
     check_dimensions(body.dimensions, result.dimensions, api="ollama")
     total_ns = int((time.perf_counter() - t0) * 1e9)
     return JSONResponse({"model": body.model, "embeddings": unit_vectors(result).tolist(),
@@ -194,9 +217,10 @@ def truncation_notice(result: Embeddings) -> dict[str, str]:
 
 @router.post("/api/embeddings", tags=["ollama"])
 async def ollama_embeddings(body: LegacyEmbeddingRequest, request: Request):
+    keep_alive = keep_alive_of(body.keep_alive)
     if not body.prompt:   # as Ollama: an empty prompt loads the model and returns an empty vector
-        state_of(request).check_model(body.model)
-        return {"embedding": []}
-    result = await embed(request, body.model, [body.prompt], truncate=False, param="prompt")
+        async with engine_for(request, body.model, admit=False, keep_alive=keep_alive):
+            return {"embedding": []}
+    result = await embed(request, body.model, [body.prompt], truncate=False, param="prompt", keep_alive=keep_alive)
     return {"embedding": _matrix(result)[0].tolist()}
 

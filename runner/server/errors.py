@@ -18,8 +18,11 @@ STATUS_TABLE: tuple[tuple[type[E.LlmrunError], int, str, str | None], ...] = (
     (E.UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     (E.ModelNotLocalError, 404, "invalid_request_error", "model_not_found"),
     (E.DoesNotFitError, 507, "server_error", "insufficient_memory"),
+    (E.LicenseNotAcceptedError, 403, "invalid_request_error", "license_not_accepted"),  # --pull: accept it first
+    (E.FetchError, 502, "server_error", "pull_failed"),                               # --pull: the hub failed
     (E.EngineError, 500, "server_error", "engine_error"),
     (E.ClusterError, 503, "server_error", "workers_unavailable"),  # cluster: an RPC worker is down
+    (E.CapacityError, 503, "server_error", "model_busy"),           # no room now: the loaded models are busy
     (E.ServerError, 503, "server_error", "unavailable"),
     (E.LlmrunError, 500, "server_error", None),
 )
@@ -46,13 +49,9 @@ def from_llmrun(e: E.LlmrunError, *, param: str | None = None) -> ApiError:
             message = e.message + (f" (hint: {e.hint})" if e.hint else "")
             if status >= 500:
                 log.error("request failed: %s", message)
-            return ApiError(status, message, type=type_, param=param, code=code)
+            headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, E.CapacityError) else None
+            return ApiError(status, message, type=type_, param=param, code=code, headers=headers)
     raise AssertionError("STATUS_TABLE ends with LlmrunError")  # pragma: no cover
-
-
-def unknown_model(name: str, served: str) -> ApiError:
-    return ApiError(404, f"The model {name!r} does not exist; this server serves {served!r}.",
-                    param="model", code="model_not_found")
 
 
 def is_ollama_path(path: str) -> bool:

@@ -1,6 +1,6 @@
-"""Running the server: bind (with a clear error when the port is taken), load the model in the background,
-serve with uvicorn, and on SIGTERM / Ctrl-C stop accepting, let in-flight requests finish within the grace
-period, close the engine, exit."""
+"""Running the server: bind (with a clear error when the port is taken), load the start-up model in the
+background, serve with uvicorn, and on SIGTERM / Ctrl-C stop accepting, let in-flight requests finish within the
+grace period, close the engines, exit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import socket
 import threading
 from typing import Callable
 
+from runner.app.pool import ModelPool
 from runner.core.errors import ServerError
 from runner.server.config import ServerConfig
 
@@ -45,10 +46,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: ServerConfig, loader: Callable, *, sock: socket.socket | None = None,
+def serve(config: ServerConfig, pool: ModelPool, *, preload: str | None = None, sock: socket.socket | None = None,
           log_level: str = "info", on_listening: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM / Ctrl-C. `loader()` returns (engine, ModelCard) and runs in the background while
-    /health answers 503. A load failure stops the server and is raised here."""
+    """Serve `pool`'s models until SIGTERM / Ctrl-C. `preload` names a model loaded at start while /health answers
+    503; its load failure stops the server and is raised here."""
     import uvicorn
 
     from runner.server.app import create_app
@@ -62,7 +63,7 @@ def serve(config: ServerConfig, loader: Callable, *, sock: socket.socket | None 
         failures.append(e)
         holder["server"].should_exit = True
 
-    app = create_app(config, loader=loader, on_load_failed=failed)
+    app = create_app(config, pool=pool, preload=preload, on_load_failed=failed)
     uconfig = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=5,
                              timeout_graceful_shutdown=max(1, int(config.grace_seconds)))
     server = uvicorn.Server(uconfig)

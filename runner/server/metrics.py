@@ -1,11 +1,15 @@
 """Prometheus text exposition, hand-written (no extra dependency): request counts by endpoint and status, tokens
-in and out, queue depth, busy slots, and histograms of time to first token and per-token latency."""
+in and out, queue depth, busy slots, histograms of time to first token and per-token latency, and per model:
+loads, unloads, evictions, load seconds, bytes held per device (and the budget)."""
 
 from __future__ import annotations
 
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
+
+from runner.app.pool import ModelPool
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -72,7 +76,8 @@ class Metrics:
         with self._lock:
             self.cancelled += 1
 
-    def render(self, *, in_flight: int, queued: int, busy_slots: int, slots: int, ready: bool) -> str:
+    def render(self, *, in_flight: int, queued: int, busy_slots: int, slots: int, ready: bool,
+               models: Sequence[str] = ()) -> str:
         with self._lock:
             lines = [
                 "# HELP llmrun_requests_total HTTP requests by endpoint and status.",
@@ -114,5 +119,53 @@ class Metrics:
                 "# HELP llmrun_token_latency_seconds Time between streamed tokens.",
                 "# TYPE llmrun_token_latency_seconds histogram",
                 *self.per_token.lines("llmrun_token_latency_seconds"),
+                *models,
             ]
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def model_metrics(pool: ModelPool) -> list[str]:
+    """The pool's per-model counters and gauges, and the memory budget."""
+    lines = [
+        "# HELP llmrun_model_loads_total Loads of each model.",
+        "# TYPE llmrun_model_loads_total counter",
+        "# HELP llmrun_model_load_failures_total Loads of each model that failed (or were refused).",
+        "# TYPE llmrun_model_load_failures_total counter",
+        "# HELP llmrun_model_unloads_total Unloads of each model (keep_alive expired, evicted, asked, shutdown).",
+        "# TYPE llmrun_model_unloads_total counter",
+        "# HELP llmrun_model_evictions_total Unloads of each model to make room for another.",
+        "# TYPE llmrun_model_evictions_total counter",
+        "# HELP llmrun_model_load_seconds_total Seconds spent loading each model.",
+        "# TYPE llmrun_model_load_seconds_total counter",
+    ]
+    for name, c in sorted(pool.counters.items()):
+        m = _label(name)
+        lines += [f'llmrun_model_loads_total{{model="{m}"}} {c.loads}',
+                  f'llmrun_model_load_failures_total{{model="{m}"}} {c.load_failures}',
+                  f'llmrun_model_unloads_total{{model="{m}"}} {c.unloads}',
+                  f'llmrun_model_evictions_total{{model="{m}"}} {c.evictions}',
+                  f'llmrun_model_load_seconds_total{{model="{m}"}} {c.load_seconds:.6f}']
+    lines += ["# HELP llmrun_model_resident_bytes Bytes each model holds per device (measured; estimated while "
+              "loading).",
+              "# TYPE llmrun_model_resident_bytes gauge"]
+    status = pool.status()
+    for s in sorted(status, key=lambda s: s.name):
+        for dev, n in sorted(s.resident.items()):
+            lines.append(f'llmrun_model_resident_bytes{{model="{_label(s.name)}",device="{dev}",'
+                         f'state="{s.state.value}"}} {n}')
+    lines += ["# HELP llmrun_models_loaded Models in memory.", "# TYPE llmrun_models_loaded gauge",
+              f"llmrun_models_loaded {sum(1 for s in status if s.state.value == 'loaded')}"]
+    if pool.budget.bounded:
+        used = pool.used()
+        lines += ["# HELP llmrun_memory_budget_bytes Bytes the server may hold per device.",
+                  "# TYPE llmrun_memory_budget_bytes gauge",
+                  *(f'llmrun_memory_budget_bytes{{device="{d}"}} {n}' for d, n in sorted(pool.budget.limits.items())),
+                  "# HELP llmrun_memory_used_bytes Bytes held per device: the process, loaded models (measured), "
+                  "loads under way (estimated).",
+                  "# TYPE llmrun_memory_used_bytes gauge",
+                  *(f'llmrun_memory_used_bytes{{device="{d}"}} {n}' for d, n in sorted(used.items()))]
+    return lines

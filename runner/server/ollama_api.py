@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -17,10 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from runner import __version__
 from runner.engine.types import ChatMessage
 from runner.core.errors import UsageError
-from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.app.pool import State
+from runner.server.common import LeasedRun, RunStream, keep_alive_of, notice_headers, sampling, start_run, state_of
 from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
+
+MAX_TIMESTAMP = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
 
 router = APIRouter()
 
@@ -97,25 +100,29 @@ def _params(req: _Base):
                     seed=o.seed, max_tokens=max_tokens, stop=o.stop, grammar=grammar)
 
 
-def _checks(req: _Base, request: Request) -> None:
+def _checks(req: _Base, request: Request) -> float | None:
+    """Refuse what cannot be served; the request's keep_alive in seconds (None: it did not say)."""
     if req.think not in (None, False, "", "false"):
         raise _bad("think", f"{req.model!r} does not support thinking")
-    state_of(request).check_model(req.model)
+    keep_alive = keep_alive_of(req.keep_alive)
+    state_of(request).resolve(req.model)
+    return keep_alive
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _final_stats(run: Run, t_start: float) -> dict:
+def _final_stats(run: LeasedRun, t_start: float) -> dict:
     c = run.completion
     total_ns = int((time.perf_counter() - t_start) * 1e9)
+    load_ns = int(run.lease.waited_s * 1e9)          # loading the model (or waiting for its load) for this request
     if c is None:
-        return {"total_duration": total_ns, "load_duration": 0, "prompt_eval_count": 0, "eval_count": 0}
+        return {"total_duration": total_ns, "load_duration": load_ns, "prompt_eval_count": 0, "eval_count": 0}
     ttft_ns = int(c.time_to_first_token_s * 1e9)
     tps = c.decode_tokens_per_s
     eval_ns = int(c.usage.completion_tokens / tps * 1e9) if tps and math.isfinite(tps) and tps > 0 else 0
-    return {"total_duration": total_ns, "load_duration": 0,
+    return {"total_duration": total_ns, "load_duration": load_ns,
             "prompt_eval_count": c.usage.prompt_tokens, "prompt_eval_duration": ttft_ns,
             "eval_count": c.usage.completion_tokens, "eval_duration": eval_ns}
 
@@ -129,10 +136,11 @@ def _line(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-async def _answer(request: Request, native: NativeRequest, stream: bool, model: str, shape):
+async def _answer(request: Request, native: NativeRequest, stream: bool, model: str, keep_alive: float | None,
+                  shape):
     """Run `native`; `shape(text)` builds the per-chunk payload (message or response field)."""
     t_start = time.perf_counter()
-    run = await start_run(request, native)
+    run = await start_run(request, model, native, keep_alive)
     if not stream:
         text = await run.collect()
         return JSONResponse({"model": model, "created_at": _now(), **shape(text), "done": True,
@@ -152,14 +160,23 @@ async def _answer(request: Request, native: NativeRequest, stream: bool, model: 
     return RunStream(run, lines(), media_type="application/x-ndjson")
 
 
-def _loaded(model: str, shape) -> dict:
-    """Ollama answers an empty chat/generate by loading the model and returning at once; so do we."""
-    return {"model": model, "created_at": _now(), **shape(""), "done": True, "done_reason": "load"}
+async def _load_or_unload(request: Request, model: str, keep_alive: float | None, shape) -> dict:
+    """Ollama answers an empty chat/generate by loading the model (or, with keep_alive 0, unloading it) and
+    returning at once; so do we."""
+    state = state_of(request)
+    if keep_alive == 0:
+        await state.pool.unload(model)
+        reason = "unload"
+    else:
+        lease = await state.acquire(model, keep_alive)
+        lease.release()
+        reason = "load"
+    return {"model": model, "created_at": _now(), **shape(""), "done": True, "done_reason": reason}
 
 
 @router.post("/api/chat", tags=["ollama"])
 async def chat(body: ChatRequest, request: Request):
-    _checks(body, request)
+    keep_alive = _checks(body, request)
     if body.tools:
         raise _bad("tools", "tool calling is not supported")
     messages = []
@@ -172,14 +189,14 @@ async def chat(body: ChatRequest, request: Request):
         return {"message": {"role": "assistant", "content": text}}
 
     if not messages:
-        return _loaded(body.model, shape)
+        return await _load_or_unload(request, body.model, keep_alive, shape)
     native = NativeRequest(params=_params(body), messages=tuple(messages))
-    return await _answer(request, native, body.stream, body.model, shape)
+    return await _answer(request, native, body.stream, body.model, keep_alive, shape)
 
 
 @router.post("/api/generate", tags=["ollama"])
 async def generate(body: GenerateRequest, request: Request):
-    _checks(body, request)
+    keep_alive = _checks(body, request)
     if body.images:
         raise _bad("images", "image input is not supported")
     if body.suffix:
@@ -193,14 +210,14 @@ async def generate(body: GenerateRequest, request: Request):
         return {"response": text}
 
     if not body.prompt:
-        return _loaded(body.model, shape)
+        return await _load_or_unload(request, body.model, keep_alive, shape)
     params = _params(body)
     if body.raw:
         native = NativeRequest(params=params, prompt=body.prompt)
     else:
         msgs = ([ChatMessage("system", body.system)] if body.system else []) + [ChatMessage("user", body.prompt)]
         native = NativeRequest(params=params, messages=tuple(msgs))
-    return await _answer(request, native, body.stream, body.model, shape)
+    return await _answer(request, native, body.stream, body.model, keep_alive, shape)
 
 
 def _details(card: ModelCard) -> dict:
@@ -208,27 +225,42 @@ def _details(card: ModelCard) -> dict:
             else None, "parameter_size": card.parameter_size, "quantization_level": card.quantization}
 
 
-def _modified(card: ModelCard, started_at: float) -> str:
-    ts = card.modified_at or started_at
+def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _modified(card: ModelCard, started_at: float) -> str:
+    return _time(card.modified_at or started_at)
 
 
 @router.get("/api/tags", tags=["ollama"])
 async def tags(request: Request):
     state = state_of(request)
-    card = state.require_ready().card
+    state.require_started()
     return {"models": [{"name": card.name, "model": card.name, "modified_at": _modified(card, state.started_at),
-                        "size": card.size_bytes, "digest": "", "details": _details(card)}]}
+                        "size": card.size_bytes, "digest": "", "details": _details(card)}
+                       for card in await state.pool.cards()]}
+
+
+FOREVER_AS_OLLAMA_S = (2 ** 63 - 1) / 1e9      # Ollama shows "forever" as now + Go's longest duration
 
 
 @router.get("/api/ps", tags=["ollama"])
 async def ps(request: Request):
-    ready = state_of(request).require_ready()
-    engine, card = ready.engine, ready.card
-    expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
-    return {"models": [{"name": card.name, "model": card.name, "size": card.size_bytes, "size_vram": 0,
-                        "digest": "", "details": _details(card), "expires_at": expires,
-                        "context_length": engine.n_ctx}]}
+    """The models in memory: their real size (RAM + VRAM, from llama.cpp's buffers), VRAM share, context per
+    request, and when keep_alive will unload them."""
+    state = state_of(request)
+    state.require_started()
+    out = []
+    for s in state.pool.status():
+        if s.state is not State.LOADED:
+            continue
+        expires = s.expires_at if math.isfinite(s.expires_at) else time.time() + FOREVER_AS_OLLAMA_S
+        out.append({"name": s.name, "model": s.name, "size": sum(s.resident.values()),
+                    "size_vram": sum(n for d, n in s.resident.items() if d != "CPU"), "digest": "",
+                    "details": _details(s.card), "expires_at": _time(min(expires, MAX_TIMESTAMP)),
+                    "context_length": s.n_ctx})
+    return {"models": out}
 
 
 class ShowRequest(BaseModel):
@@ -244,10 +276,12 @@ async def show(body: ShowRequest, request: Request):
     if not name:
         raise ApiError(400, "model: this field is required", param="model")
     state = state_of(request)
-    ready = state.check_model(name)
-    card, engine = ready.card, ready.engine
-    info = {"general.architecture": card.family or "unknown", "general.name": card.name,
-            f"{card.family or 'llm'}.context_length": engine.n_ctx, **card.extra}
+    state.resolve(name)
+    card, engine = state.pool.card(name), state.pool.engine(name)
+    info: dict[str, Any] = {"general.architecture": card.family or "unknown", "general.name": card.name}
+    if engine is not None:
+        info[f"{card.family or 'llm'}.context_length"] = engine.n_ctx
+    info.update(card.extra)
     return {"modelfile": f"FROM {card.path or card.name}\n", "parameters": "", "template": card.chat_template,
             "details": _details(card), "model_info": info, "capabilities": ["completion"],
             "modified_at": _modified(card, state.started_at)}

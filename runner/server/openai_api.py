@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runner.engine.types import ChatMessage
 from runner.core.errors import UsageError
 from runner.server.common import RunStream, notice_headers, sampling, start_run, state_of
+from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, Run, json_grammar
 
@@ -171,6 +172,20 @@ def _usage(run: Run) -> dict[str, Any]:
     return usage
 
 
+def _timings(run: Run) -> dict[str, Any] | None:
+    """The engine's own clock, as llama-server reports it next to the usage (its `timings` object): prompt
+    evaluation up to the first token, then decoding. None when the generation did not finish."""
+    c = run.completion
+    if c is None:
+        return None
+    n = c.usage.completion_tokens
+    # the engine times decoding from the first token to the last: n - 1 steps
+    predicted_ms = 1000 * (n - 1) / c.decode_tokens_per_s if c.decode_tokens_per_s > 0 and n > 1 else 0.0
+    return {"prompt_n": c.usage.prompt_tokens, "prompt_ms": round(1000 * c.time_to_first_token_s, 3),
+            "predicted_n": n, "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_second": round(c.decode_tokens_per_s, 3)}
+
+
 def _finish_reason(run: Run) -> str:
     c = run.completion
     return "length" if c and c.finish_reason == "length" else "stop"
@@ -207,7 +222,7 @@ def _stream(run: Run, head: dict, include_usage: bool, piece, end: dict, start: 
             return
         yield _sse(chunk(end, _finish_reason(run)))
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(run)})
+            yield _sse({**head, "choices": [], "usage": _usage(run), "timings": _timings(run)})
         yield "data: [DONE]\n\n"
 
     return RunStream(run, events(), media_type="text/event-stream")
@@ -224,11 +239,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise _unsupported("tools", "tool calling is not supported")
     if body.top_logprobs:
         raise _unsupported("top_logprobs", "log probabilities are not supported")
-    state_of(request).check_model(body.model)
+    state_of(request).resolve(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, max_tokens, grammar), messages=_messages(body.messages))
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
@@ -260,10 +275,10 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
-    state_of(request).check_model(body.model)
+    state_of(request).resolve(body.model)
     grammar = _grammar(body.response_format)
     native = NativeRequest(params=_params(body, body.max_tokens, grammar), prompt=prompt)
-    run = await start_run(request, native)
+    run = await start_run(request, body.model, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
     if not body.stream:
@@ -276,18 +291,19 @@ async def completions(body: CompletionRequest, request: Request):
     return _stream(run, head, _include_usage(body), lambda delta: {"text": delta}, end={"text": ""})
 
 
+def _model(card: ModelCard, started_at: float) -> dict[str, Any]:
+    return {"id": card.name, "object": "model", "created": int(card.modified_at or started_at), "owned_by": "llmrun"}
+
+
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request):
     state = state_of(request)
-    card = state.require_ready().card
-    return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(card.modified_at or
-                                                                                        state.started_at),
-                                        "owned_by": "llmrun"}]}
+    state.require_started()
+    return {"object": "list", "data": [_model(card, state.started_at) for card in await state.pool.cards()]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    card = state.check_model(model_id).card
-    return {"id": card.name, "object": "model", "created": int(card.modified_at or state.started_at),
-            "owned_by": "llmrun"}
+    state.resolve(model_id)
+    return _model(state.pool.card(model_id), state.started_at)

@@ -1,7 +1,8 @@
 """llama-server's token utilities, in its request and response shapes (tools/server in llama.cpp): /tokenize,
 /detokenize and /apply-template, for clients that count tokens or want to see the prompt a chat becomes. Thin
 adapters over the engine's tokenizer and chat template, run off the event loop (an engine in a child process
-answers over a socket). `model` is optional, as llama-server has it; when given it must name the served model."""
+answers over a socket). `model` is optional, as llama-server has it: without it the request is for the one model in
+memory (400 when there are several or none)."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
             tokens.append(part)
     if not parts:
         async with engine_for(request, body.model, admit=False):   # still 503 while loading, 404 for another name
-            pass
+            return {"tokens": []}
     if len(tokens) > MAX_TOKENS:
         raise ApiError(400, f"content: at most {MAX_TOKENS} tokens", param="content")
     if not body.with_pieces:

@@ -1,0 +1,271 @@
+"""Which models a process can serve, and the one resolution of a model name: used by the HTTP server, `llmrun chat`
+and the CLI alike.
+
+A name resolves, in this order (case-insensitive):
+
+1. a served name exactly: a local catalog model (`smollm2-135m:Q4_1`), a GGUF file given to the server (its
+   `--name`, or a name from `--config`), or any alias of one (a file's stem, `SmolLM2-135M-Instruct.Q4_1`);
+2. Ollama's `NAME:latest`, as NAME;
+3. a catalog model without a quant (`smollm2-135m`): the best local quant of it;
+4. a catalog name that is not local: `ModelNotLocalError` saying `llmrun pull NAME` (or, when the index may pull,
+   a `ModelRef` without a path: the loader pulls it first);
+5. anything else: `UnknownModelError` listing close matches among the served names and the catalog.
+
+A miss rescans the local store once before it is refused, so a model pulled while the server runs is found.
+More forms of names go in `ModelIndex.steps` (served here) or `ModelIndex.remote_steps` (to pull first: hub
+references such as `hf.co/ORG/REPO:QUANT` would be one more, before the catalog's).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.core.errors import GGUFError, ModelNotLocalError, UnknownModelError, UsageError
+from runner.model.catalog import Catalog, CatalogEntry, quant_rank
+from runner.store.local import LocalModel
+
+QUANT_RE = re.compile(r"(?i)(IQ\d_[A-Z0-9]+(?:_[SML])?|Q\d_K(?:_[SML])?|Q\d_\d|BF16|F16|F32)")
+CARD_KEYS = ("general.architecture", "general.name", "general.size_label", "general.file_type",
+             "general.parameter_count", "general.license")
+LATEST = ":latest"
+RESCAN_S = 2.0
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What /v1/models, /api/tags, /api/show and /api/ps say about a model (beyond its engine)."""
+
+    name: str
+    path: str | None = None
+    size_bytes: int = 0
+    family: str = ""
+    parameter_size: str = ""           # e.g. "7B"
+    quantization: str = ""             # e.g. "Q4_K_M"
+    chat_template: str = ""
+    modified_at: float = 0.0           # unix seconds
+    extra: dict = field(default_factory=dict, compare=False)  # GGUF metadata worth showing in /api/show
+
+
+def read_card(path: Path, name: str) -> ModelCard:
+    """A model file's card: file facts plus a few GGUF metadata keys (an unreadable header leaves them out)."""
+    from runner.model.gguf import read_header
+
+    stat = path.stat()
+    try:
+        meta = read_header(path).metadata
+    except (GGUFError, OSError):
+        meta = {}
+    arch = str(meta.get("general.architecture", ""))
+    m = QUANT_RE.search(path.name)
+    extra = {k: meta[k] for k in CARD_KEYS if k in meta and isinstance(meta[k], (str, int, float))}
+    if arch and f"{arch}.context_length" in meta:
+        extra[f"{arch}.context_length"] = meta[f"{arch}.context_length"]
+    return ModelCard(name=name, path=str(path), size_bytes=stat.st_size, modified_at=stat.st_mtime, family=arch,
+                     parameter_size=str(meta.get("general.size_label", "")),
+                     quantization=m.group(1).upper() if m else "",
+                     chat_template=str(meta.get("tokenizer.chat_template", "")), extra=extra)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model a name resolves to."""
+
+    name: str                          # what clients see in /v1/models and /api/tags
+    path: Path | None                  # the GGUF llama.cpp loads; None: a catalog model to pull first
+    entry: CatalogEntry | None = None  # its catalog entry (planned from the catalog's shape), None for other files
+    aliases: tuple[str, ...] = ()      # other names that resolve to it (the file's stem, the catalog name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    """A model served under a name of its own: a GGUF file (`llmrun serve --model PATH [--name NAME]`, or `path`
+    in --config), or with `path=None` an engine handed to the server already loaded."""
+
+    name: str
+    path: Path | None
+    merge: bool = True    # a file that is a local catalog model too is that one model, under this name first;
+                          # False: a model of its own (the same file served again under another name)
+
+
+LocalScan = Callable[[Catalog], Sequence[LocalModel]]
+Step = Callable[[str], "ModelRef | None"]
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _store_scan(catalog: Catalog) -> Sequence[LocalModel]:
+    from runner.store import local as store
+
+    return store.list_local(catalog)
+
+
+class ModelIndex:
+    """The models one process serves (local catalog models, plus named files) and the resolution of names.
+    `catalog=None` serves only `files` (a server built around one engine). `pull=True` resolves catalog models
+    that are not local yet (the loader pulls them); otherwise they get ModelNotLocalError with the pull command."""
+
+    def __init__(self, *, files: Iterable[ServedFile] = (), catalog: Catalog | None = None,
+                 scan: LocalScan | None = _store_scan, pull: bool = False, rescan_s: float = RESCAN_S):
+        self.files = tuple(files)
+        self.catalog = catalog
+        self.scan = scan if catalog is not None else None
+        self.pull = pull
+        self.rescan_s = rescan_s            # a miss or a listing rescans the store at most this often
+        self._scanned_at = -math.inf
+        self.refs: tuple[ModelRef, ...] = ()
+        self._by_name: dict[str, ModelRef] = {}
+        # the resolution order (see the module docstring): names of models served here, tried again after a
+        # rescan, then names of models not here yet; a new form of name is one more step (a hub reference such
+        # as hf.co/ORG/REPO:QUANT would be a remote step before the catalog)
+        self.steps: list[Step] = [self._served, self._latest, self._best_local_quant]
+        self.remote_steps: list[Step] = [self._catalog]
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------------------ listing
+    def refresh(self, *, force: bool = True) -> None:
+        """Rescan the local store: file stats and the verified marks, nothing hashed (tens of ms for the whole
+        catalog on a busy machine, so a server rescans at most every `rescan_s` unless `force`)."""
+        if not force and time.monotonic() - self._scanned_at < self.rescan_s:
+            return
+        self._scanned_at = time.monotonic()
+        local: list[ModelRef] = []
+        if self.catalog is not None and self.scan is not None:
+            for lm in self.scan(self.catalog):
+                entry = self.catalog.get(lm.name)
+                local.append(ModelRef(lm.name, Path(lm.path), entry, aliases=(Path(lm.path).stem,)))
+        by_path = {_real(r.path): r for r in local if r.path is not None}
+        refs: list[ModelRef] = []
+        for f in self.files:
+            same = by_path.pop(_real(f.path), None) if f.path is not None and f.merge else None
+            if f.path is None:
+                refs.append(ModelRef(f.name, None))
+            elif same is not None:   # a store model given by its path: one model, the given name first
+                refs.append(ModelRef(f.name, f.path, same.entry, aliases=_unique((f.path.stem, *same.names), f.name)))
+            else:
+                refs.append(ModelRef(f.name, f.path, None, aliases=_unique((f.path.stem,), f.name)))
+        refs += [r for r in local if r.path is not None and _real(r.path) in by_path]
+        by_name: dict[str, ModelRef] = {}
+        for r in refs:                          # names before aliases: an alias never hides a name
+            by_name.setdefault(r.name.lower(), r)
+        for r in refs:
+            for a in r.aliases:
+                by_name.setdefault(a.lower(), r)
+        self.refs, self._by_name = tuple(refs), by_name
+
+    def listing(self) -> tuple[ModelRef, ...]:
+        """Every model served now (the local store rescanned, if not just now)."""
+        self.refresh(force=False)
+        return self.refs
+
+    def add(self, served: ServedFile) -> None:
+        """Serve one more model under its name."""
+        self.files += (served,)
+        self.refresh()
+
+    # ---------------------------------------------------------------------------------------------- resolution
+    def resolve(self, text: str) -> ModelRef:
+        """The model `text` names (see the module docstring for the forms), or UnknownModelError /
+        ModelNotLocalError (both HTTP 404) saying what would be right."""
+        name = text.strip()
+        if not name:
+            raise UsageError("the model name is empty", hint="`llmrun list` shows the local models")
+        for attempt in range(2):
+            for step in self.steps:
+                ref = step(name)
+                if ref is not None:
+                    return ref
+            if attempt == 0:
+                self.refresh(force=False)   # pulled since the last scan?
+        for step in self.remote_steps:
+            ref = step(name)
+            if ref is not None:
+                return ref
+        raise UnknownModelError(name, self.close_matches(name),
+                                hint="GET /v1/models (or `llmrun list`) shows the models served here; "
+                                     "`llmrun list --available` the whole catalog")
+
+    def _served(self, name: str) -> ModelRef | None:
+        return self._by_name.get(name.lower())
+
+    def _latest(self, name: str) -> ModelRef | None:
+        if not name.lower().endswith(LATEST) or len(name) == len(LATEST):
+            return None
+        base = name[:-len(LATEST)]
+        return self._served(base) or self._best_local_quant(base)
+
+    def _best_local_quant(self, name: str) -> ModelRef | None:
+        if ":" in name:
+            return None
+        model = name.lower()
+        quants = [r for r in self.refs if r.entry is not None and r.entry.model == model]
+        return max(quants, key=lambda r: quant_rank(r.entry.quant) if r.entry else -1, default=None)
+
+    def _catalog(self, name: str) -> ModelRef | None:
+        if self.catalog is None:
+            return None
+        base = name[:-len(LATEST)] if name.lower().endswith(LATEST) else name
+        try:
+            entry = self.catalog.get(base)
+        except UnknownModelError:
+            return None
+        if self.pull:
+            return ModelRef(entry.name, None, entry)
+        raise ModelNotLocalError(f"the model {name!r} is in the catalog but not on this machine",
+                                 hint=f"`llmrun pull {entry.name}` downloads it (or serve with --pull to pull models "
+                                      "when first asked for)")
+
+    def close_matches(self, name: str) -> list[str]:
+        """Served names like `name`, then the catalog's."""
+        query = name.lower().removesuffix(LATEST)
+        served: dict[str, str] = {}
+        for r in self.refs:
+            for n in (*r.names, *((r.entry.model,) if r.entry else ())):
+                served.setdefault(n.lower(), n)
+        out = [served[m] for m in difflib.get_close_matches(query, list(served), n=4, cutoff=0.6)]
+        out += [n for k, n in served.items() if query and query in k and n not in out]
+        if self.catalog is not None:
+            try:
+                self.catalog.get(query)
+            except UnknownModelError as e:
+                out += [m for m in e.close_matches if m not in out]
+        return out[:6]
+
+    # --------------------------------------------------------------------------------------------------- cards
+    def card(self, ref: ModelRef) -> ModelCard:
+        """The ref's card: read from its file (cached until the file changes), or the catalog's facts when the
+        file is not local yet."""
+        if ref.path is None:       # not local yet, or an engine handed over (its own card is used)
+            e = ref.entry
+            return ModelCard(name=ref.name, size_bytes=e.size_bytes if e else 0, family=e.shape.arch if e else "",
+                             parameter_size=f"{e.params_b:g}B" if e else "", quantization=e.quant if e else "")
+        st = ref.path.stat()
+        key = (str(ref.path), st.st_mtime_ns, ref.name)
+        card = _CARDS.get(key)
+        if card is None:
+            card = _CARDS[key] = read_card(ref.path, ref.name)
+        return card
+
+
+_CARDS: dict[tuple[str, int, str], ModelCard] = {}
+
+
+def _unique(names: Iterable[str], besides: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for n in names:
+        if n.lower() != besides.lower() and n.lower() not in (o.lower() for o in out):
+            out.append(n)
+    return tuple(out)
+
