@@ -36,6 +36,7 @@ class FakeRepo:
     token: str | None = None          # required for file downloads (a gated repo) when set
     gated: bool = False
     private: bool = False             # the token is also required for model info (the hub then says RepoNotFound)
+    card: dict | None = None          # the model card's metadata (cardData: license, license_name, ...)
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -46,6 +47,7 @@ class Request:
     method: str
     path: str
     headers: dict[str, str]
+    sent: int = 0                     # body bytes the server sent back (a dropped response: what left before)
 
 
 @dataclass
@@ -57,11 +59,16 @@ class FakeHub:
     lifetime: float = 120.0
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
-                 token: str | None = None, gated: bool = False, private: bool = False) -> FakeRepo:
+                 token: str | None = None, gated: bool = False, private: bool = False,
+                 card: dict | None = None) -> FakeRepo:
         commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
-        repo = FakeRepo(repo_id, dict(files), commit, token, gated, private)
+        repo = FakeRepo(repo_id, dict(files), commit, token, gated, private, card)
         self.repos[repo_id] = repo
         return repo
+
+    def file_gets(self) -> list[Request]:
+        """Every GET of a file's bytes (any file), in order."""
+        return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
 
     def gets(self, name: str) -> list[Request]:
         """The GET requests for one file's bytes, in order."""
@@ -119,7 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, head: bool) -> None:
         parts = urlsplit(self.path)
         path = parts.path
-        self.hub.requests.append(Request(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
+        self._req = Request(self.command, path, {k.lower(): v for k, v in self.headers.items()})
+        self.hub.requests.append(self._req)
         m = _API_RE.match(path)
         if m:
             return self._model_info(m.group("repo"), unquote(m.group("rev") or "main"), "blobs=true" in parts.query,
@@ -152,8 +160,12 @@ class _Handler(BaseHTTPRequestHandler):
                 s.update(size=len(data), blobId=hashlib.sha1(data).hexdigest(),
                          lfs={"size": len(data), "sha256": repo.sha256(name), "pointerSize": 134})
             siblings.append(s)
-        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                           "gated": "manual" if repo.gated else False, "siblings": siblings}).encode()
+        info: dict = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+                      "gated": "manual" if repo.gated else False, "siblings": siblings,
+                      "lastModified": "2025-06-01T12:00:00.000Z"}
+        if repo.card is not None:
+            info["cardData"] = repo.card
+        body = json.dumps(info).encode()
         self._send(200, body, {"Content-Type": "application/json"}, head)
 
     def _resolve(self, repo_id: str, rev: str, name: str, head: bool) -> None:
@@ -205,6 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+            self._req.sent = len(body)
         self.wfile.flush()
 
     def _send_and_drop(self, status: int, body: bytes, headers: dict[str, str], cut: int) -> None:
@@ -215,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[:cut])
+        self._req.sent = cut
         self.wfile.flush()
         self.close_connection = True
         try:

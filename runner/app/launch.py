@@ -35,8 +35,10 @@ class Launch:
 
 
 def is_model_path(model: str) -> bool:
-    p = Path(model).expanduser()
-    return model.lower().endswith(".gguf") or p.exists() or "/" in model and p.suffix != ""
+    """A GGUF on this disk (or a .gguf name that is no hub reference: a missing file, reported when loaded)."""
+    from runner.app.planning import kind_of
+
+    return kind_of(model) == "file"
 
 
 def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | None = None,
@@ -63,11 +65,13 @@ def plan_summary(candidate: Candidate) -> str:
 
 def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] | None = None, n_ctx: int | None = None,
                   n_parallel: int = 1, accept_license: bool = False, progress: bool = True) -> Launch:
-    """What to load for `model` (a GGUF path, a catalog name, or None = the best that fits this machine).
-    `hardware` returns the HardwareProfile to plan for (default: probe this machine)."""
+    """What to load for `model` (a GGUF path, a catalog name, a hub reference such as hf.co/ORG/REPO:QUANT, or
+    None = the best that fits this machine). `hardware` returns the HardwareProfile to plan for (default: probe
+    this machine). A hub reference is planned from its header, then pulled like a catalog model."""
     if model and is_model_path(model):
         return _path_launch(Path(model).expanduser(), n_ctx=n_ctx, n_parallel=n_parallel)
 
+    from runner.app.planning import plan_model
     from runner.store import fetch
     from runner.plan import select as plan
 
@@ -75,11 +79,13 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         from runner.hardware import probe as hw
 
         hardware = hw.probe
-    if model:
+    from runner.app.planning import kind_of
+
+    if model and kind_of(model) == "catalog":
         model = _catalog_name(model)
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
     profile = hardware()
-    candidate = plan.require_fit(plan.make_plan(profile, prefs))
+    candidate = plan.require_fit(plan_model(model, profile, prefs).result)
     entry = candidate.entry
     settings = candidate.settings
     if n_parallel and settings.n_parallel != n_parallel:

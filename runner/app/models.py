@@ -7,9 +7,11 @@ A name resolves, in this order (case-insensitive):
    `--name`, or a name from `--config`), or any alias of one (a file's stem, `SmolLM2-135M-Instruct.Q4_1`);
 2. Ollama's `NAME:latest`, as NAME;
 3. a catalog model without a quant (`smollm2-135m`): the best local quant of it;
-4. a catalog name that is not local: `ModelNotLocalError` saying `llmrun pull NAME` (or, when the index may pull,
+4. a hub reference (`hf.co/ORG/REPO[:QUANT]`, `ORG/REPO/FILE.gguf`, a huggingface.co URL: runner.store.hub): the
+   file it names when it is local, else as for a catalog name not local (below);
+5. a catalog name that is not local: `ModelNotLocalError` saying `llmrun pull NAME` (or, when the index may pull,
    a `ModelRef` without a path: the loader pulls it first);
-5. anything else: `UnknownModelError` listing close matches among the served names and the catalog.
+6. anything else: `UnknownModelError` listing close matches among the served names and the catalog.
 
 A miss rescans the local store once before it is refused, so a model pulled while the server runs is found.
 More forms of names go in `ModelIndex.steps` (served here) or `ModelIndex.remote_steps` (to pull first: hub
@@ -112,26 +114,42 @@ def _store_scan(catalog: Catalog) -> Sequence[LocalModel]:
     return store.list_local(catalog)
 
 
+HubScan = Callable[[], Sequence["tuple[CatalogEntry, LocalModel]"]]
+
+
+def _hub_scan() -> Sequence[tuple[CatalogEntry, LocalModel]]:
+    """Hub files pulled to this machine (resolved before: their listing and header are cached)."""
+    from runner.store import hub, local as store
+
+    out = []
+    for entry in hub.local_hub_entries():
+        lm = store.local_model(entry)
+        if lm is not None:
+            out.append((entry, lm))
+    return out
+
+
 class ModelIndex:
     """The models one process serves (local catalog models, plus named files) and the resolution of names.
     `catalog=None` serves only `files` (a server built around one engine). `pull=True` resolves catalog models
     that are not local yet (the loader pulls them); otherwise they get ModelNotLocalError with the pull command."""
 
     def __init__(self, *, files: Iterable[ServedFile] = (), catalog: Catalog | None = None,
-                 scan: LocalScan | None = _store_scan, pull: bool = False, rescan_s: float = RESCAN_S):
+                 scan: LocalScan | None = _store_scan, pull: bool = False, rescan_s: float = RESCAN_S,
+                 hub_scan: HubScan | None = _hub_scan):
         self.files = tuple(files)
         self.catalog = catalog
         self.scan = scan if catalog is not None else None
+        self.hub_scan = hub_scan if catalog is not None and scan is not None else None
         self.pull = pull
         self.rescan_s = rescan_s            # a miss or a listing rescans the store at most this often
         self._scanned_at = -math.inf
         self.refs: tuple[ModelRef, ...] = ()
         self._by_name: dict[str, ModelRef] = {}
         # the resolution order (see the module docstring): names of models served here, tried again after a
-        # rescan, then names of models not here yet; a new form of name is one more step (a hub reference such
-        # as hf.co/ORG/REPO:QUANT would be a remote step before the catalog)
+        # rescan, then names of models not here yet (hub references, then the catalog)
         self.steps: list[Step] = [self._served, self._latest, self._best_local_quant]
-        self.remote_steps: list[Step] = [self._catalog]
+        self.remote_steps: list[Step] = [self._hub, self._catalog]
         self.refresh()
 
     # ------------------------------------------------------------------------------------------------ listing
@@ -146,6 +164,9 @@ class ModelIndex:
             for lm in self.scan(self.catalog):
                 entry = self.catalog.get(lm.name)
                 local.append(ModelRef(lm.name, Path(lm.path), entry, aliases=(Path(lm.path).stem,)))
+        if self.hub_scan is not None:
+            for entry, lm in self.hub_scan():
+                local.append(ModelRef(entry.name, Path(lm.path), entry, aliases=(Path(lm.path).stem,)))
         by_path = {_real(r.path): r for r in local if r.path is not None}
         refs: list[ModelRef] = []
         for f in self.files:
@@ -212,6 +233,27 @@ class ModelIndex:
         model = name.lower()
         quants = [r for r in self.refs if r.entry is not None and r.entry.model == model]
         return max(quants, key=lambda r: quant_rank(r.entry.quant) if r.entry else -1, default=None)
+
+    def _hub(self, name: str) -> ModelRef | None:
+        """A hub reference: the file it names (resolved against the hub, or its cached listing), served when
+        local, pulled first when the index may pull."""
+        if self.catalog is None:
+            return None
+        from runner.model.hubref import is_hub_ref
+
+        if Path(name).expanduser().exists() or not is_hub_ref(name):
+            return None
+        from runner.store import hub, local as store
+
+        entry = hub.resolve(name).chosen
+        lm = store.local_model(entry)
+        if lm is not None:
+            return ModelRef(entry.name, Path(lm.path), entry, aliases=(Path(lm.path).stem,))
+        if self.pull:
+            return ModelRef(entry.name, None, entry)
+        raise ModelNotLocalError(f"{entry.name} is on the hub but not on this machine",
+                                 hint=f"`llmrun pull {entry.name}` downloads it (or serve with --pull to pull models "
+                                      "when first asked for)")
 
     def _catalog(self, name: str) -> ModelRef | None:
         if self.catalog is None:

@@ -258,8 +258,8 @@ class PlannedLoader:
             path = self._ensure_local(ref)
             launch = self._plan(ref, path, s.ctx, parallel)
             # the file is here: its header gives the byte-exact estimate (the plan's came from the quant recipe)
-            shape, layout = file_layout(ref.entry, path) or (ref.entry.shape,
-                                                              layout_from_recipe(ref.entry.shape, ref.entry.quant))
+            shape, layout = file_layout(ref.entry, path) or (
+                ref.entry.shape, ref.entry.weights or layout_from_recipe(ref.entry.shape, ref.entry.quant))
             launch = dataclasses.replace(launch, estimate=self._estimate(shape, layout, launch.settings))
         else:
             from runner.model.gguf import read_header
@@ -287,11 +287,14 @@ class PlannedLoader:
                 e.message, hint=f"accept it once with `llmrun pull {ref.entry.name} --accept-license`") from e
 
     def _plan(self, ref: ModelRef, path: Path, ctx: int | None, parallel: int) -> Launch:
+        from runner.model.catalog import Catalog
         from runner.plan import select as plan
 
         assert ref.entry is not None
+        # a hub file is planned from its own header (its entry carries the tensors), a catalog model from the catalog
+        catalog = Catalog([ref.entry]) if ref.entry.weights is not None else None
         result = plan.make_plan(self.planned_for, plan.Preferences(model=ref.entry.name, n_ctx=ctx,
-                                                                  n_parallel=parallel))
+                                                                  n_parallel=parallel), catalog)
         try:
             candidate = plan.require_fit(result)
         except DoesNotFitError as e:

@@ -138,11 +138,10 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
         path = Path(model).expanduser()
         keys = (path.name,)
     else:
-        from runner.store import local as store
-        from runner.model.catalog import load_catalog
+        from runner.store import hub, local as store
         from runner.core.errors import ModelNotLocalError
 
-        entry = load_catalog().get(model)
+        entry = hub.find_entry(model)
         lm = store.local_model(entry)
         if lm is None:
             raise ModelNotLocalError(f"{entry.name} is not downloaded", hint=f"llmrun pull {entry.name}")

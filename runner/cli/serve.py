@@ -134,9 +134,9 @@ def _add_model(index, model: str, name: str | None) -> str:
     try:
         ref = index.resolve(model)
     except ModelNotLocalError:
-        from runner.store import fetch
+        from runner.store import fetch, hub
 
-        entry = index.catalog.get(model.removesuffix(":latest"))
+        entry = hub.find_entry(model.removesuffix(":latest"), index.catalog)
         fetch.ensure_local(entry)
         index.refresh()
         ref = index.resolve(entry.name)

@@ -14,14 +14,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import llama_cpp as lc
 
 from runner.engine import native
+from runner.engine.embedding import EmbedJob, Embedder
 from runner.engine.generation import GenerationHandle, StopText, completion
 from runner.engine.template import ChatFormat
-from runner.engine.types import ChatMessage, EngineStats, FinishReason, SamplingParams
+from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
+                                 SamplingParams)
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.core.run_settings import RunSettings
 
@@ -79,7 +81,8 @@ def validate_params(p: SamplingParams) -> None:
 class LlamaEngine:
     """Implements runner.engine.types.Engine."""
 
-    def __init__(self, loaded: native.Loaded, *, model_name: str, load_seconds: float, buffers: dict | None = None):
+    def __init__(self, loaded: native.Loaded, *, model_name: str, load_seconds: float, buffers: dict | None = None,
+                 settings: RunSettings | None = None):
         self._m = loaded
         self.model_name = model_name
         self.n_ctx = loaded.n_ctx_seq          # per sequence, as EngineStats reports it
@@ -110,6 +113,12 @@ class LlamaEngine:
         self._abort_step = False
         self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort_step)
         self.aborted_steps = 0               # steps aborted that way (tests, diagnostics)
+        # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
+        self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
+        self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
+                                  n_tokens=min(lc.llama_model_n_ctx_train(loaded.model), loaded.n_ubatch),
+                                  threads=loaded.n_threads, settings=settings or RunSettings())
+        self._embed_jobs: list[EmbedJob] = []
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -191,6 +200,72 @@ class LlamaEngine:
         self._check_fits(len(tokens))
         return self._submit(list(tokens), params)
 
+    # ------------------------------------------------------------------------------------------ embeddings etc.
+    @property
+    def embedding_tokens(self) -> int:
+        """The longest input embed() takes (tokens), and what one embedding decode holds in all."""
+        return self._embedder.n_tokens
+
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = False) -> Embeddings:
+        """One pooled vector per input (texts are tokenized with the model's BOS/EOS/CLS/SEP, special-token text
+        is NOT parsed: a document is data). Inputs longer than `embedding_tokens` are cut when `truncate`, else
+        ContextOverflowError. Blocks until the engine thread has decoded them, packed into as few decodes as fit."""
+        if not inputs:
+            raise UsageError("embeddings need at least one input")
+        self._check_open()
+        pooling = self._embedder.pooling
+        if pooling not in native.POOLING_TYPES:
+            raise UsageError(f"{self.model_name} declares {pooling} pooling: it cannot embed texts",
+                             hint="a reranker (rank pooling) scores pairs of texts; serve an embedding model")
+        limit = self._embedder.n_tokens
+        tokens: list[list[int]] = []
+        cut: list[int] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                toks = native.tokenize(self._m.vocab, item, add_special=True, parse_special=False)
+            else:
+                toks = list(item)
+                native.check_tokens(toks, self._m.n_vocab, what=f"input[{i}]: token")
+            if not toks:
+                raise UsageError(f"input[{i}] is empty: there is nothing to embed")
+            if len(toks) > limit:
+                if not truncate:
+                    raise ContextOverflowError(
+                        f"input[{i}] is {len(toks)} tokens; this model embeds at most {limit} tokens per input",
+                        hint="split the text into smaller chunks (or let the server truncate it)")
+                toks = toks[:limit]
+                cut.append(i)
+            tokens.append(toks)
+        job = EmbedJob(tokens, truncated=tuple(cut), pooling=cast(Pooling, pooling))
+        self._inbox.put(job)
+        return job.result(self._thread.is_alive)
+
+    @property
+    def embed_decodes(self) -> int:
+        """Embedding decodes run so far (each holds many inputs)."""
+        return self._embedder.decodes
+
+    def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return native.tokenize(self._m.vocab, text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_pieces(tokens)).decode("utf-8", errors="replace")
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        native.check_tokens(tokens, self._m.n_vocab)
+        return [native.piece(self._m.vocab, t, special=True) for t in tokens]
+
+    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+        if not messages:
+            raise UsageError("a chat needs at least one message")
+        return self.chat_format.render(messages)
+
+    def _check_open(self) -> None:
+        if self._closing or self._m.ctx is None:
+            raise EngineError("the engine is closed")
+        if self._dead:
+            raise EngineError(f"the engine stopped after an internal error: {self._dead}")
+
     def stats(self) -> EngineStats:
         with self._lock:
             busy = sum(1 for s in self._slots if s.req is not None)
@@ -225,10 +300,10 @@ class LlamaEngine:
     # ------------------------------------------------------------------------------------------ submission
     def _submit(self, tokens: list[int], params: SamplingParams, *, notice: str | None = None,
                 dropped: int = 0) -> GenerationHandle:
-        if self._closing or self._m.ctx is None:
-            raise EngineError("the engine is closed")
-        if self._dead:
-            raise EngineError(f"the engine stopped after an internal error: {self._dead}")
+        self._check_open()
+        if self.declared_pooling is not None:   # BERT-family files have no output layer: sampling would crash
+            raise UsageError(f"{self.model_name} is an embedding model ({self.declared_pooling} pooling): it cannot "
+                             "generate text", hint="use it through /v1/embeddings or /api/embed")
         if params.ignore_eos and self._eog is None:
             self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
         chain = native.sampler_chain(self._m.vocab, self._m.n_vocab, params, eog=self._eog or ())
@@ -251,12 +326,15 @@ class LlamaEngine:
         batch = lc.llama_batch_init(max(self._m.n_batch, self.n_parallel), 0, 1)
         try:
             while True:
-                idle = not self._busy() and not self._waiting
+                idle = not self._busy() and not self._waiting and not self._embed_jobs
                 self._take_inbox(block=idle)
                 if self._closing:
                     break
                 self._reap_cancelled()
                 self._assign()
+                if self._embed_jobs:          # one embedding decode between generation steps
+                    self._embedder.run_pass(self._embed_jobs)
+                    self._embed_jobs = [j for j in self._embed_jobs if not j.done]
                 if self._busy():
                     self._step(batch)
         except Exception as e:  # noqa: BLE001 - last resort of the thread: fail every request, never hang callers
@@ -269,6 +347,12 @@ class LlamaEngine:
             for req in self._waiting + self._drain_inbox():
                 self._finish(req, "cancelled" if self._closing else "error", error=self._dead)
             self._waiting.clear()
+            gone = EngineError("the engine closed" if self._closing else
+                               f"the engine stopped after an internal error: {self._dead}")
+            for job in self._embed_jobs:
+                job.fail(gone)
+            self._embed_jobs.clear()
+            self._embedder.close()
             lc.llama_batch_free(batch)
 
     def _drain_inbox(self) -> list[_Request]:
@@ -278,13 +362,17 @@ class LlamaEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return out
-            if item is not _WAKE:
+            if isinstance(item, EmbedJob):
+                self._embed_jobs.append(item)
+            elif item is not _WAKE:
                 out.append(item)
 
     def _take_inbox(self, block: bool) -> None:
         if block:
             item = self._inbox.get()
-            if item is not _WAKE:
+            if isinstance(item, EmbedJob):
+                self._embed_jobs.append(item)
+            elif item is not _WAKE:
                 self._waiting.append(item)
         self._waiting.extend(self._drain_inbox())
 
@@ -457,4 +545,4 @@ def start_engine(model_path: str | Path, settings: RunSettings | None = None, *,
     loaded = native.load(path, settings, n_parallel=n_par, threads=n_threads, kv_unified=kv_unified)
     load_s = time.perf_counter() - t0
     return LlamaEngine(loaded, model_name=model_name or path.stem, load_seconds=load_s,
-                       buffers=native.parse_buffer_lines(loaded.log_lines))
+                       buffers=native.parse_buffer_lines(loaded.log_lines), settings=settings)

