@@ -421,3 +421,37 @@ def test_the_body_limit_holds_for_a_chunked_delete():
         r = httpx.post(f"{base}/api/pull", content=b'{"model": "' + b"x" * 2000 + b'"}',
                        headers={"Content-Type": "application/json"})
         assert r.status_code == 413
+
+
+# ------------------------------------------------------------------------------------- the real `llmrun serve`
+@pytest.mark.llama
+def test_the_real_server_pulls_shows_copies_and_deletes(tmp_path, demo_gguf, monkeypatch):
+    """`llmrun serve` in its own process (a catalog of our own through LLMRUN_CONFIGS, the hub environment set
+    before it starts), the demo model loaded at start, the `ollama` client managing models against it."""
+    import shutil
+
+    from test_server_models import llmrun_serve
+    from tests.conftest import REPO
+    from tests.fakehub import write_catalog
+
+    data = make_gguf(tmp_path / "t.gguf", 50_000)
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs" / "hardware", configs / "hardware")
+    with FakeHub() as fake:
+        repo = fake.add_repo("org/tiny-GGUF", {FILE: data})
+        write_catalog(configs, [("tiny", repo, "Q4_0", "Apache-2.0")])
+        monkeypatch.setenv("LLMRUN_CONFIGS", str(configs))
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        with llmrun_serve(tmp_path / "home", "--model", str(demo_gguf), "--name", "demo", "--ctx", "512") as (
+                base, _, lines):
+            client = ollama.Client(host=base)
+            events = list(client.pull(TINY, stream=True))
+            assert events[0].status == "pulling manifest" and events[-1].status == "success"
+            assert downloads(events)[-1].completed == len(data)
+            assert sorted(tags(base)) == ["demo", TINY]
+            show = client.show("demo")
+            assert show.capabilities == ["completion"] and "num_ctx                        512" in show.parameters
+            assert client.copy(TINY, "mine").status == "success" and "mine" in tags(base)
+            assert client.delete("mine").status == "success" and client.delete(TINY).status == "success"
+            assert tags(base) == ["demo"]
+            assert any("pulled tiny:Q4_0" in line for line in lines)
