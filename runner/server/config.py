@@ -4,6 +4,7 @@ in runner.app.models, where the model index reads it."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from runner.app.models import ModelCard
@@ -26,3 +27,18 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only this machine can reach the server (a loopback address)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:      # a host name: it may resolve to anything
+            return False
+
+    @property
+    def exposed_without_key(self) -> bool:
+        """Listening beyond this machine with no API key: anyone who reaches it may call it."""
+        return not self.local_only and not self.api_key

@@ -75,7 +75,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _race_disconnect(awaitable, request: Request):
+async def race_disconnect(awaitable, request: Request):
     """Await `awaitable`, or raise ClientGone (after cancelling it) if the client disconnects first."""
     task = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -134,7 +134,7 @@ class Run:
                 raise
             self._it = self.generation.__aiter__()
             try:
-                self._first = await _race_disconnect(self._it.__anext__(), self.http)
+                self._first = await race_disconnect(self._it.__anext__(), self.http)
             except StopAsyncIteration:
                 self._first = None
                 await self._finish()
@@ -192,7 +192,7 @@ class Run:
         async def drain() -> str:
             return "".join([d async for d in self.deltas()])
         try:
-            return await _race_disconnect(drain(), self.http)
+            return await race_disconnect(drain(), self.http)
         finally:
             await self.close()
 
