@@ -272,7 +272,7 @@ class ModelManager:
         if owner is not None:
             raise ConflictError(f"destination: {dest!r} already names the model {owner.name}",
                                 hint="choose a name no model has (GET /api/tags lists them)")
-        if index.pull_steps and any(step(dest) is not None for step in index.pull_steps):
+        if index.catalog_entry(dest) is not None:     # a copy named like a hub reference is fine: names served here win
             raise ConflictError(f"destination: {dest!r} is a catalog model's name",
                                 hint="choose another name, so that pulling that model stays possible")
         target = ref.entry.name if ref.entry is not None else ref.name

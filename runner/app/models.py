@@ -171,7 +171,7 @@ class ModelIndex:
         self.steps: list[Step] = [self._served, self._latest, self._best_local_quant]
         self.remote_steps: list[Step] = [self._hub, self._catalog]
         # what a pull of a name downloads (/api/pull): a hub reference, then a catalog name
-        self.pull_steps: list[EntryStep] = [self._hub_entry, self._catalog_entry]
+        self.pull_steps: list[EntryStep] = [self._hub_entry, self.catalog_entry]
         self.refresh()
 
     # ------------------------------------------------------------------------------------------------ listing
@@ -361,7 +361,8 @@ class ModelIndex:
 
         return hub.hub_entry(name)
 
-    def _catalog_entry(self, name: str) -> CatalogEntry | None:
+    def catalog_entry(self, name: str) -> CatalogEntry | None:
+        """The catalog's entry called `name` (`:latest` allowed), or None."""
         if self.catalog is None:
             return None
         try:

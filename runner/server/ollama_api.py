@@ -11,10 +11,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.routing import Route
 
 from runner import __version__
 from runner.engine.types import ChatMessage, SamplingParams
@@ -275,14 +274,16 @@ class ShowRequest(BaseModel):
 TOOL_CALLING = False   # /api/chat and /v1/chat/completions refuse `tools` here, so no model claims "tools"
 
 
-def capabilities(card: ModelCard, app: FastAPI) -> list[str]:
+EMBEDDING = True       # /api/embed, /api/embeddings and /v1/embeddings are served (runner/server/embeddings_api.py)
+
+
+def capabilities(card: ModelCard) -> list[str]:
     """What this server does with the model, in Ollama's words. An embedding model (its GGUF declares a pooling
     type, the rule Ollama and llama.cpp use) embeds and does nothing else; any other model completes text, calls
     tools when this server does tool calling, and embeds when this server serves /api/embed."""
-    embeds = any(isinstance(r, Route) and r.path == "/api/embed" for r in app.routes)
     if card.pooling:
-        return ["embedding"] if embeds else []
-    return ["completion"] + (["tools"] if TOOL_CALLING else []) + (["embedding"] if embeds else [])
+        return ["embedding"] if EMBEDDING else []
+    return ["completion"] + (["tools"] if TOOL_CALLING else []) + (["embedding"] if EMBEDDING else [])
 
 
 def _parameters(n_ctx: int | None) -> str:
@@ -311,7 +312,7 @@ async def show(body: ShowRequest, request: Request):
     modelfile = f"FROM {card.path or card.name}\n" + "".join(f"PARAMETER {line}\n"
                                                             for line in parameters.splitlines())
     out = {"modelfile": modelfile, "parameters": parameters, "template": card.chat_template,
-           "details": _details(card), "model_info": info, "capabilities": capabilities(card, request.app),
+           "details": _details(card), "model_info": info, "capabilities": capabilities(card),
            "modified_at": _modified(card, state.started_at)}
     lic = ref.entry.card if ref.entry is not None else None
     if lic is not None:     # the licence's name and where to read it (Ollama gives the text; we point to it)
