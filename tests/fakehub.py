@@ -8,6 +8,7 @@ huggingface_hub 2.x calls to download files:
 
 Errors carry the hub's X-Error-Code header (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) so the client
 raises its own typed errors. Tests can require a token, drop a connection after N bytes, and read every request.
+Tests can also stall a file: send its first N bytes, then wait for an event before the rest (a slow hub).
 The server stops when the test's `with` block ends (and by itself after `lifetime` seconds at most).
 """
 
@@ -56,6 +57,8 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent before the next GET drops
     ignore_range: set[str] = field(default_factory=set)       # file names served whole (200) despite a Range
+    stall: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)  # file -> (bytes, go): the next
+                                                              # GET sends that many bytes, then waits for `go`
     lifetime: float = 120.0
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
@@ -198,6 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and name in self.hub.drop_after:
             cut = self.hub.drop_after.pop(name)
             return self._send_and_drop(status, body, headers, cut)
+        if not head and name in self.hub.stall:
+            cut, go = self.hub.stall.pop(name)
+            return self._send_stalled(status, body, headers, cut, go)
         self._send(status, body, headers, head)
 
     # -------------------------------------------------------------------------------------------------- output
@@ -219,6 +225,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             self._req.sent = len(body)
         self.wfile.flush()
+
+    def _send_stalled(self, status: int, body: bytes, headers: dict[str, str], cut: int,
+                      go: threading.Event) -> None:
+        """Send `cut` bytes, wait for `go` (a slow hub), then the rest; a client gone meanwhile is no error."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            go.wait(30)
+            self.wfile.write(body[cut:])
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
 
     def _send_and_drop(self, status: int, body: bytes, headers: dict[str, str], cut: int) -> None:
         """Announce the whole body, send `cut` bytes, then drop the connection (a network failure mid-file)."""

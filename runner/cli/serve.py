@@ -44,7 +44,8 @@ from runner.server.config import DEFAULT_MAX_TOKENS
               help="How long a model's load waits for busy models to free memory before the request gets 503.")
 @click.option("--threads", "-t", type=click.IntRange(1, 1024), help="CPU threads (default: the physical cores).")
 @click.option("--api-key", envvar="LLMRUN_API_KEY", metavar="KEY",
-              help="Require 'Authorization: Bearer KEY' (also from $LLMRUN_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' (also from $LLMRUN_API_KEY). Without one, a server "
+                   "listening beyond localhost refuses /api/pull, /api/delete and /api/copy.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser requests from this origin (repeatable); CORS is off otherwise.")
 @click.option("--max-body", default="1MiB", show_default=True, metavar="SIZE", help="Largest request body.")

@@ -14,8 +14,10 @@
     │   ├── RemoteNotFoundError      404: repo, revision or file missing
     │   ├── ChecksumMismatchError    downloaded bytes do not match the expected sha256
     │   ├── DiskSpaceError           not enough free disk for the pull
-    │   └── LicenseNotAcceptedError  the model's licence must be accepted first
+    │   ├── LicenseNotAcceptedError  the model's licence must be accepted first
+    │   └── PullCancelledError       a pull stopped on request (what was downloaded is kept for the next pull)
     ├── ModelNotLocalError           a model is not in the local store
+    ├── ConflictError                a model cannot change now: in use, being pulled or deleted, or has copies
     ├── EngineError                  llama.cpp failed to load or run a model
     │   └── ContextOverflowError     a prompt longer than the context window
     ├── ServerError                  the HTTP server could not start
@@ -111,7 +113,15 @@ class LicenseNotAcceptedError(FetchError):
     pass
 
 
+class PullCancelledError(FetchError):
+    pass
+
+
 class ModelNotLocalError(LlmrunError):
+    pass
+
+
+class ConflictError(LlmrunError):
     pass
 
 

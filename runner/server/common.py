@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from runner.app.manage import ModelManager
 from runner.app.models import ModelRef
 from runner.app.pool import Lease, Model, ModelPool
 from runner.core.errors import ModelNotLocalError, UnknownModelError, UsageError
@@ -27,9 +28,10 @@ SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 
 @dataclass
 class AppState:
-    """The server's live state: the model pool (runner.app.pool), one admission gate per loaded model, the
-    metrics, and the start-up load of the model `llmrun serve --model` named (503 for everything until it is
-    ready, as a one-model server always answered)."""
+    """The server's live state: the model pool (runner.app.pool) and its management (pulls, deletes, copies:
+    runner.app.manage), one admission gate per loaded model, the metrics, and the start-up load of the model
+    `llmrun serve --model` named (503 for everything until it is ready, as a one-model server always
+    answered)."""
 
     config: ServerConfig
     pool: ModelPool
@@ -38,6 +40,10 @@ class AppState:
     load_error: str | None = None
     started_at: float = field(default_factory=time.time)
     gates: "weakref.WeakKeyDictionary[Model, Gate]" = field(default_factory=weakref.WeakKeyDictionary)
+    manager: ModelManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.manager = ModelManager(self.pool)
 
     def require_started(self) -> None:
         """A 503 while the start-up model loads (or after it failed to)."""

@@ -4,6 +4,7 @@ in runner.app.models, where the model index reads it."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from runner.app.models import ModelCard
@@ -31,3 +32,18 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # when a request sets none; None = until the context is full
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only this machine can reach the server (a loopback address)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:      # a host name: it may resolve to anything
+            return False
+
+    @property
+    def exposed_without_key(self) -> bool:
+        """Listening beyond this machine with no API key: anyone who reaches it may call it."""
+        return not self.local_only and not self.api_key

@@ -19,10 +19,12 @@ STATUS_TABLE: tuple[tuple[type[E.LlmrunError], int, str, str | None], ...] = (
     (E.UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     (E.ModelNotLocalError, 404, "invalid_request_error", "model_not_found"),
     (E.DoesNotFitError, 507, "server_error", "insufficient_memory"),
-    (E.LicenseNotAcceptedError, 403, "invalid_request_error", "license_not_accepted"),  # --pull: accept it first
+    (E.ConflictError, 409, "invalid_request_error", "conflict"),    # in use, being pulled or deleted, has copies
+    (E.LicenseNotAcceptedError, 403, "invalid_request_error", "license_not_accepted"),  # pull: accept it first
     (E.RemoteNotFoundError, 404, "invalid_request_error", "model_not_found"),   # a hub reference to nothing
     (E.HubAuthError, 403, "invalid_request_error", "hub_access_denied"),        # gated or private: HF_TOKEN
-    (E.FetchError, 502, "server_error", "pull_failed"),                               # --pull: the hub failed
+    (E.DiskSpaceError, 507, "server_error", "insufficient_storage"),                  # pull: no room on disk
+    (E.FetchError, 502, "server_error", "pull_failed"),                               # pull: the hub failed
     (E.EngineError, 500, "server_error", "engine_error"),
     (E.ClusterError, 503, "server_error", "workers_unavailable"),  # cluster: an RPC worker is down
     (E.CapacityError, 503, "server_error", "model_busy"),           # no room now: the loaded models are busy

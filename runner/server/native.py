@@ -91,6 +91,27 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
+async def race_disconnect(awaitable: Awaitable[T], request: Request) -> T:
+    """Await `awaitable`, or raise ClientGone (after cancelling it) if the client disconnects first (for waits
+    outside a Run: a pull's progress)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        waiters: set[asyncio.Future[Any]] = {task, watcher}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+    if not task.done() or task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
 class Run:
     """One admitted generation. `start()` submits and waits for the first delta (so bad input and context
     overflow still get a proper HTTP status); then iterate `deltas()` or `collect()`; `completion` at the end.
