@@ -4,6 +4,7 @@
     python scripts/measure_memory.py                 # measure every case, then write the table
     python scripts/measure_memory.py --case "llama-2-7b Q4_0" --case demo
     python scripts/measure_memory.py --render-only   # re-render docs from docs/estimation-measurements.json
+    python scripts/measure_memory.py --archs         # the tiny file of every architecture (seconds each)
 
 Each (model, quant) is loaded once in a child process (runner.engine.buffers), one context per n_ctx. Raw
 measurements are kept in docs/estimation-measurements.json (one entry per case, replaced when re-measured), and
@@ -28,7 +29,9 @@ from runner.plan import accuracy
 RAW = REPO / "docs" / "estimation-measurements.json"
 DOC = REPO / "docs" / "estimation.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+ARCH_BEGIN, ARCH_END = "<!-- arch-accuracy-table:begin -->", "<!-- arch-accuracy-table:end -->"
 SYNTH = [(name, quant) for name in ("llama-2-7b", "llama-2-13b", "smollm2-135m") for quant in accuracy.QUANTS]
+ARCHS = [f"{name} {quant}" for name, (_shape, quant) in accuracy.ARCH_CASES.items()]
 
 
 def _demo_path() -> Path:
@@ -43,7 +46,11 @@ def _demo_path() -> Path:
 
 
 def all_cases() -> list[str]:
-    return [f"{n} {q}" for n, q in SYNTH] + ["demo"]
+    return [f"{n} {q}" for n, q in SYNTH] + ["demo"] + ARCHS
+
+
+def n_ctxs(label: str) -> tuple[int, ...]:
+    return accuracy.N_CTX_ARCH if label in ARCHS else accuracy.N_CTX
 
 
 def make_case(label: str) -> tuple[accuracy.Case, bool]:
@@ -64,10 +71,10 @@ def save_raw(raw: dict) -> None:
     tmp.replace(RAW)
 
 
-def render(raw: dict) -> str:
+def render(raw: dict, labels: list[str]) -> str:
     rows = []
     flags = accuracy.cpu_flags()
-    for label in all_cases():
+    for label in labels:
         if label not in raw:
             continue
         case, _fill = make_case(label)
@@ -77,14 +84,14 @@ def render(raw: dict) -> str:
     return accuracy.markdown_table(rows)
 
 
-def write_doc(table: str, raw: dict) -> None:
+def write_doc(table: str, raw: dict, labels: list[str], begin: str = BEGIN, end: str = END) -> None:
     text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC} lacks the {BEGIN} / {END} markers")
-    meta = ", ".join(f"{k}: {v['measured_at']}" for k, v in raw.items())
-    block = f"{BEGIN}\n{table}\n\n<sub>measured {meta}</sub>\n{END}"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{DOC} lacks the {begin} / {end} markers")
+    meta = ", ".join(f"{k}: {v['measured_at']}" for k, v in raw.items() if k in labels)
+    block = f"{begin}\n{table}\n\n<sub>measured {meta}</sub>\n{end}"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     DOC.write_text(head + block + tail)
 
 
@@ -92,24 +99,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", help="case label, e.g. 'llama-2-7b Q4_0' or 'demo' (repeatable)")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--archs", action="store_true", help="measure the tiny file of every architecture")
     args = ap.parse_args()
     raw = load_raw()
     if not args.render_only:
-        for label in args.case or all_cases():
+        for label in args.case or (ARCHS if args.archs else all_cases()):
             if label not in all_cases():
                 raise SystemExit(f"unknown case {label!r}; known: {', '.join(all_cases())}")
             case, fill = make_case(label)
             t0 = time.monotonic()
-            rows = accuracy.measure_case(case, measure=measure_in_subprocess, fill=fill)
+            rows = accuracy.measure_case(case, n_ctxs(label), measure=measure_in_subprocess, fill=fill)
             raw[label] = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "fill": fill, "rows": [{"n_ctx": r.n_ctx, "measured": r.measured, "timings": r.timings}
                                                  for r in rows]}
             save_raw(raw)
             print(f"{label}: {time.monotonic() - t0:.0f} s", flush=True)
             print(accuracy.markdown_table(rows), flush=True)
-    table = render(raw)
-    write_doc(table, raw)
+    main_labels = [label for label in all_cases() if label not in ARCHS]
+    table = render(raw, main_labels)
+    write_doc(table, raw, main_labels)
+    arch_table = render(raw, ARCHS)
+    write_doc(arch_table, raw, ARCHS, ARCH_BEGIN, ARCH_END)
     print(table)
+    print(arch_table)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ from typing import Any, Mapping, Sequence
 from runner.core.errors import ContextOverflowError, LlmrunError, UsageError
 from runner.engine import tools as tool_formats
 from runner.engine.generation import GenerationHandle, completion
-from runner.engine.types import ChatMessage, Delta, EngineStats, SamplingParams, ToolCall, ToolCallDelta, Tools
+from runner.engine.types import (ChatMessage, Delta, EmbedInput, Embeddings, EngineStats, SamplingParams, ToolCall,
+                                 ToolCallDelta, Tools)
 
 REPLY = "Hello from the fake engine , one word per token , until the limit or the end ."
 JSON_REPLY = ['{"fake"', ': ', 'true}']
 FAIL_PROMPT = "FAKE-ENGINE-FAIL"      # a prompt containing this ends the generation with finish_reason "error"
+EMBED_DIMS = 8                        # the fake's embeddings: 8 numbers derived from the input's words
+N_VOCAB = 1000                        # token ids the fake accepts (detokenize, token arrays)
 
 
 class FakeGeneration(GenerationHandle):
@@ -119,6 +122,7 @@ class FakeEngine:
         self.submitted: list[tuple[str, object, SamplingParams]] = []
         self.chat_options: list[tuple[Tools | None, Mapping[str, Any] | None]] = []   # tools, template kwargs
         self.closed = False
+        self.embed_calls = 0
         self.outage: LlmrunError | None = None   # what health() reports
 
     @property
@@ -168,6 +172,50 @@ class FakeEngine:
     def generate(self, tokens: Sequence[int], params: SamplingParams) -> FakeGeneration:
         self.submitted.append(("generate", list(tokens), params))
         return self._submit(" ".join(str(t) for t in tokens), params)
+
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = False) -> Embeddings:
+        """Deterministic vectors (not a model's: a hash of the tokens), same limits as the real engine: an empty
+        input, a token id outside the vocabulary or an input longer than the context is refused."""
+        if not inputs:
+            raise UsageError("embeddings need at least one input")
+        vectors, cut, n_tokens = [], [], 0
+        for i, item in enumerate(inputs):
+            tokens = self.tokenize(item) if isinstance(item, str) else list(item)
+            if not tokens:
+                raise UsageError(f"input[{i}] is empty: there is nothing to embed")
+            for t in tokens if not isinstance(item, str) else ():
+                if not 0 <= t < N_VOCAB:
+                    raise UsageError(f"input[{i}]: token {t} is not a token id: the vocabulary has ids 0 to {N_VOCAB - 1}")
+            if len(tokens) > self.n_ctx:
+                if not truncate:
+                    raise ContextOverflowError(f"input[{i}] is {len(tokens)} tokens; this model embeds at most "
+                                               f"{self.n_ctx} tokens per input")
+                tokens = tokens[:self.n_ctx]
+                cut.append(i)
+            n_tokens += len(tokens)
+            vectors.append(tuple(float((sum(tokens) * (k + 3) + len(tokens) * 7 * (k + 1)) % 17 - 8)
+                                 for k in range(EMBED_DIMS)))
+        with self._lock:
+            self.embed_calls += 1
+            self.tokens_in += n_tokens
+        return Embeddings(tuple(vectors), prompt_tokens=n_tokens, pooling="mean", decodes=1, truncated=tuple(cut))
+
+    def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return ([1] if add_special else []) + self.tokenize(text)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return "".join(p.decode() for p in self.token_pieces(tokens))
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        for t in tokens:
+            if not 0 <= t < N_VOCAB:
+                raise UsageError(f"token {t} is not a token id: the vocabulary has ids 0 to {N_VOCAB - 1}")
+        return [f"<{t}>".encode() for t in tokens]
+
+    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+        if not messages:
+            raise UsageError("a chat needs at least one message")
+        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fake_engine import FakeEngine
 from runner.app.launch import Launch
-from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile
+from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile, read_card
 from runner.app.pool import Budget, ModelPool, Prepared, Started
 from runner.core.errors import EngineError
 from runner.core.run_settings import RunSettings
@@ -60,7 +60,9 @@ class FakeLoader:
         with self.lock:
             self.prepares.append(ref.name)
         launch = Launch(path=ref.path or Path(ref.name), name=ref.name, settings=RunSettings(), summary=ref.name)
-        return Prepared(ref, launch, ModelCard(name=ref.name, path=str(ref.path)), {"CPU": self.need[ref.name]},
+        card = read_card(ref.path, ref.name) if ref.path is not None and ref.path.is_file() else \
+            ModelCard(name=ref.name, path=str(ref.path))          # as the real loader: the file's own card
+        return Prepared(ref, launch, card, {"CPU": self.need[ref.name]},
                         advice="a smaller fake")
 
     def load(self, prepared: Prepared) -> Started:

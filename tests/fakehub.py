@@ -8,6 +8,7 @@ huggingface_hub 2.x calls to download files:
 
 Errors carry the hub's X-Error-Code header (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) so the client
 raises its own typed errors. Tests can require a token, drop a connection after N bytes, and read every request.
+Tests can also stall a file: send its first N bytes, then wait for an event before the rest (a slow hub).
 The server stops when the test's `with` block ends (and by itself after `lifetime` seconds at most).
 """
 
@@ -36,6 +37,7 @@ class FakeRepo:
     token: str | None = None          # required for file downloads (a gated repo) when set
     gated: bool = False
     private: bool = False             # the token is also required for model info (the hub then says RepoNotFound)
+    card: dict | None = None          # the model card's metadata (cardData: license, license_name, ...)
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -46,6 +48,7 @@ class Request:
     method: str
     path: str
     headers: dict[str, str]
+    sent: int = 0                     # body bytes the server sent back (a dropped response: what left before)
 
 
 @dataclass
@@ -54,14 +57,21 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)  # file name -> bytes sent before the next GET drops
     ignore_range: set[str] = field(default_factory=set)       # file names served whole (200) despite a Range
+    stall: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)  # file -> (bytes, go): the next
+                                                              # GET sends that many bytes, then waits for `go`
     lifetime: float = 120.0
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None,
-                 token: str | None = None, gated: bool = False, private: bool = False) -> FakeRepo:
+                 token: str | None = None, gated: bool = False, private: bool = False,
+                 card: dict | None = None) -> FakeRepo:
         commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
-        repo = FakeRepo(repo_id, dict(files), commit, token, gated, private)
+        repo = FakeRepo(repo_id, dict(files), commit, token, gated, private, card)
         self.repos[repo_id] = repo
         return repo
+
+    def file_gets(self) -> list[Request]:
+        """Every GET of a file's bytes (any file), in order."""
+        return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
 
     def gets(self, name: str) -> list[Request]:
         """The GET requests for one file's bytes, in order."""
@@ -119,7 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, head: bool) -> None:
         parts = urlsplit(self.path)
         path = parts.path
-        self.hub.requests.append(Request(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
+        self._req = Request(self.command, path, {k.lower(): v for k, v in self.headers.items()})
+        self.hub.requests.append(self._req)
         m = _API_RE.match(path)
         if m:
             return self._model_info(m.group("repo"), unquote(m.group("rev") or "main"), "blobs=true" in parts.query,
@@ -152,8 +163,12 @@ class _Handler(BaseHTTPRequestHandler):
                 s.update(size=len(data), blobId=hashlib.sha1(data).hexdigest(),
                          lfs={"size": len(data), "sha256": repo.sha256(name), "pointerSize": 134})
             siblings.append(s)
-        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                           "gated": "manual" if repo.gated else False, "siblings": siblings}).encode()
+        info: dict = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+                      "gated": "manual" if repo.gated else False, "siblings": siblings,
+                      "lastModified": "2025-06-01T12:00:00.000Z"}
+        if repo.card is not None:
+            info["cardData"] = repo.card
+        body = json.dumps(info).encode()
         self._send(200, body, {"Content-Type": "application/json"}, head)
 
     def _resolve(self, repo_id: str, rev: str, name: str, head: bool) -> None:
@@ -186,6 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and name in self.hub.drop_after:
             cut = self.hub.drop_after.pop(name)
             return self._send_and_drop(status, body, headers, cut)
+        if not head and name in self.hub.stall:
+            cut, go = self.hub.stall.pop(name)
+            return self._send_stalled(status, body, headers, cut, go)
         self._send(status, body, headers, head)
 
     # -------------------------------------------------------------------------------------------------- output
@@ -205,7 +223,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+            self._req.sent = len(body)
         self.wfile.flush()
+
+    def _send_stalled(self, status: int, body: bytes, headers: dict[str, str], cut: int,
+                      go: threading.Event) -> None:
+        """Send `cut` bytes, wait for `go` (a slow hub), then the rest; a client gone meanwhile is no error."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            go.wait(30)
+            self.wfile.write(body[cut:])
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
 
     def _send_and_drop(self, status: int, body: bytes, headers: dict[str, str], cut: int) -> None:
         """Announce the whole body, send `cut` bytes, then drop the connection (a network failure mid-file)."""
@@ -215,6 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[:cut])
+        self._req.sent = cut
         self.wfile.flush()
         self.close_connection = True
         try:

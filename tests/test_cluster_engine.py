@@ -71,6 +71,35 @@ def test_split_across_two_workers_matches_the_local_engine(demo_gguf, workers, l
         assert stats.tokens_out > 0
 
 
+def test_embeddings_and_token_calls_cross_the_process_boundary(demo_gguf, workers):
+    """IsolatedEngine's typed Embed/Tokenize/Detokenize/ApplyTemplate messages: the child answers them as the
+    in-process engine does, and its errors come back as the same llmrun errors."""
+    from runner.core.errors import ContextOverflowError, UsageError
+    from runner.engine.batching import start_engine
+    from runner.engine.types import ChatMessage
+
+    texts = ["a first text", "a second one"]
+    with start_engine(demo_gguf, RunSettings(n_ctx=256), threads=1) as local:
+        expected = local.embed(texts)
+        tokens = local.tokenize_with("Hi <|im_end|>", add_special=False, parse_special=True)
+        prompt = local.apply_template([ChatMessage("user", "hi")])
+    eps = [workers.start(), workers.start()]
+    with IsolatedEngine(demo_gguf, split_settings(eps), threads=1, load_timeout_s=120) as eng:
+        got = eng.embed(texts)
+        assert got.dimensions == expected.dimensions and got.decodes == 1 and got.pooling == "mean"
+        for a, b in zip(got.vectors, expected.vectors):
+            dot = sum(x * y for x, y in zip(a, b))
+            assert dot / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5 > 0.9999
+        assert eng.tokenize_with("Hi <|im_end|>", add_special=False, parse_special=True) == tokens
+        assert eng.detokenize(tokens) == "Hi <|im_end|>"
+        assert b"".join(eng.token_pieces(tokens)) == b"Hi <|im_end|>"
+        assert eng.apply_template([ChatMessage("user", "hi")]) == prompt
+        with pytest.raises(UsageError, match="not a token id"):
+            eng.detokenize([10 ** 7])
+        with pytest.raises(ContextOverflowError):
+            eng.embed(["word " * 1000])
+
+
 def test_killed_worker_fails_fast_names_it_and_the_model_returns_with_it(demo_gguf, workers, local_text):
     eps = [workers.start(), workers.start()]
     victim = eps[1]

@@ -281,3 +281,91 @@ def test_unified_kv_gives_every_slot_the_whole_context(demo_gguf):
         assert "Paris" in gens[0].result().text and gens[1].result().finish_reason in ("stop", "length")
     finally:
         e.close()
+
+
+def test_cancel_aborts_a_prompt_step_and_the_others_go_on_unchanged(demo_gguf):
+    """A step evaluating a long prompt can take seconds (a 7B model on a laptop CPU): cancelling its request aborts
+    the step inside llama.cpp (abort callback) instead of waiting for it. The step is undone and run again without
+    the cancelled request: a request that shared the aborted step answers exactly what it answers alone."""
+    e = start_engine(demo_gguf, RunSettings(n_ctx=8192, n_parallel=2), model_name="abort", threads=1)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        alone = e.chat(ask("Count from one to fifty."), params).result().text
+        short = e.chat(ask("Count from one to fifty."), params)
+        next(iter(short))                                   # decoding: its tokens ride in the long prompt's steps
+        long_prompt = " ".join(f"Item {i}: the keeper counted ships." for i in range(300))    # ~3,000 tokens
+        long = e.chat(ask(long_prompt), SamplingParams(temperature=0, max_tokens=4))
+        deadline = time.monotonic() + 60
+        while long not in e._step_handles:                  # a step with its prompt tokens is running
+            assert time.monotonic() < deadline and not long.done
+            time.sleep(0.0005)
+        waiting = e.chat(ask("hi"), params)                 # both slots are busy: it waits in the inbox
+        waiting.cancel()
+        assert e.stats().queued <= 1, "a cancellation's wake-up counted as a queued request"
+        long.cancel()
+        t0 = time.monotonic()
+        r_long = long.result(timeout=30)
+        assert r_long.finish_reason == "cancelled" and r_long.usage.completion_tokens == 0
+        assert e.aborted_steps == 1
+        assert short.result(timeout=60).text == alone
+        assert time.monotonic() - t0 < 30
+        assert waiting.result(timeout=10).finish_reason == "cancelled"
+        assert e.stats().busy_slots == 0 and e.stats().queued == 0
+    finally:
+        e.close()
+
+
+
+def test_text_that_is_not_valid_unicode_is_a_usage_error(engine):
+    """A lone surrogate (from a JSON escape, or a terminal's surrogateescape decoding) cannot be encoded for
+    llama.cpp: a UsageError saying so, not a UnicodeEncodeError."""
+    with pytest.raises(UsageError, match=r"not valid Unicode: a lone surrogate \(\\ud800\) at character 2"):
+        engine.complete("ab\ud800", GREEDY)
+    with pytest.raises(UsageError, match="not valid Unicode"):
+        engine.chat([ChatMessage("system", "\udfff"), ChatMessage("user", "hi")], GREEDY)
+    with pytest.raises(UsageError, match="the grammar is not valid Unicode"):
+        engine.chat(ask("hi"), SamplingParams(grammar='root ::= "\ud800"'))
+
+
+def test_a_rejected_grammar_says_why_and_prints_nothing(engine, capfd):
+    """llama.cpp's grammar parser prints its reason to stderr (not to its log callback): it belongs in the error,
+    not on the terminal between a server's log lines."""
+    from runner.core.errors import GrammarError
+
+    capfd.readouterr()
+    with pytest.raises(GrammarError, match=r"llama.cpp says Undefined rule identifier 'undefined'"):
+        engine.chat(ask("hi"), SamplingParams(grammar="root ::= undefined"))
+    with pytest.raises(GrammarError, match=r"llama.cpp says expecting newline or end at _rule"):
+        engine.chat(ask("hi"), SamplingParams(grammar="root ::= undefined_rule"))
+    with pytest.raises(GrammarError, match=r"llama.cpp says unknown escape at \\w"):
+        engine.chat(ask("hi"), SamplingParams(grammar='root ::= "\\"" "\\w"+ "@\\w"+ "\\""\nspace ::= " "?'))
+    out, err = capfd.readouterr()
+    assert "grammar" not in err and "undefined" not in err and out == ""
+
+
+def test_grammar_error_keeps_what_others_printed_meanwhile():
+    from runner.engine.native import grammar_error
+
+    grammar = 'root ::= "a" bad\nspace ::= " "?'
+    printed = ("INFO: someone else\nparse: error parsing grammar: Undefined rule identifier 'bad'\n\n"
+               f"{grammar}\nWARNING: and again\n")
+    assert grammar_error(printed, grammar) == ("Undefined rule identifier 'bad'",
+                                               "INFO: someone else\nWARNING: and again\n")
+    long = "unknown escape at " + "x" * 500 + "\nrest of the grammar"
+    reason, rest = grammar_error(f"parse: error parsing grammar: {long}\n\n{grammar}\n", grammar)
+    assert reason.startswith("unknown escape at xxx") and len(reason) <= 160 and rest == ""
+    assert grammar_error("nothing about grammars\n", grammar) == (None, "nothing about grammars\n")
+
+
+def test_a_file_name_that_is_not_utf8_loads(demo_gguf, tmp_path):
+    """A file name is bytes: one that is not UTF-8 comes to Python with surrogates (surrogateescape), which
+    str.encode() refuses; os.fsencode gives llama.cpp the real name."""
+    import os
+
+    odd = tmp_path / os.fsdecode(b"demo-\xff.gguf")
+    odd.symlink_to(demo_gguf)
+    e = start_engine(odd, RunSettings(n_ctx=512), model_name="odd", threads=1)
+    try:
+        assert e.complete("The capital of France is", SamplingParams(temperature=0, max_tokens=3)).result().text
+    finally:
+        e.close()

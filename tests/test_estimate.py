@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from runner.core.errors import UsageError
-from runner.plan.estimate import MiB, compute_buffer_bytes, estimate, kv_cache_bytes, layer_devices, output_buffer_bytes, repacked_types
+from runner.plan.estimate import MiB, estimate, layer_devices, repacked_types
+from runner.plan.graph import compute_buffer_bytes, output_buffer_bytes
+from runner.plan.kv import kv_cache_bytes
 from runner.core.run_settings import RunSettings
 from runner.model.layout import layout_from_recipe
 from runner.model.layout import RECIPES, tensor_bytes

@@ -152,6 +152,54 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
     assert abs(host.output - logged["CPU output"]) < tol
 
 
+def _check_components(rows: list[accuracy.Row]) -> list[str]:
+    """Every component (weights, repack, KV, compute, output) within 3% of llama.cpp's logged buffer (10 KiB for
+    tiny buffers, printed with two decimals in MiB)."""
+    bad = []
+    for r in rows:
+        for comp, _key in accuracy.COMPONENTS:
+            m, e = r.measured.get(comp, 0), r.estimated.get(comp, 0)
+            if abs(e - m) > max(0.03 * m, 10 * 1024):
+                bad.append(f"{r.label} n_ctx={r.n_ctx} {comp}: logged {m}, estimated {e}")
+    return bad
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("name", list(accuracy.ARCH_CASES))
+def test_each_architecture_matches_llama_cpps_buffers(tmp_path, monkeypatch, name):
+    """One tiny shape-true file per architecture (llama 3, mixtral, qwen2, qwen3, qwen3moe, gemma2/3 with their
+    sliding-window caches, phi3, deepseek2 with MLA, gpt-oss, bert, nomic-bert), loaded by llama.cpp: every
+    component of the estimate within 3% of what llama.cpp logs, at n_ctx 1024 and 4096 (seconds each)."""
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
+    rows = accuracy.measure_case(accuracy.arch_case(name), accuracy.N_CTX_ARCH, measure=measure_in_subprocess)
+    assert len(rows) == len(accuracy.N_CTX_ARCH)
+    assert _check_components(rows) == [], accuracy.markdown_table(rows)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-gpt-oss"])
+def test_window_sized_swa_caches_match_llama_cpp(tmp_path, monkeypatch, name):
+    """With swa_full off (llama-server's default) the sliding-window layers get a window-sized cache:
+    pad256(min(cells, window + n_ubatch)); the KV estimate is exact, the compute estimate errs high (<= 11%)."""
+    pytest.importorskip("llama_cpp")
+    from runner.core.run_settings import RunSettings
+    from runner.plan.estimate import estimate
+    from runner.model.layout import layout_from_recipe
+
+    monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
+    case = accuracy.arch_case(name)
+    result = measure_in_subprocess(str(case.path), [{"n_ctx": 4096, "swa_full": False}])
+    logged = result["contexts"][0]["buffers"]
+    host = estimate(case.shape, layout_from_recipe(case.shape, case.quant), RunSettings(n_ctx=4096, swa_full=False),
+                    cpu_flags=accuracy.cpu_flags()).host
+    full = estimate(case.shape, layout_from_recipe(case.shape, case.quant), RunSettings(n_ctx=4096),
+                    cpu_flags=accuracy.cpu_flags()).host
+    assert abs(host.kv_cache - logged["CPU KV"]) < 10 * 1024
+    assert host.kv_cache < full.kv_cache
+    assert 0 <= host.compute - logged["CPU compute"] <= 0.11 * logged["CPU compute"]
+
+
 @pytest.mark.llama
 def test_captures_nest_and_llama_cpp_is_silent_after_them(demo_gguf, capfd):
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -248,13 +296,17 @@ def test_the_published_measurements_still_hold_for_the_current_estimate():
     raw = json.loads((Path(__file__).resolve().parent.parent / "docs" / "estimation-measurements.json").read_text())
     assert {"llama-2-7b Q4_0", "llama-2-13b Q8_0", "demo"} <= set(raw)
     flags = frozenset({"avx2", "avx512f"})        # the machine the table was measured on
-    rows = []
+    rows, tiny = [], []
     for label, entry in raw.items():
         if label == "demo":
             continue                               # needs the demo file's own layout: checked by the slow test
         name, quant = label.split()
         case = accuracy.Case(label, Path("/nonexistent"), accuracy.SHAPES[name], quant)
         for r in entry["rows"]:
-            rows.append(accuracy.row_from_measurement(case, r["n_ctx"], r["measured"], flags, r.get("timings")))
+            row = accuracy.row_from_measurement(case, r["n_ctx"], r["measured"], flags, r.get("timings"))
+            (tiny if name in accuracy.ARCH_CASES else rows).append(row)
     assert len(rows) >= 27
     assert _check(rows) == [], accuracy.markdown_table(rows)
+    # the tiny per-architecture files: every component (their RSS is mostly the process's own, docs/estimation.md)
+    assert {name for name in accuracy.ARCH_CASES} <= {r.label.split()[0] for r in tiny}
+    assert _check_components(tiny) == [], accuracy.markdown_table(tiny)

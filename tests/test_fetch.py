@@ -503,3 +503,59 @@ def test_open_licence_needs_no_acceptance(hub, ggufs):
     repo = hub.add_repo("org/tiny-GGUF", {"t.gguf": ggufs["a"]})
     e = entry("t:Q4_0", "org/tiny-GGUF", {"t.gguf": ggufs["a"]}, revision=repo.commit)
     assert fetch.pull(e, progress=False).verified
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+def test_progress_reports_every_chunk_on_disk_and_a_raising_callback_stops_the_pull_resumably(hub, ggufs,
+                                                                                                monkeypatch):
+    """What /api/pull streams: each step, the bytes as they land; a callback that raises (the last client went
+    away) stops the download, keeps what arrived, and the next pull resumes it."""
+    import huggingface_hub.constants as hfc
+
+    from runner.core.errors import PullCancelledError
+
+    monkeypatch.setattr(hfc, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    name = "tiny.Q4_0.gguf"
+    repo = hub.add_repo("org/tiny-GGUF", {name: ggufs["a"]})
+    e = entry("tiny:Q4_0", "org/tiny-GGUF", {name: ggufs["a"]}, revision=repo.commit)
+    seen: list[fetch.PullProgress] = []
+
+    def stop_after_two_chunks(p: fetch.PullProgress) -> None:
+        seen.append(p)
+        if p.stage == "download" and (p.completed or 0) >= 128 * 1024:
+            raise PullCancelledError("the client went away")
+
+    with pytest.raises(PullCancelledError):
+        fetch.pull(e, progress=False, on_progress=stop_after_two_chunks)
+    assert [p.stage for p in seen[:2]] == ["manifest", "download"]
+    assert [p.completed for p in seen[1:]] == [0, 64 * 1024, 128 * 1024]
+    assert {(p.file, p.sha256, p.total) for p in seen[1:]} == {(name, repo.sha256(name), len(ggufs["a"]))}
+    [partial] = store.partial_dir(e).glob("*.incomplete")
+    assert partial.stat().st_size == 128 * 1024 and store.local_model(e) is None
+
+    seen.clear()
+    lm = fetch.pull(e, progress=False, on_progress=seen.append)
+    assert lm.verified and lm.path.read_bytes() == ggufs["a"]
+    done = [p.completed for p in seen if p.stage == "download"]
+    assert done[0] == 128 * 1024 and done == sorted(done) and done[-1] == len(ggufs["a"])
+    assert seen[-1].stage == "verify" and hub.gets(name)[-1].headers["range"] == f"bytes={128 * 1024}-"
+
+    seen.clear()                 # already here: complete at once, nothing fetched
+    n = len(hub.requests)
+    fetch.pull(e, progress=False, on_progress=seen.append)
+    assert [(p.stage, p.completed) for p in seen] == [("download", len(ggufs["a"]))] and len(hub.requests) == n
+
+
+def test_progress_of_a_byte_split_join(hub, ggufs):
+    whole = ggufs["a"] + ggufs["b"]
+    files = {"big.Q8_0.gguf-split-a": whole[:70_000], "big.Q8_0.gguf-split-b": whole[70_000:]}
+    repo = hub.add_repo("org/Big-GGUF", files)
+    e = entry("big:Q8_0", "org/Big-GGUF", files, layout="byte-split", revision=repo.commit,
+              local_file="big.Q8_0.gguf")
+    seen: list[fetch.PullProgress] = []
+    fetch.pull(e, progress=False, on_progress=seen.append)
+    joins = [p for p in seen if p.stage == "join"]
+    assert joins[0].completed == 0 and joins[-1].completed == joins[-1].total == len(whole)
+    assert {p.file for p in joins} == {"big.Q8_0.gguf"}
+    assert {p.file for p in seen if p.stage == "download"} == set(files)

@@ -36,17 +36,24 @@ def no_nvml():
 
 
 def fake(files: dict[str, str], *, affinity=None, cpu_count=None, system="Linux", machine="x86_64", nvml=no_nvml,
-         sysctl=None, vm=None, physical=None, bandwidth=25.0, disk=100 * GiB, env=None) -> ProbeSources:
+         sysctl=None, vm=None, physical=None, bandwidth=25.0, disk=100 * GiB, env=None, load=None) -> ProbeSources:
+    """Fake sources. `bandwidth`: what measuring gives (a number, or a list of numbers given in turn); `load`: the
+    load per CPU now (a number, or a list in turn; None: unknown)."""
     calls = []
+    bandwidths = list(bandwidth) if isinstance(bandwidth, list) else None
+    loads = list(load) if isinstance(load, list) else None
 
     def measure():
         calls.append(1)
-        return bandwidth
+        return bandwidths.pop(0) if bandwidths is not None else bandwidth
+
+    def load_now():
+        return loads.pop(0) if loads is not None else load
 
     src = ProbeSources(read_text=files.get, affinity=lambda: affinity, cpu_count=lambda: cpu_count,
                        physical_cores=lambda: physical, virtual_memory=lambda: vm, system=lambda: system,
                        machine=lambda: machine, disk_free=lambda path: disk, nvml=nvml,
-                       sysctl=(sysctl or {}).get, measure_bandwidth=measure, env=(env or {}).get)
+                       sysctl=(sysctl or {}).get, measure_bandwidth=measure, env=(env or {}).get, load=load_now)
     object.__setattr__(src, "_measure_calls", calls)
     return src
 
@@ -367,6 +374,45 @@ def test_corrupt_bandwidth_cache_is_remeasured():
     (dirs.home() / "hardware-cache.json").write_text("{not json")
     src = fake({"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}, bandwidth=30.0)
     assert hw.probe(src).memory_bandwidth_gbps == 30.0
+
+
+def _cached(model: str = "Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz") -> dict:
+    return json.loads((dirs.home() / "hardware-cache.json").read_text())[model]
+
+
+def test_a_figure_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet():
+    """Issue 12: 13.8 GB/s measured while the machine was busy was kept for good (20-22 GB/s quietly), and
+    decided the plan from then on."""
+    files = {"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}
+    busy = fake(files, bandwidth=13.8, load=2.0)
+    assert hw.probe(busy).memory_bandwidth_gbps == 13.8
+    assert _cached()["load_per_cpu"] == 2.0
+    assert hw.probe(busy).memory_bandwidth_gbps == 13.8 and len(busy._measure_calls) == 1   # still busy: kept
+    quiet = fake(files, bandwidth=21.5, load=0.1)
+    assert hw.probe(quiet, measure=False).memory_bandwidth_gbps == 13.8 and quiet._measure_calls == []  # plan
+    assert hw.probe(quiet).memory_bandwidth_gbps == 21.5                    # quiet now: measured again
+    assert _cached() | {"measured_at": None} == {"memory_bandwidth_gbps": 21.5, "load_per_cpu": 0.1,
+                                                 "measured_at": None}
+    assert hw.probe(quiet).memory_bandwidth_gbps == 21.5 and len(quiet._measure_calls) == 1  # a quiet figure stays
+
+
+def test_a_lower_figure_never_replaces_a_higher_one():
+    files = {"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}
+    assert hw.probe(fake(files, bandwidth=21.5, load=0.1)).memory_bandwidth_gbps == 21.5
+    assert hw.probe(fake(files, bandwidth=13.8, load=2.0), remeasure=True).memory_bandwidth_gbps == 21.5
+    assert _cached()["memory_bandwidth_gbps"] == 21.5
+    busy_then = fake(files, bandwidth=[14.0, 12.0], load=[3.0, 0.1])
+    hw.cached_memory_bandwidth("other cpu", busy_then.measure_bandwidth, load=busy_then.load)      # 14.0, busy
+    assert hw.cached_memory_bandwidth("other cpu", busy_then.measure_bandwidth, load=busy_then.load) == 14.0
+
+
+def test_an_older_cache_without_the_load_is_measured_again_when_quiet():
+    dirs.home().mkdir(parents=True, exist_ok=True)
+    (dirs.home() / "hardware-cache.json").write_text(json.dumps(
+        {"Intel(R) Xeon(R) Gold 6248R CPU @ 3.00GHz": {"memory_bandwidth_gbps": 13.8}}))
+    files = {"/proc/cpuinfo": CPUINFO_2S, "/proc/meminfo": MEMINFO_64G}
+    assert hw.probe(fake(files, bandwidth=22.0, load=None)).memory_bandwidth_gbps == 13.8   # load unknown: kept
+    assert hw.probe(fake(files, bandwidth=22.0, load=0.05)).memory_bandwidth_gbps == 22.0
 
 
 def test_measure_memory_bandwidth_for_real():

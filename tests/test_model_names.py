@@ -10,7 +10,7 @@ import pytest
 
 from runner.app.models import ModelIndex, ServedFile
 from runner.core import dirs
-from runner.core.errors import ModelNotLocalError, UnknownModelError
+from runner.core.errors import ModelNotLocalError, UnknownModelError, UsageError
 from runner.model.catalog import load_catalog
 from runner.store.local import LocalModel
 
@@ -119,3 +119,40 @@ def test_chat_resolves_names_the_same_way(demo_local):
     with pytest.raises(UnknownModelError) as e:
         resolve_model("smolm2", hardware=lambda: load_profile("ci-2core-24gb"))
     assert "smollm2-135m" in e.value.close_matches
+
+
+def test_copies_are_more_names_of_one_model(demo_local):
+    from runner.store import aliases
+
+    aliases.add("team/demo:v1", DEMO)
+    aliases.add("orphan", "llama-2-7b-chat:Q4_K_M")     # its model is not here
+    idx = index()
+    [ref] = idx.listing()
+    assert ref.name == DEMO and ref.copies == ("team/demo:v1",)
+    for name in ("team/demo:v1", "TEAM/DEMO:V1", "team/demo:v1:latest"):
+        assert idx.resolve(name) is ref, name
+    assert idx.owner("team/demo:v1") is None and idx.owner(DEMO) is ref
+    with pytest.raises(ModelNotLocalError) as e:
+        idx.resolve("orphan")
+    assert "a copy of 'llama-2-7b-chat:Q4_K_M', which is not on this machine" in e.value.message
+    # a copy never hides a model's own name
+    aliases.add(demo_local.stem, "llama-2-7b-chat:Q4_K_M")
+    idx.refresh()
+    assert idx.resolve(demo_local.stem) is idx.refs[0]
+    assert aliases.remove("TEAM/demo:v1") and not aliases.remove("team/demo:v1")
+    idx.refresh()
+    assert idx.refs[0].copies == ()
+
+
+def test_what_a_pull_of_a_name_fetches(demo_local, tmp_path):
+    other = tmp_path / "notes.gguf"
+    other.write_bytes(b"x")
+    idx = index(files=[ServedFile("notes", other)])
+    assert idx.pull_entry("llama-2-7b-chat:Q4_K_M").name == "llama-2-7b-chat:Q4_K_M"     # not local: fine
+    assert idx.pull_entry("llama-2-7b-chat:latest").model == "llama-2-7b-chat"
+    assert idx.pull_entry(demo_local.stem).name == DEMO                                  # a served name
+    with pytest.raises(UsageError, match="nothing to pull"):
+        idx.pull_entry("notes")
+    with pytest.raises(UnknownModelError) as e:
+        idx.pull_entry("llama-2-7b-chatt")
+    assert "llama-2-7b-chat" in e.value.close_matches and "llmrun list --available" in e.value.hint

@@ -26,7 +26,7 @@ def base():
 
 
 def test_corpus_is_large():
-    assert len(CORPUS) >= 50
+    assert len(CORPUS) >= 110
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=lambda p: p.stem)

@@ -33,3 +33,7 @@ def test_fuzzing_reached_the_engine():
     """Runs after the fuzz test (file order): some generated requests were valid enough to generate."""
     submitted = engine.submitted
     assert {kind for kind, _, _ in submitted} == {"chat", "complete"}
+
+
+def test_fuzzing_reached_the_embeddings():
+    assert engine.embed_calls > 0

@@ -65,9 +65,13 @@ def cli_server(model: Path, *args: str, timeout: float = 120.0, home: Path | Non
                 proc.wait()
 
 
+SERVER_LOG: dict[str, list[str]] = {}     # base URL → the server's stderr lines, as they come
+
+
 @pytest.fixture(scope="module")
 def server(demo_gguf):
     with cli_server(demo_gguf, "--parallel", "4", "--ctx", "1024") as (base, proc, lines):
+        SERVER_LOG[base] = lines
         yield base
 
 
@@ -279,3 +283,32 @@ def _stream_text_long(base: str):
             text += obj["choices"][0]["delta"].get("content", "")
             finish = obj["choices"][0]["finish_reason"] or finish
     return text, finish, events
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_lone_surrogate_is_400_not_500(server, path):
+    """Issue 12: `"\\ud800"` (valid JSON, invalid Unicode) as a message's content was a 500 UnicodeEncodeError."""
+    r = httpx.post(f"{server}{path}", headers={"Content-Type": "application/json"}, content=json.dumps(
+        {"model": "demo", "messages": [{"role": "user", "content": "\ud800"}], "stream": False}))
+    assert r.status_code == 400, r.text
+    message = r.json()["error"] if path.startswith("/api/") else r.json()["error"]["message"]
+    assert message.startswith("messages[0].content: ") and "surrogate" in message
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "mail", "schema": {
+        "type": "string", "pattern": "^\\w+@\\w+$"}}}}, "response_format.json_schema.schema"),
+    ("/api/chat", {"format": {"type": "string", "pattern": "^\\w+@\\w+$"}, "stream": False}, "format"),
+])
+def test_a_schema_llama_cpp_rejects_is_a_400_with_its_reason_and_nothing_on_stderr(server, path, body, param):
+    """Issue 12: llama.cpp's grammar parser printed "parse: error parsing grammar: ..." on the server's terminal
+    for every rejected schema; the reason belongs in the 400."""
+    before = len(SERVER_LOG[server])
+    r = httpx.post(f"{server}{path}", json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], **body})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"] if path.startswith("/api/") else r.json()["error"]["message"]
+    assert message.startswith(f"{param}: ") and "llama.cpp says unknown escape" in message
+    if not path.startswith("/api/"):
+        assert r.json()["error"]["param"] == param
+    time.sleep(0.3)     # the server's stderr is read by a thread
+    assert not [line for line in SERVER_LOG[server][before:] if "grammar" in line]

@@ -6,6 +6,8 @@
 - `models`: the one resolution of a model name (server, chat and CLI alike) and the models a process serves;
 - `pool`: the models a server holds in memory: load on demand, keep alive, evict, never past the budget;
 - `serving`: the budget, the per-model settings file and the real loader `llmrun serve` gives the pool;
+- `manage`: a server's model management: pulls with progress (one per model), delete, copy;
+- `threads`: blocking work on daemon threads of its own, results back on the event loop;
 - `chat`: the terminal chat session and REPL;
 - `bench`: `llmrun bench`.
 """

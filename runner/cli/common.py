@@ -81,8 +81,10 @@ def resolve_launch(model, ctx, hardware, gpus, ram, *, n_parallel: int, workers:
     else:
         from runner.app.launch import resolve_model
 
-        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram), n_ctx=ctx,
-                               n_parallel=n_parallel)
+        # measure=True: the memory bandwidth is measured when the cache has none, or again when it was measured
+        # on a busy machine and this one is quiet now (about a second, before loading a model anyway)
+        launch = resolve_model(model, hardware=lambda: resolve_hardware(hardware, gpus, ram, measure=True),
+                               n_ctx=ctx, n_parallel=n_parallel)
     if launch.notice:
         click.echo(launch.notice, err=True)
     click.echo(launch.summary, err=True)

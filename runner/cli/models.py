@@ -27,13 +27,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @click.option("--force", is_flag=True, help="Delete the local copy first and download it again.")
 @json_option
 def pull(name: str, accept_license: bool, license_: str, force: bool, as_json: bool) -> None:
-    """Download a catalog model (resumable, sha256-verified) into the local store."""
-    from runner.store import fetch, local as store
-    from runner.model.catalog import load_catalog
+    """Download a model (resumable, sha256-verified) into the local store.
+
+    NAME is a catalog name (llama-2-7b-chat:Q4_K_M) or a hub reference: hf.co/ORG/REPO[:QUANT] (Q4_K_M, or the
+    quant nearest to it, when none is given), ORG/REPO/FILE.gguf, or a https://huggingface.co/... URL."""
+    from runner.store import fetch, hub, local as store
     from runner.core.errors import UsageError
     from runner.core.units import format_size
 
-    entry = load_catalog().get(name)
+    entry = hub.find_entry(name)
     if license_ == "open" and not entry.license_open:
         lic = entry.card.license_name if entry.card else entry.license
         raise UsageError(f"{entry.name} is under the {lic}, which is not an OSI-approved open-source licence",
@@ -60,6 +62,10 @@ def list_(available: bool, as_json: bool) -> None:
 
     catalog = load_catalog()
     local = {lm.name: lm for lm in store.list_local(catalog)}
+    if not available:
+        from runner.store import hub
+
+        local.update((lm.name, lm) for lm in store.list_local(hub.local_hub_entries()))
     if available:
         if as_json:
             print_json([{"name": e.name, "quant": e.quant, "size_bytes": e.size_bytes, "size_exact": e.size_exact,
@@ -87,11 +93,10 @@ def list_(available: bool, as_json: bool) -> None:
 @json_option
 def rm(name: str, as_json: bool) -> None:
     """Delete a local model's files (including partial downloads) and say how much space that freed."""
-    from runner.store import local as store
-    from runner.model.catalog import load_catalog
+    from runner.store import hub, local as store
     from runner.core.units import format_size
 
-    entry = load_catalog().get(name)
+    entry = hub.find_entry(name)
     freed = store.remove(entry)
     if as_json:
         print_json({"name": entry.name, "freed_bytes": freed})

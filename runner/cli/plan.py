@@ -32,7 +32,10 @@ def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | N
 
 
 @click.command("plan")
-@click.option("--model", metavar="NAME[:QUANT]", help="Plan this catalog model (all its quants, or one).")
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@click.option("--model", metavar="NAME[:QUANT]",
+              help="Plan this model: a catalog name (all its quants, or one), hf.co/ORG/REPO[:QUANT] (planned from "
+                   "its GGUF header, before any download), or a local .gguf file. Same as MODEL.")
 @click.option("--family", metavar="FAMILY", help="Plan this family only: llama2, grok1, ... or any.")
 @click.option("--ctx", "ctx_tokens", type=click.IntRange(min=1), metavar="TOKENS",
               help="Context per sequence (default: the model's training context, reduced to fit down to 2048).")
@@ -48,19 +51,29 @@ def plan_hardware(hardware: str | None, gpus: tuple[str, ...] = (), ram: str | N
 @workers_options
 @json_option
 @click.pass_context
-def plan(ctx: click.Context, model: str | None, family: str | None, ctx_tokens: int | None, prefer: Prefer,
-         max_download: str | None, license_: str, parallel: int, show_all: bool, hardware: str | None,
-         gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None, as_json: bool) -> None:
-    """Show the best configuration that fits, its memory and speed, and why the others do not."""
-    from runner.plan.select import Preferences, make_plan, require_fit
+def plan(ctx: click.Context, model_arg: str | None, model: str | None, family: str | None, ctx_tokens: int | None,
+         prefer: Prefer, max_download: str | None, license_: str, parallel: int, show_all: bool,
+         hardware: str | None, gpus: tuple[str, ...], ram: str | None, workers: str | None, network: str | None,
+         as_json: bool) -> None:
+    """Show the best configuration that fits, its memory and speed, and why the others do not.
+
+    MODEL is a catalog name, a hub reference (hf.co/ORG/REPO[:QUANT], ORG/REPO/FILE.gguf, a huggingface.co URL:
+    planned from the GGUF header alone, every quant of the repo compared) or a local .gguf file; without one the
+    catalog's default families are planned."""
+    from runner.app.planning import plan_model
+    from runner.core.errors import UsageError
+    from runner.plan.select import Preferences, require_fit
     from runner.core.units import parse_size
 
+    if model_arg and model and model_arg != model:
+        raise UsageError(f"two models given: {model_arg!r} and --model {model!r}", hint="give one")
+    model = model or model_arg
     prefs = Preferences(
         model=model, family=family, n_ctx=ctx_tokens, prefer=prefer,
         max_download_bytes=parse_size(max_download, what="--max-download") if max_download else None,
         license_open=license_ == "open", n_parallel=parallel)
     profile = apply_workers(plan_hardware(hardware, gpus, ram), workers, network)
-    result = make_plan(profile, prefs, exhaustive=show_all)
+    result = plan_model(model, profile, prefs, exhaustive=show_all).result
     if as_json:
         data = result.to_dict()
         if result.chosen is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from runner.cli.common import apply_workers, hardware_options, resolve_hardware, workers_options
+from runner.server.config import DEFAULT_MAX_TOKENS
 
 
 @click.command()
@@ -43,10 +44,14 @@ from runner.cli.common import apply_workers, hardware_options, resolve_hardware,
               help="How long a model's load waits for busy models to free memory before the request gets 503.")
 @click.option("--threads", "-t", type=click.IntRange(1, 1024), help="CPU threads (default: the physical cores).")
 @click.option("--api-key", envvar="LLMRUN_API_KEY", metavar="KEY",
-              help="Require 'Authorization: Bearer KEY' (also from $LLMRUN_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' (also from $LLMRUN_API_KEY). Without one, a server "
+                   "listening beyond localhost refuses /api/pull, /api/delete and /api/copy.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser requests from this origin (repeatable); CORS is off otherwise.")
 @click.option("--max-body", default="1MiB", show_default=True, metavar="SIZE", help="Largest request body.")
+@click.option("--max-tokens", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(0, 2 ** 31 - 1),
+              help="Tokens a request may generate when it sets no limit (a request may ask for more, up to the "
+                   "context); 0 = until the context is full.")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds in-flight requests may take to finish after SIGTERM / Ctrl-C.")
 @click.option("--log-level", default="info", show_default=True,
@@ -54,8 +59,8 @@ from runner.cli.common import apply_workers, hardware_options, resolve_hardware,
 @hardware_options
 @workers_options
 def serve(models, name, config_file, host, port, parallel, queue, ctx, keep_alive, max_memory, max_vram, pull,
-          swap_wait, threads, api_key, cors_origins, max_body, grace, log_level, hardware, gpus, ram, workers,
-          network):
+          swap_wait, threads, api_key, cors_origins, max_body, max_tokens, grace, log_level, hardware, gpus, ram,
+          workers, network):
     """Serve local models over an OpenAI-compatible (/v1) and Ollama-compatible (/api) HTTP API, each loaded
     when first asked for, as many at once as the memory budget holds."""
     from runner.app.models import ModelIndex
@@ -72,7 +77,7 @@ def serve(models, name, config_file, host, port, parallel, queue, ctx, keep_aliv
                                                                      'path = "FILE"')
     config = ServerConfig(host=host, port=port, queue=queue, api_key=api_key or None,
                           cors_origins=tuple(cors_origins), max_body_bytes=int(parse_size(max_body, what="--max-body")),
-                          grace_seconds=grace)
+                          grace_seconds=grace, max_tokens=max_tokens or None)
     keep_alive_s = parse_duration(keep_alive, what="--keep-alive")
     defaults = ModelSettings(ctx=ctx, parallel=parallel, keep_alive=keep_alive_s)
     models_config = read_models_config(config_file) if config_file else ModelsConfig()
@@ -130,9 +135,9 @@ def _add_model(index, model: str, name: str | None) -> str:
     try:
         ref = index.resolve(model)
     except ModelNotLocalError:
-        from runner.store import fetch
+        from runner.store import fetch, hub
 
-        entry = index.catalog.get(model.removesuffix(":latest"))
+        entry = hub.find_entry(model.removesuffix(":latest"), index.catalog)
         fetch.ensure_local(entry)
         index.refresh()
         ref = index.resolve(entry.name)

@@ -6,7 +6,8 @@ talks to workers. When the child dies we name the dead worker(s), finish the req
 finish_reason "error", answer new ones with ClusterError (the server's 503) and reload once every worker
 answers a probe again. The child is a plain `python -c` process (not multiprocessing's spawn, which would re-run
 `python -m runner`'s __main__) talking pickled message dataclasses (below) over a socketpair through
-multiprocessing's Connection. The child runs only the operations in its allow-list (`_GENERATIONS`, `_QUERIES`).
+multiprocessing's Connection. The child runs only the operations in its allow-lists (`_GENERATIONS`, `_QUERIES`,
+`_CALLS`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from runner.cluster import rpc
 from runner.core import errors
@@ -29,7 +30,8 @@ from runner.core.errors import ClusterError, EngineError, LlmrunError
 from runner.core.run_settings import RunSettings
 from runner.engine.generation import GenerationHandle, completion
 from runner.engine import types
-from runner.engine.types import ChatMessage, Completion, Engine, EngineStats, SamplingParams, Tools
+from runner.engine.types import (ChatMessage, Completion, EmbedInput, Embeddings, Engine, EngineStats, SamplingParams,
+                                 Tools)
 
 CALL_TIMEOUT_S = 120.0               # a child that answers no call within this long is reported, never waited on
 
@@ -84,6 +86,41 @@ class Query:
     rid: int
     op: QueryOp
     text: str = ""
+
+
+@dataclass(frozen=True)
+class Embed:
+    rid: int
+    inputs: tuple[EmbedInput, ...]
+    truncate: bool
+    op: ClassVar[str] = "embed"
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    rid: int
+    text: str
+    add_special: bool
+    parse_special: bool
+    op: ClassVar[str] = "tokenize"
+
+
+@dataclass(frozen=True)
+class Detokenize:
+    rid: int
+    tokens: tuple[int, ...]
+    pieces: bool                     # True: each token's bytes (token_pieces), False: the text (detokenize)
+    op: ClassVar[str] = "detokenize"
+
+
+@dataclass(frozen=True)
+class ApplyTemplate:
+    rid: int
+    messages: tuple[ChatMessage, ...]
+    op: ClassVar[str] = "apply_template"
+
+
+Call = Embed | Tokenize | Detokenize | ApplyTemplate
 
 
 @dataclass(frozen=True)
@@ -152,6 +189,12 @@ _QUERIES: Mapping[str, Callable[[Engine, str], Any]] = {
     "tokenize": lambda e, text: e.tokenize(text),
     "prompt_tokens": lambda e, text: e.prompt_tokens(text),
     "stats": lambda e, _text: e.stats(),
+}
+_CALLS: Mapping[type, Callable[[Engine, Any], Any]] = {     # each runs in its own thread of the child (embed blocks)
+    Embed: lambda e, m: e.embed(m.inputs, truncate=m.truncate),
+    Tokenize: lambda e, m: e.tokenize_with(m.text, add_special=m.add_special, parse_special=m.parse_special),
+    Detokenize: lambda e, m: e.token_pieces(m.tokens) if m.pieces else e.detokenize(m.tokens),
+    ApplyTemplate: lambda e, m: e.apply_template(m.messages),
 }
 
 
@@ -240,6 +283,12 @@ def _child_main(conn: Connection, load: Load) -> None:
     send(Ready(engine.model_name, engine.n_ctx, engine.n_parallel, dict(engine.buffers)))
     handles: dict[int, GenerationHandle] = {}
 
+    def call(msg: Call) -> None:
+        try:
+            send(Reply(msg.rid, _CALLS[type(msg)](engine, msg)))
+        except LlmrunError as e:
+            send(Raised(msg.rid, ErrorInfo.of(e)))
+
     def pump(rid: int, index: int, handle: GenerationHandle) -> None:
         for delta in handle.deltas():
             send(Piece(rid, index, delta))
@@ -268,6 +317,8 @@ def _child_main(conn: Connection, load: Load) -> None:
                     threading.Thread(target=pump, args=(msg.rid, i, choice), daemon=True).start()
             elif isinstance(msg, Query) and msg.op in _QUERIES:
                 send(Reply(msg.rid, _QUERIES[msg.op](engine, msg.text)))
+            elif type(msg) in _CALLS:
+                threading.Thread(target=call, args=(msg,), daemon=True).start()
             else:
                 rid = getattr(msg, "rid", 0)
                 send(Raised(rid, ErrorInfo("EngineError", f"unknown message {type(msg).__name__}", None)))
@@ -467,7 +518,7 @@ class IsolatedEngine:
         """None when serving, else the outage (name of the dead worker, and that a reload is pending)."""
         return self._down
 
-    def _send(self, msg: Generate | Query | Cancel | Close) -> None:
+    def _send(self, msg: Generate | Query | Call | Cancel | Close) -> None:
         if self._closing:
             raise EngineError("the engine is closed")
         with self._lock:
@@ -483,7 +534,7 @@ class IsolatedEngine:
             raise ClusterError("the engine process using the RPC workers is gone",
                                hint="the model reloads by itself once every worker answers") from e
 
-    def _round_trip(self, rid: int, msg: Generate | Query,
+    def _round_trip(self, rid: int, msg: Generate | Query | Call,
                     choices: list[GenerationHandle] | None = None) -> Started | Reply:
         call = _Call()
         with self._lock:
@@ -550,6 +601,30 @@ class IsolatedEngine:
 
     def prompt_tokens(self, text: str) -> list[int]:
         return list(self._query("prompt_tokens", text))
+
+    def _call(self, make: Callable[[int], Call]) -> Any:
+        rid = next(self._ids)
+        reply = self._round_trip(rid, make(rid))
+        assert isinstance(reply, Reply)
+        return reply.value
+
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = False) -> Embeddings:
+        value = self._call(lambda rid: Embed(rid, tuple(i if isinstance(i, str) else tuple(i) for i in inputs),
+                                             truncate))
+        assert isinstance(value, Embeddings)
+        return value
+
+    def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return list(self._call(lambda rid: Tokenize(rid, text, add_special, parse_special)))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return str(self._call(lambda rid: Detokenize(rid, tuple(tokens), pieces=False)))
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        return list(self._call(lambda rid: Detokenize(rid, tuple(tokens), pieces=True)))
+
+    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+        return str(self._call(lambda rid: ApplyTemplate(rid, tuple(messages))))
 
     def stats(self) -> EngineStats:
         value = self._query("stats")

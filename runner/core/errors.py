@@ -2,6 +2,7 @@
 
     LlmrunError                      base; `.hint` says what would be right
     ├── UsageError (ValueError)      a bad argument or option value
+    │   └── GrammarError             a grammar (GBNF, or one made from a JSON schema) llama.cpp rejects
     ├── ConfigError (ValueError)     a bad catalog / hardware profile / settings file
     ├── HardwareError                the machine could not be probed
     ├── GGUFError (ValueError)       a GGUF file or header is malformed, truncated or unsupported
@@ -13,8 +14,10 @@
     │   ├── RemoteNotFoundError      404: repo, revision or file missing
     │   ├── ChecksumMismatchError    downloaded bytes do not match the expected sha256
     │   ├── DiskSpaceError           not enough free disk for the pull
-    │   └── LicenseNotAcceptedError  the model's licence must be accepted first
+    │   ├── LicenseNotAcceptedError  the model's licence must be accepted first
+    │   └── PullCancelledError       a pull stopped on request (what was downloaded is kept for the next pull)
     ├── ModelNotLocalError           a model is not in the local store
+    ├── ConflictError                a model cannot change now: in use, being pulled or deleted, or has copies
     ├── EngineError                  llama.cpp failed to load or run a model
     │   └── ContextOverflowError     a prompt longer than the context window
     ├── ServerError                  the HTTP server could not start
@@ -51,6 +54,10 @@ class UsageError(LlmrunError, ValueError):
     def __init__(self, message: str, *, hint: str | None = None, field: str | None = None):
         super().__init__(message, hint=hint)
         self.field = field
+
+
+class GrammarError(UsageError):
+    pass
 
 
 class ConfigError(LlmrunError, ValueError):
@@ -112,7 +119,15 @@ class LicenseNotAcceptedError(FetchError):
     pass
 
 
+class PullCancelledError(FetchError):
+    pass
+
+
 class ModelNotLocalError(LlmrunError):
+    pass
+
+
+class ConflictError(LlmrunError):
     pass
 
 

@@ -28,6 +28,8 @@ class RunSettings:
     rpc_servers: tuple[str, ...] = ()  # llama.cpp RPC workers "host:port" whose devices join the split
     kv_unified: bool = False          # llama.cpp kv_unified: one KV stream shared by all sequences
     repack: bool = True               # llama.cpp extra buffer types (CPU_REPACK); False = --no-repack
+    swa_full: bool = True             # llama.cpp swa_full (its default): sliding-window layers get a full-size KV
+                                      # cache; False = a window-sized one (llama-server's default)
 
     @property
     def n_ctx_seq(self) -> int:

@@ -15,18 +15,21 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import llama_cpp as lc
 
 from runner.engine import native, tools as tool_formats
+from runner.engine.embedding import EmbedJob, Embedder
 from runner.engine.generation import GenerationHandle, Output, completion
 from runner.engine.template import ChatFormat
-from runner.engine.types import ChatMessage, Delta, EngineStats, FinishReason, SamplingParams, Tools
+from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
+                                 SamplingParams, Tools)
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.core.run_settings import RunSettings
 
 _WAKE = object()
+_NO_ABORT = lc.ggml_abort_callback()   # NULL: no abort callback
 
 
 @dataclass(eq=False)
@@ -98,7 +101,8 @@ def validate_params(p: SamplingParams) -> None:
 class LlamaEngine:
     """Implements runner.engine.types.Engine."""
 
-    def __init__(self, loaded: native.Loaded, *, model_name: str, load_seconds: float, buffers: dict | None = None):
+    def __init__(self, loaded: native.Loaded, *, model_name: str, load_seconds: float, buffers: dict | None = None,
+                 settings: RunSettings | None = None):
         self._m = loaded
         self.model_name = model_name
         self.n_ctx = loaded.n_ctx_seq          # per sequence, as EngineStats reports it
@@ -118,9 +122,24 @@ class LlamaEngine:
         self._lock = threading.Lock()        # guards the counters read by stats()
         self._tokens_in = 0
         self._tokens_out = 0
+        self._solo_tokens = 0
+        self._solo_seconds = 0.0
         self._closing = False
         self._dead: str | None = None
         self._eog: tuple[int, ...] | None = None
+        # A step that evaluates prompt tokens can take seconds (a 512-token chunk of a 7B model on a laptop CPU):
+        # cancelling one of its requests aborts it at llama.cpp's next graph node (CPU backend) instead of
+        # making everyone wait for it; the step is then undone and run again without the cancelled request.
+        self._step_handles: frozenset[GenerationHandle] = frozenset()
+        self._abort_step = False
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort_step)
+        self.aborted_steps = 0               # steps aborted that way (tests, diagnostics)
+        # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
+        self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
+        self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
+                                  n_tokens=min(lc.llama_model_n_ctx_train(loaded.model), loaded.n_ubatch),
+                                  threads=loaded.n_threads, settings=settings or RunSettings())
+        self._embed_jobs: list[EmbedJob] = []
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
 
@@ -255,12 +274,84 @@ class LlamaEngine:
         self._check_fits(len(tokens), limit=self._limit(params))
         return self._submit(list(tokens), params)
 
+    # ------------------------------------------------------------------------------------------ embeddings etc.
+    @property
+    def embedding_tokens(self) -> int:
+        """The longest input embed() takes (tokens), and what one embedding decode holds in all."""
+        return self._embedder.n_tokens
+
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = False) -> Embeddings:
+        """One pooled vector per input (texts are tokenized with the model's BOS/EOS/CLS/SEP, special-token text
+        is NOT parsed: a document is data). Inputs longer than `embedding_tokens` are cut when `truncate`, else
+        ContextOverflowError. Blocks until the engine thread has decoded them, packed into as few decodes as fit."""
+        if not inputs:
+            raise UsageError("embeddings need at least one input")
+        self._check_open()
+        pooling = self._embedder.pooling
+        if pooling not in native.POOLING_TYPES:
+            raise UsageError(f"{self.model_name} declares {pooling} pooling: it cannot embed texts",
+                             hint="a reranker (rank pooling) scores pairs of texts; serve an embedding model")
+        limit = self._embedder.n_tokens
+        tokens: list[list[int]] = []
+        cut: list[int] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                toks = native.tokenize(self._m.vocab, item, add_special=True, parse_special=False)
+            else:
+                toks = list(item)
+                native.check_tokens(toks, self._m.n_vocab, what=f"input[{i}]: token")
+            if not toks:
+                raise UsageError(f"input[{i}] is empty: there is nothing to embed")
+            if len(toks) > limit:
+                if not truncate:
+                    raise ContextOverflowError(
+                        f"input[{i}] is {len(toks)} tokens; this model embeds at most {limit} tokens per input",
+                        hint="split the text into smaller chunks (or let the server truncate it)")
+                toks = toks[:limit]
+                cut.append(i)
+            tokens.append(toks)
+        job = EmbedJob(tokens, truncated=tuple(cut), pooling=cast(Pooling, pooling))
+        self._inbox.put(job)
+        return job.result(self._thread.is_alive)
+
+    @property
+    def embed_decodes(self) -> int:
+        """Embedding decodes run so far (each holds many inputs)."""
+        return self._embedder.decodes
+
+    def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return native.tokenize(self._m.vocab, text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_pieces(tokens)).decode("utf-8", errors="replace")
+
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        native.check_tokens(tokens, self._m.n_vocab)
+        return [native.piece(self._m.vocab, t, special=True) for t in tokens]
+
+    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+        if not messages:
+            raise UsageError("a chat needs at least one message")
+        return self.chat_format.render(messages)
+
+    def _check_open(self) -> None:
+        if self._closing or self._m.ctx is None:
+            raise EngineError("the engine is closed")
+        if self._dead:
+            raise EngineError(f"the engine stopped after an internal error: {self._dead}")
+
     def stats(self) -> EngineStats:
         with self._lock:
             busy = sum(1 for s in self._slots if s.req is not None)
             return EngineStats(model=self.model_name, n_ctx=self.n_ctx, n_parallel=self.n_parallel, busy_slots=busy,
-                               queued=len(self._waiting) + self._inbox.qsize(), tokens_in=self._tokens_in,
-                               tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers))
+                               queued=len(self._waiting) + self._inbox_requests(), tokens_in=self._tokens_in,
+                               tokens_out=self._tokens_out, load_seconds=self.load_seconds, buffers=dict(self.buffers),
+                               solo_decode_tokens=self._solo_tokens, solo_decode_seconds=self._solo_seconds)
+
+    def _inbox_requests(self) -> int:
+        """Requests in the inbox, not counting the wake-ups cancellations post there."""
+        with self._inbox.mutex:
+            return sum(1 for item in self._inbox.queue if item is not _WAKE)
 
     def health(self) -> LlmrunError | None:
         """None while serving; the internal error that stopped the engine thread otherwise."""
@@ -283,10 +374,10 @@ class LlamaEngine:
     # ------------------------------------------------------------------------------------------ submission
     def _submit(self, tokens: list[int], params: SamplingParams, *, notice: str | None = None,
                 dropped: int = 0, tool_format: tool_formats.ToolFormat | None = None) -> GenerationHandle:
-        if self._closing or self._m.ctx is None:
-            raise EngineError("the engine is closed")
-        if self._dead:
-            raise EngineError(f"the engine stopped after an internal error: {self._dead}")
+        self._check_open()
+        if self.declared_pooling is not None:   # BERT-family files have no output layer: sampling would crash
+            raise UsageError(f"{self.model_name} is an embedding model ({self.declared_pooling} pooling): it cannot "
+                             "generate text", hint="use it through /v1/embeddings or /api/embed")
         if params.ignore_eos and self._eog is None:
             self._eog = native.eog_tokens(self._m.vocab, self._m.n_vocab)
         special = self._special(tool_format.preserved) if tool_format is not None else frozenset()
@@ -321,6 +412,8 @@ class LlamaEngine:
         return frozenset(ids)
 
     def _on_cancel(self, handle: GenerationHandle) -> None:
+        if handle in self._step_handles:
+            self._abort_step = True   # a prompt step running now stops at llama.cpp's next graph node
         self._inbox.put(_WAKE)  # the engine thread notices handle.cancelled at the start of its next step
 
     # ------------------------------------------------------------------------------------------ engine thread
@@ -332,12 +425,15 @@ class LlamaEngine:
         batch = lc.llama_batch_init(max(self._m.n_batch, self.n_parallel), 0, 1)
         try:
             while True:
-                idle = not self._busy() and not self._waiting
+                idle = not self._busy() and not self._waiting and not self._embed_jobs
                 self._take_inbox(block=idle)
                 if self._closing:
                     break
                 self._reap_cancelled()
                 self._assign()
+                if self._embed_jobs:          # one embedding decode between generation steps
+                    self._embedder.run_pass(self._embed_jobs)
+                    self._embed_jobs = [j for j in self._embed_jobs if not j.done]
                 if self._busy():
                     self._step(batch)
         except Exception as e:  # noqa: BLE001 - last resort of the thread: fail every request, never hang callers
@@ -350,6 +446,12 @@ class LlamaEngine:
             for req in self._waiting + self._drain_inbox():
                 self._finish(req, "cancelled" if self._closing else "error", error=self._dead)
             self._waiting.clear()
+            gone = EngineError("the engine closed" if self._closing else
+                               f"the engine stopped after an internal error: {self._dead}")
+            for job in self._embed_jobs:
+                job.fail(gone)
+            self._embed_jobs.clear()
+            self._embedder.close()
             lc.llama_batch_free(batch)
 
     def _drain_inbox(self) -> list[_Request]:
@@ -359,13 +461,17 @@ class LlamaEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return out
-            if item is not _WAKE:
+            if isinstance(item, EmbedJob):
+                self._embed_jobs.append(item)
+            elif item is not _WAKE:
                 out.append(item)
 
     def _take_inbox(self, block: bool) -> None:
         if block:
             item = self._inbox.get()
-            if item is not _WAKE:
+            if isinstance(item, EmbedJob):
+                self._embed_jobs.append(item)
+            elif item is not _WAKE:
                 self._waiting.append(item)
         self._waiting.extend(self._drain_inbox())
 
@@ -409,10 +515,12 @@ class LlamaEngine:
                 follower.cached_tokens = common
 
     def _step(self, batch) -> None:
+        t0 = time.perf_counter()
         b = batch
         n = 0
         outputs: list[tuple[_Slot, _Request, int]] = []
         busy = self._busy()
+        before = [(slot, req, len(slot.tokens), req.next_token, req.pending) for slot, req in busy]
 
         def put(slot: _Slot, token: int, logits: bool) -> None:
             nonlocal n
@@ -444,7 +552,27 @@ class LlamaEngine:
         if n == 0:                 # only choices waiting for a prompt another step reads
             return
         b.n_tokens = n
-        rc = lc.llama_decode(self._m.ctx, b)
+        abortable = prompt_tokens > 0
+        if abortable:
+            self._step_handles = frozenset(req.handle for _, req in busy)
+            self._abort_step = any(req.handle.cancelled for _, req in busy)   # after the line above: no gap
+            lc.llama_set_abort_callback(self._m.ctx, self._abort_cb, None)
+        try:
+            rc = lc.llama_decode(self._m.ctx, b)
+        finally:
+            if abortable:
+                lc.llama_set_abort_callback(self._m.ctx, _NO_ABORT, None)
+                self._step_handles = frozenset()
+        if rc == 2 and abortable and self._abort_step:
+            # aborted for a cancelled request: undo the step (llama.cpp keeps the cells of the ubatches it finished)
+            # and let the next one reap the cancelled request and evaluate the rest again
+            for slot, req, n_tokens, next_token, pending in before:
+                lc.llama_memory_seq_rm(self._mem, slot.seq, n_tokens, -1)
+                with self._lock:
+                    slot.tokens = slot.tokens[:n_tokens]
+                req.next_token, req.pending = next_token, pending
+            self.aborted_steps += 1
+            return
         if rc != 0:
             why = {1: "no room left in the KV cache", 2: "aborted"}.get(rc, f"llama_decode returned {rc}")
             for slot, req in busy:
@@ -456,6 +584,10 @@ class LlamaEngine:
             if req.followers:
                 self._fork(slot, req, idx)
             self._sample(slot, req, idx)
+        if n == 1 and prompt_tokens == 0:        # one sequence decoding alone: its speed, undiluted
+            with self._lock:
+                self._solo_tokens += 1
+                self._solo_seconds += time.perf_counter() - t0
 
     def _fork(self, slot: _Slot, req: _Request, idx: int) -> None:
         """The prompt of a request with n choices is read: the other choices' sequences get its KV cells
@@ -558,4 +690,4 @@ def start_engine(model_path: str | Path, settings: RunSettings | None = None, *,
     loaded = native.load(path, settings, n_parallel=n_par, threads=n_threads, kv_unified=kv_unified)
     load_s = time.perf_counter() - t0
     return LlamaEngine(loaded, model_name=model_name or path.stem, load_seconds=load_s,
-                       buffers=native.parse_buffer_lines(loaded.log_lines))
+                       buffers=native.parse_buffer_lines(loaded.log_lines), settings=settings)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterable, Iterator
 
 _BUFFER_RE = re.compile(
@@ -92,6 +93,41 @@ def capture_llama_logs(*, echo: bool = False) -> Iterator[LogCapture]:
 _KEEP_ALIVE: list = []
 _ACTIVE: list = []
 _SILENT: list = []
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_stderr() -> Iterator[LogCapture]:
+    """What is written to file descriptor 2 while the block runs (some llama.cpp code, the grammar parser among
+    it, prints to C's stderr instead of its log callback). The descriptor is process-wide: captures take turns
+    (a lock), and what other threads wrote in the meantime is in the capture too, for the caller to pass on
+    (`pass_on`)."""
+    import os
+    import sys
+    import tempfile
+
+    capture = LogCapture()
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield capture
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            capture.chunks.append(tmp.read().decode("utf-8", errors="replace"))
+
+
+def pass_on(text: str) -> None:
+    """Write `text` (what a capture caught that was not the caller's) to stderr after all."""
+    import sys
+
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def _silent_callback():
@@ -135,7 +171,7 @@ def _reset_peak_rss() -> bool:
 def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | None = None,
                      n_gpu_layers: int = 0, rpc_servers: tuple[str, ...] = ()) -> dict:
     """Load `model_path` once (mmap, CPU), then for each dict in `contexts` (keys: n_ctx, n_ubatch, n_batch,
-    flash_attn, n_seq_max, type_k, type_v, decode_tokens) create a context, decode `decode_tokens` tokens (default
+    flash_attn, n_seq_max, type_k, type_v, swa_full, embeddings, decode_tokens) create a context, decode `decode_tokens` tokens (default
     1) in one batch, and record the logged buffers, VmRSS and the peak RSS (VmHWM, reset before each context).
     Sizes are bytes. `rpc_servers` are registered first (llama.cpp RPC workers, `runner.cluster`), so
     `n_gpu_layers` offloads to them as it would to GPUs."""
@@ -157,7 +193,7 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
         t0 = time.monotonic()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(model_path), mparams)
         if not model:
             raise EngineError(f"llama.cpp could not load {model_path}", hint=cap.text[-2000:])
         result["load_s"] = time.monotonic() - t0
@@ -182,6 +218,8 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
                                       llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
                 cp.type_k = kv_type(spec.get("type_k", "f16")).ggml_type
                 cp.type_v = kv_type(spec.get("type_v", "f16")).ggml_type
+                cp.swa_full = bool(spec.get("swa_full", True))
+                cp.embeddings = bool(spec.get("embeddings", False))
                 t1 = time.monotonic()
                 ctx = llama_cpp.llama_init_from_model(model, cp)
                 if not ctx:

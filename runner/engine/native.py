@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
 
-from runner.core.errors import EngineError, GGUFError, UsageError
+from runner.core.errors import EngineError, GGUFError, GrammarError, UsageError
 from runner.core.run_settings import RunSettings, kv_type
 from runner.engine import ggml
 from runner.engine.types import SamplingParams, TokenLogprob, TopLogprob
@@ -137,7 +138,7 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
             overrides = experts_on_cpu_overrides()
             keep.append(overrides)
             mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        model = lc.llama_model_load_from_file(os.fsencode(path), mp)   # a file name need not be UTF-8
         if not model:
             raise EngineError(f"llama.cpp could not load {path}: {_last_error(cap.lines) or 'no reason given'}",
                               hint="check the file is a complete GGUF download (`llmrun pull` verifies it)")
@@ -152,6 +153,7 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
         cp.type_v = kv_type(settings.type_v).ggml_type
         cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.kv_unified = kv_unified or settings.kv_unified
+        cp.swa_full = settings.swa_full
         cp.no_perf = True
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
@@ -164,6 +166,83 @@ def load(path: Path, settings: RunSettings, *, n_parallel: int, threads: int, kv
                         n_seq=lc.llama_n_seq_max(ctx), n_batch=lc.llama_n_batch(ctx), n_ubatch=lc.llama_n_ubatch(ctx),
                         n_vocab=lc.llama_vocab_n_tokens(vocab), n_threads=threads, log_lines=cap.lines)
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+
+# llama.cpp's enum llama_pooling_type, as GGUF files store it in {arch}.pooling_type
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+POOLING_TYPES = {"mean": lc.LLAMA_POOLING_TYPE_MEAN, "cls": lc.LLAMA_POOLING_TYPE_CLS,
+                 "last": lc.LLAMA_POOLING_TYPE_LAST}
+DEFAULT_POOLING = "mean"     # for models that declare none (causal LMs): see docs/engine.md, "Embeddings"
+MAX_EMBED_SEQS = 256         # llama.cpp's LLAMA_MAX_SEQ: sequences (inputs) in one embedding decode
+
+
+def declared_pooling(model) -> str | None:
+    """The pooling type the GGUF declares ({arch}.pooling_type: embedding models), or None (causal LMs)."""
+    arch = meta_str(model, "general.architecture")
+    value = meta_str(model, f"{arch}.pooling_type") if arch else None
+    if value is None:
+        return None
+    try:
+        return POOLING_NAMES.get(int(value), f"unknown ({value})")
+    except ValueError:
+        return f"unknown ({value})"
+
+
+@dataclass
+class EmbeddingContext:
+    """A second llama.cpp context on an already loaded model, for embeddings: `embeddings=true`, the pooling type
+    given, one unified KV cache of `n_tokens` cells that every sequence shares, and n_batch = n_ubatch = n_tokens
+    so that every decode is ONE ubatch (llama.cpp pools a sequence within a ubatch, and non-causal models such as
+    BERT must see all their tokens at once)."""
+
+    ctx: object
+    n_tokens: int          # tokens one decode holds, all its sequences together; also the longest input
+    n_seq: int             # sequences (inputs) one decode holds
+    n_embd: int
+    pooling: str
+    log_lines: list[str]
+
+    def free(self) -> None:
+        if self.ctx:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+
+
+def create_embedding_context(model, *, pooling: str, n_tokens: int, n_seq: int, threads: int,
+                             settings: RunSettings) -> EmbeddingContext:
+    """The embedding context (see EmbeddingContext). KV types and flash attention follow `settings`."""
+    if pooling not in POOLING_TYPES:
+        raise UsageError(f"this model's pooling type is {pooling!r}; embeddings need mean, cls or last pooling",
+                         hint="a reranker (rank pooling) scores pairs of texts; it does not embed them")
+    with llama_logs() as cap:
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_tokens
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True
+        cp.embeddings = True
+        cp.pooling_type = POOLING_TYPES[pooling]
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = kv_type(settings.type_k).ggml_type
+        cp.type_v = kv_type(settings.type_v).ggml_type
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.no_perf = True
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create the embedding context ({n_tokens} tokens, {n_seq} "
+                              f"sequences): {_last_error(cap.lines) or 'no reason given'}",
+                              hint="free memory (fewer parallel slots or a smaller --ctx), then retry")
+    return EmbeddingContext(ctx=ctx, n_tokens=n_tokens, n_seq=n_seq, n_embd=lc.llama_model_n_embd_out(model),
+                            pooling=pooling, log_lines=cap.lines)
+
+
+def pooled_embedding(ctx, seq: int, n_embd: int) -> tuple[float, ...]:
+    """The pooled embedding of sequence `seq` after a decode on an embedding context."""
+    ptr = lc.llama_get_embeddings_seq(ctx, seq)
+    if not ptr:
+        raise EngineError(f"llama.cpp returned no pooled embedding for sequence {seq}")
+    return tuple(ptr[:n_embd])
 
 
 # ---------------------------------------------------------------------------------------------------- tokens
@@ -191,8 +270,18 @@ def token_text(vocab, token: int) -> str:
     return t.decode("utf-8", errors="replace") if t else ""
 
 
+def utf8(text: str, what: str) -> bytes:
+    """`text` as UTF-8 for llama.cpp; a UsageError when it cannot be (a lone surrogate, which valid Unicode text
+    never holds, but Python strings from JSON escapes or surrogateescape decoding can)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid Unicode: a lone surrogate (\\u{ord(text[e.start]):04x}) at character "
+                         f"{e.start}", hint="send valid UTF-8 text (surrogates come in pairs)") from e
+
+
 def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-    data = text.encode("utf-8")
+    data = utf8(text, "the text")
     n_max = len(data) + 8
     buf = (lc.llama_token * n_max)()
     n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
@@ -202,6 +291,23 @@ def tokenize(vocab, text: str, *, add_special: bool, parse_special: bool = True)
         if n < 0:
             raise EngineError("llama.cpp could not tokenize the text")
     return list(buf[:n])
+
+
+def check_tokens(tokens, n_vocab: int, *, what: str = "token") -> None:
+    """Token ids llama.cpp would abort the process on (out of the vocabulary) get a clear error instead."""
+    for i, t in enumerate(tokens):
+        if not 0 <= t < n_vocab:
+            raise UsageError(f"{what} {t} (at index {i}) is not a token id: the vocabulary has ids 0 to {n_vocab - 1}")
+
+
+def piece(vocab, token: int, *, special: bool) -> bytes:
+    """One token's bytes; with `special`, control tokens (<|im_start|>, BOS, ...) render as their text."""
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:max(n, 0)]
 
 
 class Detokenizer:
@@ -326,7 +432,7 @@ def sampler(vocab, n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...]
     """The Sampler of one request: sampler_chain() and, with params.grammar, its grammar sampler."""
     chain = sampler_chain(n_vocab, params, eog=eog, seed_offset=seed_offset, n_ctx=n_ctx)
     try:
-        grammar = _grammar_sampler(vocab, params.grammar, params.grammar_triggers) if params.grammar else None
+        grammar = grammar_sampler(vocab, params.grammar, params.grammar_triggers) if params.grammar else None
     except BaseException:
         lc.llama_sampler_free(chain)
         raise
@@ -380,18 +486,51 @@ def sampler_chain(n_vocab: int, params: SamplingParams, *, eog: tuple[int, ...] 
     return chain
 
 
-def _grammar_sampler(vocab, grammar: str, triggers: tuple[str, ...]) -> object:
-    """A grammar sampler; with `triggers` a lazy one, free until a trigger pattern matches the output."""
-    if triggers:
-        pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
-        g = lc.llama_sampler_init_grammar_lazy_patterns(vocab, grammar.encode(), b"root", pats, len(triggers),
-                                                        None, 0)
-    else:
-        g = lc.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+def grammar_sampler(vocab, grammar: str, triggers: tuple[str, ...] = ()) -> object:
+    """llama.cpp's grammar sampler for GBNF text; with `triggers` a lazy one, free until a trigger pattern
+    matches the output. A grammar llama.cpp rejects is a GrammarError with llama.cpp's reason: its parser
+    prints that to stderr (and a line to its log), so both are captured, and what other threads wrote to stderr
+    meanwhile is passed on."""
+    from runner.engine.buffers import capture_llama_logs, capture_stderr, pass_on
+
+    data = utf8(grammar, "the grammar")
+    with capture_stderr() as err, capture_llama_logs() as log:
+        if triggers:
+            pats = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
+            g = lc.llama_sampler_init_grammar_lazy_patterns(vocab, data, b"root", pats, len(triggers), None, 0)
+        else:
+            g = lc.llama_sampler_init_grammar(vocab, data, b"root")
+    reason, rest = grammar_error(err.text, grammar)
+    pass_on(rest)
     if not g:
-        raise UsageError("the grammar is not valid GBNF (llama.cpp rejected it)",
-                         hint="see llama.cpp's grammars/README.md; the start rule must be named root")
+        reason = reason or _last_error(log.lines) or "no reason given"
+        raise GrammarError(f"the grammar is not valid GBNF: llama.cpp says {reason}",
+                           hint="see llama.cpp's grammars/README.md; the start rule must be named root")
     return g
+
+
+_GRAMMAR_ERROR = re.compile(r"(?:\w+: )?error parsing grammar: ")
+_REASON_CHARS = 160
+
+
+def grammar_error(stderr: str, grammar: str) -> tuple[str | None, str]:
+    """(the reason llama.cpp's grammar parser printed, the rest of `stderr`). The parser prints
+    "parse: error parsing grammar: REASON", a blank line and the grammar itself; a REASON such as "unknown escape
+    at ..." goes on with the rest of the grammar, so only its first line is kept (shortened)."""
+    m = _GRAMMAR_ERROR.search(stderr)
+    if m is None:
+        return None, stderr
+    echo = "\n\n" + grammar + "\n"
+    end = stderr.find(echo, m.end())
+    if end < 0:
+        end = stderr.find("\n", m.end())
+        end, tail = (len(stderr), 0) if end < 0 else (end, 1)
+    else:
+        tail = len(echo)
+    reason = stderr[m.end():end].strip().split("\n", 1)[0]
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS - 3] + "..."
+    return reason, stderr[:m.start()] + stderr[end + tail:]
 
 
 

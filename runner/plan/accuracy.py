@@ -25,8 +25,34 @@ LLAMA2_13B = ModelShape("llama", n_layer=40, n_embd=5120, n_head=40, n_head_kv=4
                         n_ctx_train=4096)
 SMOLLM2_135M = ModelShape("llama", n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152,
                           n_ctx_train=8192)
-SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-2-13b": LLAMA2_13B, "smollm2-135m": SMOLLM2_135M}
+# One tiny shape-true file per architecture beyond llama (2-6 layers: the KV per layer and the compute buffer do
+# not depend on the layer count), at widths where each one's own graph terms (Q wider than E, fused QKV, sliding
+# window, MLA, experts) are what sizes the buffers. Name -> (shape, the quant its published files use).
+ARCH_CASES: dict[str, tuple[ModelShape, str]] = {
+    "tiny-llama3": (ModelShape("llama", 2, 1024, 16, 4, 3584, 8000, 8192), "Q4_K_M"),
+    "tiny-mixtral": (ModelShape("llama", 2, 1024, 16, 4, 1792, 8000, 4096, n_expert=8, n_expert_used=2),
+                     "Q4_K_M"),
+    "tiny-qwen2": (ModelShape("qwen2", 2, 1024, 16, 2, 2816, 8000, 4096), "Q4_K_M"),
+    "tiny-qwen3": (ModelShape("qwen3", 2, 1024, 16, 8, 3072, 8000, 4096, head_dim=128), "Q4_K_M"),
+    "tiny-qwen3moe": (ModelShape("qwen3moe", 2, 1024, 16, 4, 3072, 8000, 4096, head_dim=128, n_expert=8,
+                                 n_expert_used=2, n_ff_exp=768), "Q4_K_M"),
+    "tiny-gemma2": (ModelShape("gemma2", 2, 1024, 8, 4, 4096, 8000, 8192, head_dim=256, sliding_window=256,
+                               swa_pattern=2), "Q4_K_M"),
+    "tiny-gemma3": (ModelShape("gemma3", 6, 1024, 8, 4, 4096, 8000, 8192, head_dim=256, sliding_window=256,
+                               swa_pattern=6), "Q4_K_M"),
+    "tiny-phi3": (ModelShape("phi3", 2, 1024, 16, 16, 2816, 8000, 4096), "Q4_K_M"),
+    "tiny-deepseek2": (ModelShape("deepseek2", 2, 1024, 16, 1, 2816, 8000, 4096, head_dim=576, head_dim_v=512,
+                                  head_dim_mla=192, head_dim_v_mla=128, q_lora_rank=512, n_expert=8,
+                                  n_expert_used=2, n_ff_exp=512, n_expert_shared=1, n_layer_dense_lead=1), "Q4_K_M"),
+    "tiny-gpt-oss": (ModelShape("gpt-oss", 2, 1024, 16, 4, 1024, 8000, 4096, head_dim=64, sliding_window=128,
+                                swa_pattern=2, n_expert=8, n_expert_used=2), "MXFP4_MOE"),
+    "tiny-bert": (ModelShape("bert", 2, 1024, 16, 16, 4096, 30522, 512), "F16"),
+    "tiny-nomic-bert": (ModelShape("nomic-bert", 2, 768, 12, 12, 3072, 30522, 2048), "F16"),
+}
+SHAPES = {"llama-2-7b": LLAMA2_7B, "llama-2-13b": LLAMA2_13B, "smollm2-135m": SMOLLM2_135M,
+          **{name: shape for name, (shape, _quant) in ARCH_CASES.items()}}
 N_CTX = (512, 2048, 4096)
+N_CTX_ARCH = (1024, 4096)        # tiny files: n_ctx 512 is below what the planner ever picks (docs list its misses)
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 # python + llama_cpp imported, before the model: subtracted from nothing; the estimate's HOST_OVERHEAD covers it
 
@@ -40,6 +66,7 @@ class ContextSpec(TypedDict):
     n_batch: int
     flash_attn: bool
     decode_tokens: int
+    embeddings: bool
 
 
 class ContextMeasurement(TypedDict):
@@ -102,6 +129,12 @@ def synthetic_case(name: str, quant: str) -> Case:
     return Case(f"{name} {quant}", ensure_synth(shape, quant, name=name), shape, quant)
 
 
+def arch_case(name: str) -> Case:
+    """The tiny shape-true file of one architecture (ARCH_CASES), written to the synthetic cache if missing."""
+    _shape, quant = ARCH_CASES[name]
+    return synthetic_case(name, quant)
+
+
 def demo_case(path: Path) -> Case:
     from runner.model.gguf import derive_shape, read_header
 
@@ -139,10 +172,15 @@ def measure_case(case: Case, n_ctxs: tuple[int, ...] = N_CTX, *, measure: Measur
     measurement with the estimate. `fill` decodes a whole context of tokens (the worst case the estimate's total
     stands for: the last ubatch attends to every cell); otherwise one token is decoded (reads every weight,
     touches little of the compute buffer)."""
+    from runner.model.archs import arch_spec
+
     flags = cpu_flags() if flags is None else flags
     defaults = RunSettings()
+    spec = arch_spec(case.shape.arch)
+    embeddings = spec is not None and spec.embedding      # an embedding model is only run with embeddings on
     specs = [ContextSpec(n_ctx=n, n_ubatch=defaults.n_ubatch, n_batch=defaults.n_batch,
-                         flash_attn=defaults.flash_attn, decode_tokens=n if fill else 1) for n in n_ctxs]
+                         flash_attn=defaults.flash_attn, decode_tokens=n if fill else 1, embeddings=embeddings)
+             for n in n_ctxs]
     result = measure(str(case.path), specs)
     rows: list[Row] = []
     for n_ctx, ctx in zip(n_ctxs, result["contexts"]):

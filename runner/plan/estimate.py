@@ -6,8 +6,8 @@ Public API
     WeightsLayout from a header or a quant recipe, in runner.model.layout)
     DeviceMemory, MemoryEstimate     the result
     estimate(shape, layout, settings, *, gpus, gpu_free, cpu_flags, unified) -> MemoryEstimate
-    kv_cache_bytes(shape, settings)  the KV cache alone (all layers, all devices)
     layer_devices(n_layer, settings, gpus, gpu_free)  where each layer and the output layer go
+    (the KV cache per layer is runner.plan.kv; the compute and output buffers per architecture runner.plan.graph)
 
 Devices are named as llama.cpp names its buffers: "CPU" (host RAM), "GPU0", "GPU1", ... (CUDA0...), and
 "RPC0", ... for RPC workers, which llama.cpp puts first in its device list (and in tensor_split).
@@ -16,12 +16,15 @@ Model of llama.cpp (ggml-org/llama.cpp as vendored by llama-cpp-python 0.3.36), 
 - placement: i_gpu_start = max(n_layer + 1 - ngl, 0); layers i >= i_gpu_start go to the GPUs, split in
   proportion to tensor_split (default: free memory); the output layer counts as layer n_layer, so it is offloaded
   first (as soon as ngl >= 1); token_embd always stays in host memory.
-- KV cache: n_ctx is padded to a multiple of 256; 2 * n_layer * n_head_kv * head_dim * cells * type size, with
-  the real block sizes (f16 2, q8_0 34/32, q4_0 18/32); n_seq_max splits n_ctx into streams, it does not
-  multiply it. Each layer's K/V live on that layer's device.
-- compute buffer (per device): inputs + the largest of three graph phases, fitted to the logged sizes (see
-  docs/estimation.md for the fit and its residuals).
-- output buffer: n_vocab * 4 * n_seq_max on the host.
+- KV cache (runner.plan.kv): n_ctx is padded to a multiple of 256; per layer n_head_kv * head_dim * cells * type
+  size for K and for V, with the real block sizes (f16 2, q8_0 34/32, q4_0 18/32); sliding-window layers, MLA
+  and encoders as the architecture says; n_seq_max splits n_ctx into streams, it does not multiply it. Each
+  layer's K/V live on that layer's device.
+- compute buffer (per device, runner.plan.graph): inputs + the largest of three graph phases, fitted per
+  architecture to the logged sizes (see docs/estimation.md for the fits and their residuals).
+- output buffer: n_vocab * 4 * n_seq_max on the host (plus the pooled embedding for embedding models).
+- an architecture runner.model.archs does not cover gets exact weights from its header and llama's KV and
+  compute terms, marked approximate (`MemoryEstimate.approximate`, and a note).
 - CPU_REPACK: on x86 with AVX2, Q4_0 / Q4_K / IQ4_NL / MXFP4 2-D weights with ne1 % 8 == 0 that feed a matmul
   (not token_embd) are repacked into a second copy (Q2_K too with AVX-512; Q4_0/Q4_K/Q5_K/Q6_K/Q8_0/IQ4_NL on
   ARM NEON with dotprod/i8mm). The mmap'd pages of those tensors are read to repack them and stay resident, so
@@ -34,9 +37,13 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from runner.core.errors import UsageError
-from runner.core.run_settings import RunSettings, kv_type
-from runner.model.layout import WeightsLayout
+from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape, TensorInfo
+from runner.model.archs import arch_spec, is_covered
+from runner.model.layout import WeightsLayout
+from runner.plan.graph import NO_FLASH_ATTN_ARCHS, SMALL_INPUTS, compute_buffer_bytes, compute_committed_bytes, \
+    flash_attn_effective, output_buffer_bytes
+from runner.plan.kv import has_kv_cache, kv_cells, kv_layers
 
 MiB = 1024**2
 
@@ -44,14 +51,12 @@ MiB = 1024**2
 # ------------------------------------------------------------------------------------------------------------
 # constants (documented in docs/estimation.md)
 
-CTX_PAD = 256                          # llama.cpp pads the KV cache size to a multiple of 256 cells
 CUDA_CONTEXT_BYTES = 400 * MiB         # CUDA context + cuBLAS workspace per GPU (unverified here: no GPU)
 GPU_MARGIN_BYTES = 512 * MiB           # kept free per GPU for fragmentation and other processes
 RPC_OVERHEAD_BYTES = 64 * MiB          # rpc-server process on the worker, beyond its buffers
 HOST_OVERHEAD_BYTES = 42 * MiB         # the Python interpreter with llama_cpp imported, before a model (measured RSS)
 HOST_BYTES_PER_TOKEN = 384             # llama.cpp's vocabulary tables per token (measured: 7B 6.6 MiB, demo 18 MiB)
 CUDA_HOST_BYTES = 256 * MiB            # host RAM the CUDA runtime and cuBLAS take once GPUs are used (unverified)
-_SMALL_INPUTS = 10 * 1024              # token ids, positions, output ids: a few KiB in every graph
 
 # Which weight types the CPU repacks, by instruction set (ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type)
 _REPACK_RULES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
@@ -118,6 +123,7 @@ class MemoryEstimate:
     devices: tuple[DeviceMemory, ...]
     n_gpu_layers_effective: int       # llama.cpp ngl after clamping to n_layer + 1 (0 without GPUs)
     notes: tuple[str, ...] = field(default=(), compare=False)
+    approximate: tuple[str, ...] = ()  # terms not measured for this architecture ("kv_cache", "compute")
 
     @property
     def host(self) -> DeviceMemory:
@@ -140,7 +146,7 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict[str, object]:
         return {"devices": [d.as_dict() for d in self.devices], "n_gpu_layers": self.n_gpu_layers_effective,
-                "total": self.total, "notes": list(self.notes)}
+                "total": self.total, "notes": list(self.notes), "approximate": list(self.approximate)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -210,138 +216,6 @@ def _is_expert(name: str) -> bool:
 # terms
 
 
-def kv_cells(settings: RunSettings) -> tuple[int, int]:
-    """(cells per stream, streams) of the KV cache llama.cpp allocates for these settings."""
-    if settings.n_ctx < 1:
-        raise UsageError(f"n_ctx must be positive, not {settings.n_ctx}")
-    n_seq = max(settings.n_parallel, 1)
-    n_ctx = -(-settings.n_ctx // CTX_PAD) * CTX_PAD
-    if settings.kv_unified or n_seq == 1:
-        return n_ctx, 1
-    per_seq = -(-(n_ctx // n_seq) // CTX_PAD) * CTX_PAD
-    return per_seq, n_seq
-
-
-def _kv_type_bytes(type_name: str, n: int) -> int:
-    return kv_type(type_name).row_bytes(n)
-
-
-def kv_layer_bytes(shape: ModelShape, settings: RunSettings) -> int:
-    """KV cache bytes of one layer (K and V, all streams)."""
-    cells, streams = kv_cells(settings)
-    kv_dim = shape.n_embd_k_gqa
-    k = _kv_type_bytes(settings.type_k, kv_dim) * cells * streams
-    v = _kv_type_bytes(settings.type_v, kv_dim) * cells * streams
-    return k + v
-
-
-def kv_cache_bytes(shape: ModelShape, settings: RunSettings) -> int:
-    return kv_layer_bytes(shape, settings) * shape.n_layer
-
-
-# architectures whose graph llama.cpp runs without flash attention whatever is asked ("flash_attn is not
-# compatible with Grok - forcing off")
-NO_FLASH_ATTN_ARCHS = frozenset({"grok"})
-
-
-def flash_attn_effective(settings: RunSettings, shape: ModelShape | None = None) -> bool:
-    """Whether llama.cpp will run flash attention: off for architectures that do not support it; on when asked,
-    or when the V cache is quantized (llama.cpp needs it then and turns it on)."""
-    if shape is not None and shape.arch in NO_FLASH_ATTN_ARCHS:
-        return False
-    return settings.flash_attn or settings.type_v.lower() not in ("f16", "f32", "bf16")
-
-
-@dataclass(frozen=True)
-class GraphFit:
-    """An architecture's compute-graph phases, in bytes per ubatch token (U), fitted to llama.cpp's logged compute
-    buffers. Attention phase: 4*(attn_embd*E + 2KV) of projections (attn_embd_mqa when n_head_kv is 1) plus the
-    KQ scores. Feed-forward phase: ffn_ff*F + ffn_embd*E (+ ffn_embd_no_fa*E without flash attention), plus the
-    projections 4*(5E + 2KV) when they are still alive there (ffn_with_projections)."""
-
-    ffn_ff: int = 12
-    ffn_embd: int = 16
-    ffn_embd_no_fa: int = 4
-    ffn_with_projections: bool = False
-    attn_embd: int = 5
-    attn_embd_mqa: int = 5
-
-
-# llama/grok: gate + up + SiLU product (12F) (docs/estimation.md). falcon: up + GELU in place (4F); the MLP runs in
-# parallel with attention, so the Q/K/V and output projections are still alive; in the attention phase the fused
-# QKV leaves 3E + 2KV alive with grouped-query attention, 5E + 2KV with multi-query (n_head_kv 1). Measured on
-# falcon-shaped synthetic files (E 2048-8192, n_head_kv 1-8, F 4096-32768, U 256-512), without flash attention
-# (llama.cpp's falcon graph with flash attention is unmeasured).
-GRAPH_FITS: dict[str, GraphFit] = {
-    "llama": GraphFit(),
-    "grok": GraphFit(),
-    "falcon": GraphFit(ffn_ff=4, ffn_embd=0, ffn_embd_no_fa=0, ffn_with_projections=True, attn_embd=3),
-}
-
-
-def compute_buffer_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True,
-                         n_outputs: int | None = None, host: bool = True) -> int:
-    """The compute buffer of a device that runs the whole graph (CPU-only): graph inputs + the largest of the
-    attention, feed-forward and output phases, for the worst-case ubatch llama.cpp reserves for.
-
-    Fitted to llama.cpp's logged sizes on llama-shaped models (docs/estimation.md):
-      U = min(n_ubatch, n_ctx), K = KV cells per stream, E = n_embd, KV = n_head_kv*head_dim, F = n_ff
-      mask         = U*K*4 (f32), or U*K*2 (f16) with flash attention or on an offload device
-      attention    = 4*U*K*n_head (KQ scores, absent with flash attention) + 4*U*(5E + 2KV)
-      feed-forward = 12*U*F + 16*U*E (+ 4*U*E without flash attention, dense models); MoE: F = n_ff * n_used;
-                     per architecture in GRAPH_FITS (falcon: 4*U*F + projections; attention 3E+2KV with GQA)
-      output       = 4*U*n_vocab + 8*U*E      (the mask is freed by then; 4*U*E instead of 8 on an offload device)
-    `host=False`: the buffer of an offload device (checked with an RPC device; a GPU's is unverified).
-    """
-    u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
-    cells, _streams = kv_cells(settings)
-    k = cells
-    e, kv, f, h = shape.n_embd, shape.n_embd_k_gqa, shape.n_ff, shape.n_head
-    fa = flash_attn_effective(settings, shape)
-    if shape.is_moe:
-        f = shape.n_ff * max(shape.n_expert_used, 1)
-    mask = u * k * (2 if fa or not host else 4)     # an offload device gets it as f16
-    fit = GRAPH_FITS.get(shape.arch, GRAPH_FITS["llama"])
-    attn_embd = fit.attn_embd_mqa if shape.n_head_kv == 1 else fit.attn_embd
-    attention = 4 * u * (attn_embd * e + 2 * kv) + (0 if fa else 4 * u * k * h)
-    ffn = (fit.ffn_ff * u * f + fit.ffn_embd * u * e + (0 if fa or shape.is_moe else fit.ffn_embd_no_fa * u * e)
-           + (4 * u * (5 * e + 2 * kv) if fit.ffn_with_projections else 0))
-    phases = [mask + attention + _SMALL_INPUTS, mask + ffn + _SMALL_INPUTS]
-    if with_output:
-        n_out = u if n_outputs is None else max(1, min(n_outputs, u))
-        phases.append(4 * n_out * shape.n_vocab + (8 if host else 4) * n_out * e)
-    return max(phases)
-
-
-def compute_committed_bytes(shape: ModelShape, settings: RunSettings, *, with_output: bool = True) -> int:
-    """The part of a host compute buffer that becomes resident at worst while generating: the CPU backend
-    mallocs the buffer and only the pages a graph touches are committed. Prompt processing with a full context
-    touches the attention and feed-forward phases; the output phase of the reservation (logits for every token
-    of a ubatch) is touched only when all logits are requested (perplexity, embeddings), so it counts with one
-    output per sequence. ggml's allocator plans each graph anew as the context grows, so the pages touched are
-    the largest phase plus about one [n_embd + n_ff, U] f32 activation that lands elsewhere (measured on the demo
-    model while filling 512-4096 contexts), capped by the buffer itself; plus the CPU matmul work buffer."""
-    u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
-    phase = compute_buffer_bytes(shape, settings, with_output=with_output, n_outputs=max(settings.n_parallel, 1))
-    spill = 4 * u * (shape.n_embd + shape.n_ff)
-    committed = min(compute_buffer_bytes(shape, settings, with_output=with_output), phase + spill)
-    return committed + cpu_work_buffer_bytes(shape, settings)
-
-
-def cpu_work_buffer_bytes(shape: ModelShape, settings: RunSettings) -> int:
-    """The CPU backend's matmul work buffer (not logged by llama.cpp): without flash attention the softmaxed
-    KQ scores are converted to f16 for the KQV product, 2 * U * K * n_head bytes at a full context."""
-    if flash_attn_effective(settings, shape):
-        return 0
-    u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
-    cells, _streams = kv_cells(settings)
-    return 2 * u * cells * shape.n_head
-
-
-def output_buffer_bytes(shape: ModelShape, settings: RunSettings) -> int:
-    return shape.n_vocab * 4 * max(settings.n_parallel, 1)
-
-
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -390,18 +264,23 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
         span = max(t.offset + t.n_bytes for t in mapped) - min(t.offset for t in mapped)
         reclaimable = max(0, span - sum(t.n_bytes for t in mapped))
         weights["CPU"] = span
-    if out_dev != "CPU" and not any(_tensor_layer(t.name) is None and t.name.startswith("output.")
-                                    for t in layout.tensors):
-        # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
+    spec = arch_spec(shape.arch)
+    tied = None
+    if not (spec is not None and spec.embedding) and not any(
+            _tensor_layer(t.name) is None and t.name.startswith("output.") for t in layout.tensors):
         tied = next((t for t in layout.tensors if t.name.startswith("token_embd.")), None)
-        if tied is not None:
-            weights[out_dev] += tied.n_bytes
-            notes.append("tied embeddings: token_embd is copied to " + out_dev + " for the output layer")
+    if tied is not None and out_dev != "CPU":
+        # tied embeddings: llama.cpp duplicates token_embd as the output matrix on the output layer's device
+        weights[out_dev] += tied.n_bytes
+        notes.append("tied embeddings: token_embd is copied to " + out_dev + " for the output layer")
+    elif tied is not None and tied.type_name in repackable and len(tied.shape) == 2 and tied.shape[1] % 8 == 0:
+        # ... and on the CPU that duplicate feeds a matmul, so it is repacked (measured on gemma2, whose output
+        # is always token_embd)
+        repack["CPU"] += tied.n_bytes
 
-    kv_layer = kv_layer_bytes(shape, settings)
     kv = dict.fromkeys(names, 0)
-    for dev in layers:
-        kv[dev] += kv_layer
+    for dev, layer_bytes in zip(layers, kv_layers(shape, settings)):
+        kv[dev] += layer_bytes
 
     devices: list[DeviceMemory] = []
     offloaded = [d for d in names if d != "CPU" and (n_layers[d] or weights[d])]
@@ -418,11 +297,11 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
                 # them) and stages activations for the devices: mask + 4*U*(2E + 2KV), measured with an RPC
                 # device (SmolLM2 U=512: 5.01 MiB at n_ctx 1024, 11.01 at 4096; an 8-layer 1024-wide llama 12.01)
                 u = max(1, min(settings.n_ubatch, settings.n_batch, settings.n_ctx))
-                cells, _streams = kv_cells(settings)
+                cells = kv_cells(settings)[0] if has_kv_cache(shape) else u
                 mask = u * cells * (2 if flash_attn_effective(settings, shape) else 4)
                 staging = (mask + 4 * u * (2 * shape.n_embd + 2 * shape.n_embd_k_gqa)
                            + 4 * u * (shape.n_vocab if runs_output else 0))
-                compute = max(compute, staging + _SMALL_INPUTS)
+                compute = max(compute, staging + SMALL_INPUTS)
             committed = compute
             if n_layers["CPU"] and not offloaded:
                 committed = compute_committed_bytes(shape, settings, with_output=runs_output)
@@ -452,10 +331,16 @@ def estimate(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *,
         notes.append("a quantized V cache makes llama.cpp turn flash attention on")
     if unified:
         notes.append("unified memory: GPU buffers are in host RAM as well")
+    approximate: tuple[str, ...] = ()
+    if not is_covered(shape.arch) or (shape.arch == "deepseek2" and not shape.head_dim_mla):
+        approximate = ("kv_cache", "compute")
+        notes.append(f"architecture {shape.arch!r} is not covered: the weights are exact, the KV cache and compute "
+                     "buffer are estimated as for llama (approximate)")
     if repack["CPU"]:
         notes.append(f"CPU_REPACK: {repack['CPU'] / MiB:.0f} MiB of weights are repacked for this CPU "
                      "(a second copy, beside the mmap'd file pages)")
-    return MemoryEstimate(devices=tuple(devices), n_gpu_layers_effective=ngl, notes=tuple(notes))
+    return MemoryEstimate(devices=tuple(devices), n_gpu_layers_effective=ngl, notes=tuple(notes),
+                          approximate=approximate)
 
 
 def _is_repacked(t: TensorInfo, repackable: frozenset[str]) -> bool:

@@ -21,7 +21,8 @@ from runner.hardware.types import GPU, HardwareProfile
 from runner.model.catalog import CatalogEntry
 from runner.model.layout import WeightsLayout, layout_from_recipe
 from runner.plan import speed as speedmod
-from runner.plan.estimate import NO_FLASH_ATTN_ARCHS, MemoryEstimate, estimate, layer_devices, repacked_types
+from runner.plan.estimate import MemoryEstimate, estimate, layer_devices, repacked_types
+from runner.plan.graph import NO_FLASH_ATTN_ARCHS
 from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, MachineTooSmall, Memory, Placement, RuledOut, \
     TooBig, TooBigForUnifiedMemory
 
@@ -80,6 +81,7 @@ class Candidate:
         }
         if self.estimate is not None:
             d["memory"] = {dev.device: dev.sizes() for dev in self.estimate.devices}
+            d["approximate"] = list(self.estimate.approximate)   # terms not measured for this architecture
         if self.speed is not None:
             d["speed"] = {"decode_tps": round(self.speed.decode_tps, 2), "prompt_tps": round(self.speed.prompt_tps, 1),
                           "aggregate_decode_tps": round(self.speed.aggregate_decode_tps, 2),
@@ -89,6 +91,13 @@ class Candidate:
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
+def expert_param_count(shape: ModelShape) -> int:
+    """Parameters in the routed experts' gate, up and down matrices (0 for a dense model)."""
+    if not shape.is_moe:
+        return 0
+    return 3 * shape.n_embd * shape.expert_ff * shape.n_expert * (shape.n_layer - shape.n_layer_dense_lead)
+
+
 def capacity_total(hardware: HardwareProfile) -> int:
     """Bytes all devices together may use (the shared RAM on unified memory)."""
     if hardware.unified_memory:
@@ -213,22 +222,29 @@ class Memo:
 
     def __init__(self, hardware: HardwareProfile):
         self.hardware = hardware
-        self.layouts: dict[tuple[ModelShape, str], WeightsLayout] = {}
-        self.facts: dict[tuple[ModelShape, str], LayoutFacts] = {}
-        self.estimates: dict[tuple[ModelShape, str, RunSettings], MemoryEstimate] = {}
+        self.layouts: dict[object, WeightsLayout] = {}
+        self.facts: dict[object, LayoutFacts] = {}
+        self.estimates: dict[tuple[object, RunSettings], MemoryEstimate] = {}
         self.gpus = len(local_gpus(hardware))
         self.gpu_free = tuple(g.free_bytes for g in local_gpus(hardware))  # RPC devices: settings.rpc_servers
         self.repackable = repacked_types(hardware.cpu.flags)
 
+    @staticmethod
+    def key(entry: CatalogEntry) -> object:
+        """Entries with the same shape and quant share a recipe layout; one with its own tensors (a header's)
+        is its own."""
+        return (entry.shape, entry.quant) if entry.weights is None else ("file", entry.name)
+
     def layout(self, entry: CatalogEntry) -> WeightsLayout:
-        key = (entry.shape, entry.quant)
+        key = self.key(entry)
         layout = self.layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = layout_from_recipe(entry.shape, entry.quant)
+            layout = entry.weights if entry.weights is not None else layout_from_recipe(entry.shape, entry.quant)
+            self.layouts[key] = layout
         return layout
 
     def layout_facts(self, entry: CatalogEntry) -> LayoutFacts:
-        key = (entry.shape, entry.quant)
+        key = self.key(entry)
         facts = self.facts.get(key)
         if facts is None:
             layout = self.layout(entry)
@@ -240,7 +256,7 @@ class Memo:
         return facts
 
     def estimate(self, entry: CatalogEntry, settings: RunSettings) -> MemoryEstimate:
-        key = (entry.shape, entry.quant, settings)
+        key = (self.key(entry), settings)
         memory = self.estimates.get(key)
         if memory is None:
             hw = self.hardware
@@ -307,7 +323,7 @@ class EntryPlanner:
         n_params = float(shape.n_params or self.entry.params_b * 1e9)
         total_w = sum(weights.values()) or 1
         bytes_per_param = total_w / n_params
-        expert_params = 3 * shape.n_embd * shape.n_ff * shape.n_expert * shape.n_layer if shape.is_moe else 0
+        expert_params = expert_param_count(shape)
         ctx = settings.n_ctx // max(settings.n_parallel, 1)
         at = max(1, ctx // 2)
         flows = speedmod.traffic(

@@ -30,7 +30,7 @@ from runner.hardware.types import HardwareProfile
 from runner.model.catalog import Catalog, CatalogEntry, quant_rank
 from runner.plan import speed as speedmod
 from runner.plan.fit import MIN_AUTO_CTX, Candidate, EntryPlanner, Memo, capacities, capacity_total, check_fit, \
-    contexts, device_name, machine_memory, placements
+    contexts, device_name, expert_param_count, machine_memory, placements
 from runner.plan.ruled_out import PLACEMENT_LABEL, PLACEMENTS, BelowQualityFloor, CannotEstimate, \
     NotEstimated, OverDownloadLimit, Placement, RankedLower, RuledOut, RuledOutKind, Slower, TooSlow, \
     TooSlowNotEstimated, WeightsTooBig
@@ -223,7 +223,7 @@ def decode_bound(entry: CatalogEntry, hardware: HardwareProfile, specs: dict[str
     per_param = entry.size_bytes / n_params
     active = entry.size_bytes - shape.n_vocab * shape.n_embd * per_param      # one embedding row per token
     if shape.is_moe:
-        experts = 3 * shape.n_embd * shape.n_ff * shape.n_expert * shape.n_layer * per_param
+        experts = expert_param_count(shape) * per_param
         active -= experts * (1 - shape.n_expert_used / shape.n_expert)
     active = max(active, 1.0)
     gpus = [sp for name, sp in specs.items() if name != "CPU"]
@@ -267,7 +267,7 @@ def _calibration(bench: speedmod.Bench, fingerprint: str, catalog: Catalog, hard
         except UsageError:
             continue
         if fit is not None and fit.speed and fit.speed.decode_tps > 0:
-            ratios.append(speedmod.bench_decode_tps(rec) / fit.speed.decode_tps)
+            ratios.append(speedmod.calibration_ratio(rec, fit.speed.decode_tps))
     if not ratios:
         return None
     ratios.sort()
@@ -292,7 +292,8 @@ def make_plan(hardware: HardwareProfile, prefs: Preferences, catalog: Catalog | 
     memo = Memo(hardware)
     calibration = _calibration(bench, fingerprint, catalog, hardware, prefs, specs, memo) if bench else None
     if calibration:
-        notes.append(f"speeds calibrated by `llmrun bench` results on this machine (× {calibration:.2f})")
+        notes.append(f"speeds calibrated by speeds measured on this machine (`llmrun bench`, real runs: "
+                     f"× {calibration:.2f})")
 
     tried: list[Candidate] = []
     fitting: list[Candidate] = []
@@ -395,7 +396,8 @@ def _chosen_notes(c: Candidate, hardware: HardwareProfile, prefs: Preferences) -
     if not c.settings.repack:
         notes.append("weights are not repacked for this CPU (llama.cpp --no-repack) to fit: prompts run slower")
     layout_bytes = sum(d.weights for d in c.estimate.devices) if c.estimate is not None else 0
-    if c.entry.size_bytes and layout_bytes and abs(layout_bytes / c.entry.size_bytes - 1) > 0.05:
+    if c.entry.weights is None and c.entry.size_bytes and layout_bytes and \
+            abs(layout_bytes / c.entry.size_bytes - 1) > 0.05:
         notes.append(f"the estimate's tensor layout for {c.name} holds {_gb(layout_bytes)} of weights, the catalog "
                      f"lists a {_gb(c.entry.size_bytes)} download: the pulled file's header settles it")
     if hardware.disk_free_bytes is not None and c.entry.size_bytes > hardware.disk_free_bytes:

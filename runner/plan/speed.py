@@ -162,8 +162,9 @@ Bench = Mapping[str, BenchRecord]     # model file or catalog name → its recor
 
 
 def load_bench(path: Path | None = None) -> dict[str, BenchRecord]:
-    """`llmrun bench` results: dirs.home()/bench.json, {model file or catalog name: {decode_tps, prompt_tps,
-    fingerprint, ...}}. Missing file → {}; a malformed file is a ConfigError naming it."""
+    """Measured speeds: dirs.home()/bench.json, {model file or catalog name: {decode_tps, prompt_tps, fingerprint,
+    source, ...}}, from `llmrun bench` and from real `chat`, `run` and `serve` runs (runner.app.bench). Missing
+    file → {}; a malformed file is a ConfigError naming it."""
     p = path or dirs.home() / BENCH_FILE
     try:
         data = json.loads(p.read_text())
@@ -198,6 +199,20 @@ def _bench_number(rec: BenchRecord, key: str) -> float:
 def bench_decode_tps(rec: BenchRecord) -> float:
     """The record's measured decode tok/s (0 when it has none)."""
     return _bench_number(rec, "decode_tps")
+
+
+def is_real_run(rec: BenchRecord) -> bool:
+    """Whether a record is a real run's (`source` chat, run or serve), not a `llmrun bench` measurement. A real
+    run's figure was taken while the machine did whatever else it was doing, with a small model's per-token
+    overheads: it proves the machine at least that fast, and a slower figure says little."""
+    return rec.get("source", "bench") != "bench"
+
+
+def calibration_ratio(rec: BenchRecord, predicted_tps: float) -> float:
+    """What a record says about this machine's speed against the prediction (measured / predicted), for the
+    calibration of the other models: a `llmrun bench` result both ways, a real run's only upwards."""
+    ratio = bench_decode_tps(rec) / predicted_tps
+    return max(ratio, 1.0) if is_real_run(rec) else ratio
 
 
 def bench_record(bench: Bench, names: tuple[str, ...], fingerprint: str) -> BenchRecord | None:
@@ -320,9 +335,13 @@ def predict(flows: list[Traffic], hardware: HardwareProfile, *, at_tokens: int, 
 def apply_bench(pred: SpeedPrediction, record: BenchRecord | None, *,
                 calibration: float | None = None) -> SpeedPrediction:
     """A measured record replaces the prediction ("measured"); else a calibration factor from other models'
-    measurements on this machine scales it ("calibrated")."""
+    measurements on this machine scales it ("calibrated"). A real run's record (`is_real_run`) only replaces a
+    lower figure: one slow run on a busy machine must not rule a model out for good."""
     from dataclasses import replace
 
+    calibrated = pred.decode_tps * calibration if calibration and calibration > 0 else pred.decode_tps
+    if record and is_real_run(record) and bench_decode_tps(record) < calibrated * (1 - 1e-6):   # (rounding)
+        record = None
     if record:
         decode = bench_decode_tps(record)
         prompt = _bench_number(record, "prompt_tps") or pred.prompt_tps

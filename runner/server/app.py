@@ -1,5 +1,6 @@
-"""The FastAPI app: middleware (metrics, CORS, API key, body size), the error table wired to handlers,
-/health, /metrics, the two adapters, the chat page (`webui`) and its status route (`status`). `create_app` takes
+"""The FastAPI app: middleware (metrics, CORS, API key, body size, model management only with a key when
+exposed), the error table wired to handlers, /health, /metrics, the two adapters and model management
+(`manage_api`), the chat page (`webui`) and its status route (`status`). `create_app` takes
 a model pool (models loaded on demand by name), or one engine already loaded."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from runner.server.common import AppState
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.metrics import model_metrics
 from runner.server.native import ClientGone
+from runner.server.manage_api import MANAGE_PATHS
 from runner.server.status import MachineProbe, default_probe
 from runner.server.webui import OPEN_PATHS as PAGE_PATHS
 
@@ -34,7 +36,8 @@ log = logging.getLogger("llmrun.server")
 OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness probes, the chat page's files
 KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
                "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
-               "/openapi.json", "/docs"}
+               "/openapi.json", "/docs"} | MANAGE_PATHS
+KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -78,11 +81,14 @@ class MetricsMiddleware:
 
 
 class GuardMiddleware:
-    """API key (Bearer, constant-time comparison) and request body size limit (413), before any parsing."""
+    """API key (Bearer, constant-time comparison), model management refused (403) on a server exposed beyond
+    localhost without a key, the request body size limit (413, every method that may carry a body), and text that
+    is not valid Unicode (a lone surrogate: 400 naming the field, every route), before any parsing."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig):
         self.app, self.config = app, config
-        self.key = config.api_key.encode() if config.api_key else None
+        # the bytes a client sends (a key from the environment may hold undecodable bytes, kept as surrogates)
+        self.key = config.api_key.encode("utf-8", "surrogateescape") if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,6 +103,12 @@ class GuardMiddleware:
                     401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
                          "given to `llmrun serve --api-key`.", type="authentication_error", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"}))
+        if path in MANAGE_PATHS and self.config.exposed_without_key:
+            return await _send_error(send, path, err.ApiError(
+                403, f"Model management ({path}) is refused: this server listens on {self.config.host}, beyond "
+                     "this machine, without an API key, so anyone who reaches it could pull, delete or copy models. "
+                     "Restart it with --api-key KEY (or $LLMRUN_API_KEY; clients send 'Authorization: Bearer "
+                     "KEY'), or with --host 127.0.0.1.", type="permission_error", code="management_needs_api_key"))
         limit = self.config.max_body_bytes
         too_big = err.ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
                                code="request_too_large")
@@ -107,7 +119,7 @@ class GuardMiddleware:
                     return await _send_error(send, path, too_big)
             except ValueError:
                 return await _send_error(send, path, err.ApiError(400, "Invalid Content-Length header."))
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         # read the body here, bounded (also when chunked without Content-Length), then replay it
         chunks, size = [], 0
@@ -122,6 +134,9 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        surrogate = err.lone_surrogate(b"".join(chunks))
+        if surrogate is not None:
+            return await _send_error(send, path, surrogate)
         replayed = False
 
         async def replay() -> Message:
@@ -143,7 +158,7 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     is reported to `on_load_failed`). At shutdown every engine is closed (`close_engine=False`: not the one
     handed over). `probe` describes the machine for /llmrun/status; it runs once, in a background thread
     started at startup."""
-    from runner.server import ollama_api, openai_api, status, webui
+    from runner.server import embeddings_api, manage_api, ollama_api, openai_api, status, tokens_api, webui
 
     config = config or ServerConfig()
     if pool is None:
@@ -176,6 +191,7 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
         yield
         if startup is not None and not startup.done():
             startup.cancel()
+        state.manager.stop()
         await pool.aclose(close_engines=close_engine)
 
     app = FastAPI(title="llmrun", version=__version__, lifespan=lifespan,
@@ -185,6 +201,9 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
+    app.include_router(tokens_api.router)
+    app.include_router(manage_api.router)
     app.include_router(status.router)
     app.include_router(webui.router)
 

@@ -7,13 +7,14 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from runner.app.manage import ModelManager
 from runner.app.models import ModelRef
 from runner.app.pool import Lease, Model, ModelPool
 from runner.core.errors import ModelNotLocalError, UnknownModelError, UsageError
@@ -22,7 +23,7 @@ from runner.engine.types import SamplingParams
 from runner.server.config import ServerConfig
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
-from runner.server.native import Gate, NativeRequest, Run
+from runner.server.native import ClientGone, Gate, NativeRequest, Run
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 IGNORED_HEADER = "X-Llmrun-Ignored-Fields"
@@ -32,9 +33,10 @@ log = logging.getLogger("llmrun.server")
 
 @dataclass
 class AppState:
-    """The server's live state: the model pool (runner.app.pool), one admission gate per loaded model, the
-    metrics, and the start-up load of the model `llmrun serve --model` named (503 for everything until it is
-    ready, as a one-model server always answered)."""
+    """The server's live state: the model pool (runner.app.pool) and its management (pulls, deletes, copies:
+    runner.app.manage), one admission gate per loaded model, the metrics, and the start-up load of the model
+    `llmrun serve --model` named (503 for everything until it is ready, as a one-model server always
+    answered)."""
 
     config: ServerConfig
     pool: ModelPool
@@ -44,6 +46,10 @@ class AppState:
     started_at: float = field(default_factory=time.time)
     gates: "weakref.WeakKeyDictionary[Model, Gate]" = field(default_factory=weakref.WeakKeyDictionary)
     logged_ignored: set[str] = field(default_factory=set)    # ignored request fields already logged
+    manager: ModelManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.manager = ModelManager(self.pool)
 
     def require_started(self) -> None:
         """A 503 while the start-up model loads (or after it failed to)."""
@@ -197,15 +203,21 @@ def notice_headers(run: Run) -> dict[str, str]:
 
 class RunStream(StreamingResponse):
     """A streaming response that closes its Run however the response ends (finished, client gone, error):
-    an unfinished generation is cancelled and its slot freed."""
+    an unfinished generation is cancelled and its slot freed.
 
-    def __init__(self, run: Run, content, media_type: str):
+    It streams the same way under every ASGI spec version: without Starlette's own disconnect listener (which
+    it runs only below spec 2.4). The Run's watcher notices a gone client, however the server reports it, and
+    ends the stream with ClientGone; a send that fails (spec 2.4) ends it too."""
+
+    def __init__(self, run: Run, content: AsyncIterator[str], media_type: str):
         super().__init__(content, media_type=media_type, headers=notice_headers(run) | {
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.run = run
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(send)
+        except (ClientGone, OSError):
+            pass   # the client went away: nothing more to send; close() cancels what is left
         finally:
             await self.run.close()

@@ -4,6 +4,7 @@ in runner.app.models, where the model index reads it."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from runner.app.models import ModelCard
@@ -14,6 +15,10 @@ DEFAULT_PORT = 8080
 DEFAULT_QUEUE = 64
 DEFAULT_BODY_LIMIT = 1024 * 1024       # 1 MiB; larger request bodies get 413
 DEFAULT_GRACE_S = 30.0                 # SIGTERM: how long in-flight requests may take to finish
+# Tokens a request may generate when it sets no limit (OpenAI max_tokens / max_completion_tokens absent, Ollama
+# num_predict absent): a backstop, so that a generation nobody reads any more ends on its own. A request raises
+# it by asking for more (up to the context); Ollama's num_predict -1 and -2 ask for the whole context.
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -26,3 +31,19 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_BODY_LIMIT
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # when a request sets none; None = until the context is full
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only this machine can reach the server (a loopback address)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:      # a host name: it may resolve to anything
+            return False
+
+    @property
+    def exposed_without_key(self) -> bool:
+        """Listening beyond this machine with no API key: anyone who reaches it may call it."""
+        return not self.local_only and not self.api_key

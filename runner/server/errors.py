@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from runner.core import errors as E
 
@@ -18,8 +19,12 @@ STATUS_TABLE: tuple[tuple[type[E.LlmrunError], int, str, str | None], ...] = (
     (E.UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     (E.ModelNotLocalError, 404, "invalid_request_error", "model_not_found"),
     (E.DoesNotFitError, 507, "server_error", "insufficient_memory"),
-    (E.LicenseNotAcceptedError, 403, "invalid_request_error", "license_not_accepted"),  # --pull: accept it first
-    (E.FetchError, 502, "server_error", "pull_failed"),                               # --pull: the hub failed
+    (E.ConflictError, 409, "invalid_request_error", "conflict"),    # in use, being pulled or deleted, has copies
+    (E.LicenseNotAcceptedError, 403, "invalid_request_error", "license_not_accepted"),  # pull: accept it first
+    (E.RemoteNotFoundError, 404, "invalid_request_error", "model_not_found"),   # a hub reference to nothing
+    (E.HubAuthError, 403, "invalid_request_error", "hub_access_denied"),        # gated or private: HF_TOKEN
+    (E.DiskSpaceError, 507, "server_error", "insufficient_storage"),                  # pull: no room on disk
+    (E.FetchError, 502, "server_error", "pull_failed"),                               # pull: the hub failed
     (E.EngineError, 500, "server_error", "engine_error"),
     (E.ClusterError, 503, "server_error", "workers_unavailable"),  # cluster: an RPC worker is down
     (E.CapacityError, 503, "server_error", "model_busy"),           # no room now: the loaded models are busy
@@ -95,3 +100,48 @@ def validation_error(errors: list[dict]) -> ApiError:
         msg = "the request body must be a JSON object"
     text = f"{param}: {msg}" if param else msg
     return ApiError(400, text, param=param, code="invalid_value")
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Only such an escape can put one in a request: raw UTF-8
+# cannot encode surrogates (a body that tries is not valid JSON).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate(body: bytes) -> ApiError | None:
+    """A 400 naming the first text field of a JSON body that holds a lone surrogate ("\\ud800" escaped alone: valid
+    JSON, not valid Unicode, and nothing downstream can encode it), or None. Paired surrogates are one character
+    once parsed and pass. A body that is not JSON is left to the request validation."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        found = _find_surrogate(json.loads(body), "")
+    except (ValueError, RecursionError):    # not JSON, or nested deeper than Python recurses
+        return None
+    if found is None:
+        return None
+    path, index, char = found
+    path = path.encode("utf-8", "backslashreplace").decode()   # a key may hold the surrogate itself
+    field = path or "the request body"
+    return ApiError(400, f"{field}: the text holds a lone UTF-16 surrogate (\\u{ord(char):04x} at character "
+                         f"{index}), which is not valid Unicode; send valid UTF-8 text (a surrogate must be paired, "
+                         "as in \\ud83d\\ude00)", param=path or None, code="invalid_value")
+
+
+def _find_surrogate(value: object, path: str) -> tuple[str, int, str] | None:
+    if isinstance(value, str):
+        for i, c in enumerate(value):
+            if "\ud800" <= c <= "\udfff":
+                return path, i, c
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = _find_surrogate(key, where) or _find_surrogate(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None

@@ -14,16 +14,14 @@ from runner.app.pool import ModelPool
 from runner.core.errors import ServerError
 from runner.server.config import ServerConfig
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
 
 def exposure_warning(config: ServerConfig) -> str | None:
     """A loud warning when the server listens beyond this machine without an API key."""
-    if config.host in LOCAL_HOSTS or config.api_key:
+    if not config.exposed_without_key:
         return None
     return (f"WARNING: listening on {config.host}:{config.port} WITHOUT an API key: anyone who can reach this "
-            "machine can use the model. Add --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind "
-            "127.0.0.1.")
+            "machine can use the models (pulling, deleting and copying models is refused until you add a key). "
+            "Add --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1.")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -6,30 +6,33 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from runner.engine.grammar import json_grammar
 from runner.engine.types import ChatMessage, Completion, Delta, Engine, Generation, SamplingParams, Tools
-from runner.core.errors import ContextOverflowError, LlmrunError
+from runner.core.errors import ContextOverflowError, GrammarError, LlmrunError
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 
-__all__ = ["NativeRequest", "Run", "Gate", "ClientGone", "json_grammar"]
+T = TypeVar("T")
+
+__all__ = ["NativeRequest", "Run", "Gate", "ClientGone", "json_grammar", "race_disconnect"]
 
 
 @dataclass(frozen=True)
 class NativeRequest:
-    """Exactly one of `messages` (chat) and `prompt` (raw completion). `ignored`: request fields that had no
-    effect (the X-Llmrun-Ignored-Fields header)."""
+    """Exactly one of `messages` (chat) and `prompt` (raw completion)."""
 
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    grammar_field: str | None = None     # the request field params.grammar was made from ("response_format"...)
     tools: Tools | None = None
     template_kwargs: Mapping[str, Any] | None = None
-    ignored: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()        # request fields without effect (the X-Llmrun-Ignored-Fields header)
 
 
 class ClientGone(Exception):
@@ -57,19 +60,33 @@ class Gate:
         self.in_flight -= 1
 
 
-async def _wait_disconnect(request: Request) -> None:
+# How often the disconnect watcher asks the server again (seconds). A client that closes its connection is
+# normally reported at once; re-asking matters for one the server stopped reading (below).
+DISCONNECT_POLL_S = 0.25
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    """Return once the server reports the client gone (`http.disconnect`). Asks `receive()` again every
+    DISCONNECT_POLL_S rather than waiting on one call: uvicorn stops reading a connection whose client sent
+    bytes after its request (a pipelined request, stray bytes) and reads it again only inside `receive()`, so a
+    single long wait would never see that client leave."""
     while True:
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(receive(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            continue
         if message["type"] == "http.disconnect":
             return
 
 
-async def _race_disconnect(awaitable, request: Request):
-    """Await `awaitable`, or raise ClientGone (after cancelling it) if the client disconnects first."""
+async def race_disconnect(awaitable: Awaitable[T], request: Request) -> T:
+    """Await `awaitable`, or raise ClientGone (after cancelling it) if the client disconnects first (for waits
+    outside a Run: a pull's progress)."""
     task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {task, watcher}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
@@ -84,10 +101,16 @@ async def _race_disconnect(awaitable, request: Request):
 
 
 class Run:
-    """One admitted generation (all its choices). `start()` submits and waits for the first delta (so bad input
-    and context overflow still get a proper HTTP status); then iterate `deltas()` or `collect()`;
-    `completions` (one per choice) at the end. `close()` always runs (the response wrappers call it): cancels
-    an unfinished generation, frees the gate."""
+    """One admitted generation (all its choices, SamplingParams.n). `start()` submits and waits for the first
+    delta (so bad input and context overflow still get a proper HTTP status); then iterate `deltas()` (choice
+    index, Delta) or `collect()`; `completions` (one per choice) at the end.
+
+    From `start()` to `close()` a watcher listens for the client leaving, whatever the response does meanwhile
+    (submitting, waiting in the engine's queue, generating text a stop string or a grammar holds back, or
+    blocked on a slow socket): it cancels the generation and frees the gate at once, and whoever is waiting on
+    the run gets ClientGone. It does not rely on the response noticing (Starlette's StreamingResponse stops
+    listening under ASGI 2.4, where only a failed send reveals a gone client). `close()` always runs (the
+    response wrappers call it): cancels an unfinished generation, frees the gate."""
 
     def __init__(self, engine: Engine, gate: Gate, metrics: Metrics, request: NativeRequest, http: Request):
         self.engine, self.gate, self.metrics, self.request, self.http = engine, gate, metrics, request, http
@@ -99,6 +122,9 @@ class Run:
         self._finished = False
         self._closed = False
         self._last = self.t0
+        self._gone: asyncio.Future[None] | None = None     # done once the client left
+        self._watcher: asyncio.Task[None] | None = None
+        self._submitted: asyncio.Future[Generation] | None = None
 
     @property
     def completion(self) -> Completion | None:
@@ -114,6 +140,10 @@ class Run:
         """What the engine had to do to fit the request (e.g. oldest chat turns left out), if anything."""
         return self.generation.notice if self.generation is not None else None
 
+    @property
+    def client_gone(self) -> bool:
+        return self._gone is not None and self._gone.done()
+
     def _submit(self) -> Generation:
         """Runs in a worker thread: rendering the template, tokenizing, building the sampler and compiling a
         grammar (or a child process's round trip) take milliseconds to seconds and must not hold the event loop."""
@@ -122,18 +152,46 @@ class Run:
             return self.engine.chat(req.messages, req.params, tools=req.tools, template_kwargs=req.template_kwargs)
         return self.engine.complete(req.prompt or "", req.params)
 
+    async def _watch(self) -> None:
+        await _wait_disconnect(self.http.receive)
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+        await self.close()
+
+    async def _race(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result, or ClientGone (after cancelling it) as soon as the client is gone."""
+        task = asyncio.ensure_future(awaitable)
+        gone = self._gone
+        try:
+            if gone is not None and not gone.done():
+                waiters: set[asyncio.Future[Any]] = {task, gone}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():       # finished (or failed) first: nothing to lose by returning it
+            return task.result()
+        if gone is None or not gone.done():   # no watcher (start() not called): just wait
+            return await task
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, StopAsyncIteration, ClientGone):
+            pass
+        raise ClientGone()
+
     async def start(self) -> None:
         self.gate.enter()
+        self._gone = asyncio.get_running_loop().create_future()
+        self._watcher = asyncio.ensure_future(self._watch())
         try:
-            submitted = asyncio.ensure_future(asyncio.to_thread(self._submit))
-            try:
-                self.generation = await asyncio.shield(submitted)
-            except asyncio.CancelledError:   # the request was cancelled while submitting: cancel what it started
-                submitted.add_done_callback(_cancel_submitted)
-                raise
+            self._submitted = asyncio.ensure_future(asyncio.to_thread(self._submit))
+            self.generation = await self._race(asyncio.shield(self._submitted))
+            if self.client_gone:
+                raise ClientGone()
             self._it = _merge(self.generation.choices)
             try:
-                self._first = await _race_disconnect(self._it.__anext__(), self.http)
+                self._first = await self._race(self._it.__anext__())
             except StopAsyncIteration:
                 self._first = None
                 await self._finish()
@@ -142,6 +200,9 @@ class Run:
             param = None
             if isinstance(e, ContextOverflowError):
                 param = "messages" if self.request.messages is not None else "prompt"
+            elif isinstance(e, GrammarError) and self.request.grammar_field:
+                param = self.request.grammar_field
+                e = GrammarError(f"{param}: llama.cpp cannot use the grammar made from it: {e.message}", hint=e.hint)
             raise from_llmrun(e, param=param) from e
         except BaseException:
             await self.close()
@@ -155,6 +216,8 @@ class Run:
         self._last = now
 
     async def _finish(self) -> None:
+        if self.client_gone:
+            raise ClientGone()
         self._finished = True
         # the iteration ends only once every choice finished, so their completions are there: nothing to wait for
         self.completions = tuple(c for c in (g.completion for g in self.choices) if c is not None)
@@ -165,35 +228,46 @@ class Run:
             if failed is not None:
                 raise from_llmrun(_engine_error(failed))
 
-    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        """(choice index, delta), the first one included. Raises ApiError if the engine fails mid-way."""
+    async def _iterate(self, *, race: bool) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta), the first one included; with `race`, each wait for the next one also ends with
+        ClientGone as soon as the client is gone."""
+        if self._first:
+            yield self._first
+        if self._finished:
+            return
+        if self._it is None:
+            raise RuntimeError("Run.deltas() before Run.start()")
         try:
-            if self._first:
-                yield self._first
-            if self._finished:
-                return
-            if self._it is None:
-                raise RuntimeError("Run.deltas() before Run.start()")
-            try:
-                async for item in self._it:
-                    now = time.perf_counter()
-                    self.metrics.token_gap(now - self._last)
-                    self._last = now
-                    yield item
-                await self._finish()
-            except LlmrunError as e:
-                raise from_llmrun(e) from e
+            while True:
+                try:
+                    delta = await (self._race(self._it.__anext__()) if race else self._it.__anext__())
+                except StopAsyncIteration:
+                    break
+                now = time.perf_counter()
+                self.metrics.token_gap(now - self._last)
+                self._last = now
+                yield delta
+            await self._finish()
+        except LlmrunError as e:
+            raise from_llmrun(e) from e
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta), the first one included. Raises ApiError if the engine fails mid-way, ClientGone
+        once the client left."""
+        try:
+            async for delta in self._iterate(race=True):
+                yield delta
         finally:
             if not self._finished:
                 await self.close()
 
     async def collect(self) -> tuple[Completion, ...]:
-        """Wait for every choice; their completions."""
+        """Every choice's completion. Raises ApiError if the engine fails, ClientGone once the client left."""
         async def drain() -> None:
-            async for _ in self.deltas():
+            async for _ in self._iterate(race=False):
                 pass
         try:
-            await _race_disconnect(drain(), self.http)
+            await self._race(drain())
             return self.completions
         finally:
             await self.close()
@@ -202,9 +276,18 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        if self.generation is not None and not self._finished:
-            for choice in self.generation.choices:
-                choice.cancel()
+        watcher = self._watcher
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+        if self.generation is not None:
+            if not self._finished:
+                for choice in self.generation.choices:
+                    choice.cancel()
+                self.metrics.cancel()
+        elif self._submitted is not None and not _failed(self._submitted):
+            # cancelled, or the client left, while submitting (or before start() saw the submission end): cancel
+            # what the submission started, once it has (at once if it has)
+            self._submitted.add_done_callback(_cancel_submitted)
             self.metrics.cancel()
         self.gate.leave()
 
@@ -238,9 +321,14 @@ async def _merge(choices: tuple[Generation, ...]) -> AsyncIterator[tuple[int, De
             t.cancel()
 
 
+def _failed(task: asyncio.Future[Generation]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
 def _cancel_submitted(task: asyncio.Future[Generation]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result().cancel()
+    if not _failed(task):
+        for choice in task.result().choices:
+            choice.cancel()
 
 
 def _engine_error(c: Completion) -> LlmrunError:

@@ -1,6 +1,7 @@
 """Ollama-compatible adapter: /api/chat, /api/generate (NDJSON streaming by default), /api/tags, /api/ps,
-/api/show, /api/version. Shapes follow the official `ollama` Python client; generation goes through the same
-native path as the OpenAI adapter."""
+/api/show, /api/version (model management, /api/pull, /api/delete, /api/copy: runner.server.manage_api). Shapes
+follow the official `ollama` Python client; generation goes through the same native path as the OpenAI
+adapter."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner import __version__
-from runner.engine.types import ChatMessage, Tool, ToolCall, ToolCallDelta, Tools
+from runner.engine.types import ChatMessage, SamplingParams, Tool, ToolCall, ToolCallDelta, Tools
 from runner.core.errors import UsageError
 from runner.app.pool import State
 from runner.server.common import (LeasedRun, RunStream, keep_alive_of, note_ignored, notice_headers, sampling,
@@ -118,11 +119,20 @@ def _bad(param: str, why: str) -> ApiError:
     return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
 
 
-def _params(req: _Base):
+def _max_tokens(num_predict: int | None, default: int | None) -> int | None:
+    """Ollama's num_predict as a token limit: absent → the server's backstop (--max-tokens); -1 (no limit) and
+    -2 (fill the context) → until the context is full; 0 ("evaluate the prompt only") → 1, the least we
+    generate."""
+    if num_predict is None:
+        return default
+    if num_predict < 0:
+        return None
+    return max(num_predict, 1)
+
+
+def _params(req: _Base, default_max_tokens: int | None):
     o = req.options or Options()
-    max_tokens = o.num_predict if o.num_predict and o.num_predict > 0 else None
-    if o.num_predict == 0:
-        max_tokens = 1      # Ollama's 0 means "evaluate the prompt only"; one token is the least we generate
+    max_tokens = _max_tokens(o.num_predict, default_max_tokens)
     grammar = None
     try:
         if req.format == "json":
@@ -287,8 +297,8 @@ async def chat(body: ChatRequest, request: Request):
 
     if not messages:
         return await _load_or_unload(request, body.model, keep_alive, shape)
-    native = NativeRequest(params=_params(body), messages=tuple(messages), tools=tools,
-                           ignored=note_ignored(request, body))
+    native = NativeRequest(params=_params(body, state_of(request).config.max_tokens), messages=tuple(messages),
+                           tools=tools, ignored=note_ignored(request, body), grammar_field="format")
     return await _answer(request, native, body.stream, body.model, keep_alive, shape)
 
 
@@ -309,13 +319,13 @@ async def generate(body: GenerateRequest, request: Request):
 
     if not body.prompt:
         return await _load_or_unload(request, body.model, keep_alive, shape)
-    params = _params(body)
+    params = _params(body, state_of(request).config.max_tokens)
     ignored = note_ignored(request, body)
     if body.raw:
-        native = NativeRequest(params=params, prompt=body.prompt, ignored=ignored)
+        native = NativeRequest(params=params, prompt=body.prompt, ignored=ignored, grammar_field="format")
     else:
         msgs = ([ChatMessage("system", body.system)] if body.system else []) + [ChatMessage("user", body.prompt)]
-        native = NativeRequest(params=params, messages=tuple(msgs), ignored=ignored)
+        native = NativeRequest(params=params, messages=tuple(msgs), ignored=ignored, grammar_field="format")
     return await _answer(request, native, body.stream, body.model, keep_alive, shape)
 
 
@@ -369,21 +379,53 @@ class ShowRequest(BaseModel):
     verbose: bool | None = None
 
 
+TOOL_CALLING = True    # every model calls tools (the generic format serves templates without tool support)
+
+
+EMBEDDING = True       # /api/embed, /api/embeddings and /v1/embeddings are served (runner/server/embeddings_api.py)
+
+
+def capabilities(card: ModelCard) -> list[str]:
+    """What this server does with the model, in Ollama's words. An embedding model (its GGUF declares a pooling
+    type, the rule Ollama and llama.cpp use) embeds and does nothing else; any other model completes text, calls
+    tools when this server does tool calling, and embeds when this server serves /api/embed."""
+    if card.pooling:
+        return ["embedding"] if EMBEDDING else []
+    return ["completion"] + (["tools"] if TOOL_CALLING else []) + (["embedding"] if EMBEDDING else [])
+
+
+def _parameters(n_ctx: int | None) -> str:
+    """The settings a request gets when it sets none, as Ollama's Modelfile PARAMETER lines: the context per
+    request (once the model is loaded) and the sampling defaults."""
+    d = SamplingParams()
+    values: list[tuple[str, object]] = [("num_ctx", n_ctx)] if n_ctx else []
+    values += [("temperature", d.temperature), ("top_k", d.top_k), ("top_p", d.top_p), ("min_p", d.min_p),
+               ("repeat_penalty", d.repeat_penalty), ("repeat_last_n", d.repeat_last_n)]
+    return "".join(f"{k:<30} {v}\n" for k, v in values)
+
+
 @router.post("/api/show", tags=["ollama"])
 async def show(body: ShowRequest, request: Request):
     name = body.model or body.name
     if not name:
         raise ApiError(400, "model: this field is required", param="model")
     state = state_of(request)
-    state.resolve(name)
+    ref = state.resolve(name)
     card, engine = state.pool.card(name), state.pool.engine(name)
     info: dict[str, Any] = {"general.architecture": card.family or "unknown", "general.name": card.name}
     if engine is not None:
         info[f"{card.family or 'llm'}.context_length"] = engine.n_ctx
     info.update(card.extra)
-    return {"modelfile": f"FROM {card.path or card.name}\n", "parameters": "", "template": card.chat_template,
-            "details": _details(card), "model_info": info, "capabilities": ["completion", "tools"],
-            "modified_at": _modified(card, state.started_at)}
+    parameters = _parameters(engine.n_ctx if engine is not None else None)
+    modelfile = f"FROM {card.path or card.name}\n" + "".join(f"PARAMETER {line}\n"
+                                                            for line in parameters.splitlines())
+    out = {"modelfile": modelfile, "parameters": parameters, "template": card.chat_template,
+           "details": _details(card), "model_info": info, "capabilities": capabilities(card),
+           "modified_at": _modified(card, state.started_at)}
+    lic = ref.entry.card if ref.entry is not None else None
+    if lic is not None:     # the licence's name and where to read it (Ollama gives the text; we point to it)
+        out["license"] = lic.license_name + (f"\n{lic.license_url}" if lic.license_url else "")
+    return out
 
 
 @router.get("/api/version", tags=["ollama"])

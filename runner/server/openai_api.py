@@ -191,6 +191,18 @@ def _grammar(body: ChatCompletionRequest | CompletionRequest) -> str | None:
                        code="invalid_value") from e
 
 
+def _grammar_field(body: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The field a grammar was made from, to name in a 400 when llama.cpp rejects it."""
+    if body.grammar:
+        return "grammar"
+    if body.json_schema is not None:
+        return "json_schema"
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    return "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+
+
 def _params(req: _Sampling, max_tokens: int | None, grammar: str | None, *, logprobs: bool, top: int):
     if isinstance(req.stop, list) and len(req.stop) > 16:
         raise _unsupported("stop", "at most 16 stop sequences")
@@ -294,8 +306,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     reserved = sorted(RESERVED_VARIABLES & set(body.chat_template_kwargs or {}))
     if reserved:
         raise _invalid(f"chat_template_kwargs.{reserved[0]}", "is set by the server from the request")
-    state_of(request).resolve(body.model)
+    state = state_of(request)
+    state.resolve(body.model)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = state.config.max_tokens      # the server's backstop (--max-tokens)
     grammar = _grammar(body)
     if grammar and tools is not None and tools.choice != "none":
         field = "grammar" if body.grammar else "json_schema" if body.json_schema is not None else "response_format"
@@ -305,7 +320,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = _params(body, max_tokens, grammar, logprobs=bool(body.logprobs) or top > 0, top=top)
     named = ["messages[].name"] if any(m.name and m.role not in ("tool", "function") for m in body.messages) else []
     native = NativeRequest(params=params, messages=_messages(body.messages), tools=tools,
-                           template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body, named))
+                           template_kwargs=body.chat_template_kwargs, ignored=note_ignored(request, body, named),
+                           grammar_field=_grammar_field(body))
     run = await start_run(request, body.model, native)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
 
@@ -339,10 +355,13 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
-    state_of(request).resolve(body.model)
+    state = state_of(request)
+    state.resolve(body.model)
     grammar = _grammar(body)
-    params = _params(body, body.max_tokens, grammar, logprobs=body.logprobs is not None, top=body.logprobs or 0)
-    native = NativeRequest(params=params, prompt=prompt, ignored=note_ignored(request, body))
+    max_tokens = body.max_tokens if body.max_tokens is not None else state.config.max_tokens
+    params = _params(body, max_tokens, grammar, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+    native = NativeRequest(params=params, prompt=prompt, ignored=note_ignored(request, body),
+                           grammar_field=_grammar_field(body))
     run = await start_run(request, body.model, native)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     echo = prompt if body.echo else ""

