@@ -14,7 +14,7 @@ import pytest
 from runner.core.errors import UsageError
 from runner.engine import tools as T
 from runner.engine.template import ChatFormat
-from runner.engine.types import ChatMessage, Tool, ToolCall, Tools
+from runner.engine.types import ChatMessage, SamplingParams, Tool, ToolCall, Tools
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 WEATHER = Tool("get_weather", "Get the weather", {"type": "object", "properties": {"city": {"type": "string"}},
@@ -53,12 +53,8 @@ HISTORY = [ChatMessage("user", "Weather in Paris?"),
 
 def render(name: str, messages, tools: Tools | None) -> str:
     f = template(name)
-    fmt = T.detect(f.template, f.takes_tools)
-    msgs = T.normalize(messages, fmt)
-    offered = T.offered(tools)
-    if not fmt.native:
-        return f.render(T.generic_messages(msgs, tools))
-    return f.render(msgs, tools=T.template_tools(offered) if offered else None)
+    turn = T.prepare(messages, SamplingParams(), tools, T.detect(f.template, f.takes_tools))
+    return f.render(turn.messages, tools=turn.template_tools)
 
 
 def test_qwen_renders_tools_calls_and_results():

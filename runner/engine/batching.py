@@ -9,11 +9,10 @@ prefix with them evaluates only the rest (multi-turn reuse)."""
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, cast
 
@@ -22,9 +21,9 @@ import llama_cpp as lc
 from runner.engine import native, tools as tool_formats
 from runner.engine.embedding import EmbedJob, Embedder
 from runner.engine.generation import GenerationHandle, Output, completion
-from runner.engine.template import ChatFormat
+from runner.engine.template import ChatFormat, fit_conversation
 from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
-                                 SamplingParams, Tools)
+                                 SamplingParams, Tools, validate_params)
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
 from runner.core.run_settings import RunSettings
 
@@ -64,38 +63,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def validate_params(p: SamplingParams) -> None:
-    """Bad sampling values get a clear error before they reach llama.cpp."""
-    if p.temperature < 0:
-        raise UsageError(f"temperature must be 0 or more, not {p.temperature}", hint="0 = greedy; 0.7 is typical")
-    if not 0 < p.top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], not {p.top_p}")
-    if not 0 <= p.min_p <= 1:
-        raise UsageError(f"min_p must be in [0, 1], not {p.min_p}")
-    if p.top_k < 0:
-        raise UsageError(f"top_k must be 0 (off) or more, not {p.top_k}")
-    if p.max_tokens is not None and p.max_tokens < 1:
-        raise UsageError(f"max_tokens must be at least 1, not {p.max_tokens}")
-    if p.repeat_penalty <= 0:
-        raise UsageError(f"repeat_penalty must be positive, not {p.repeat_penalty}")
-    if not 0 < p.typical_p <= 1:
-        raise UsageError(f"typical_p must be in (0, 1], not {p.typical_p}")
-    for name in ("frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"):
-        if not math.isfinite(getattr(p, name)):
-            raise UsageError(f"{name} must be a finite number, not {getattr(p, name)}")
-    if p.mirostat not in (0, 1, 2):
-        raise UsageError(f"mirostat must be 0 (off), 1 or 2, not {p.mirostat}")
-    if p.n < 1:
-        raise UsageError(f"n must be at least 1, not {p.n}")
-    if not 0 <= p.top_logprobs <= 20:
-        raise UsageError(f"top_logprobs must be 0 to 20, not {p.top_logprobs}")
-    if p.n_ctx is not None and p.n_ctx < 1:
-        raise UsageError(f"the request's context must be at least 1 token, not {p.n_ctx}")
-    for token, bias in p.logit_bias:
-        if math.isnan(bias) or bias == math.inf:
-            raise UsageError(f"the logit bias of token {token} must be a number or -inf, not {bias}")
 
 
 class LlamaEngine:
@@ -163,22 +130,8 @@ class LlamaEngine:
         """A chat turn. With `tools`, the conversation is rendered the way the model's template family expects
         (runner.engine.tools), calls are constrained by a grammar and parsed out of the reply."""
         self._validate(params)
-        tool_formats.check(tools, messages)
-        fmt = self.tool_format
-        offered = tool_formats.offered(tools)
-        template_tools = None
-        if tools is not None or any(m.tool_calls or m.role == "tool" for m in messages):
-            messages = tool_formats.normalize(messages, fmt)
-            if not fmt.native:
-                messages = tool_formats.generic_messages(messages, tools)
-            elif offered:
-                template_tools = tool_formats.template_tools(offered)
-        grammar = tool_formats.grammar(fmt, tools) if tools is not None else None
-        if grammar is not None:
-            if params.grammar:
-                raise UsageError("a response format cannot be combined with tools the model may call",
-                                 hint='leave response_format out, or send tool_choice "none"', field="response_format")
-            params = replace(params, grammar=grammar.text, grammar_triggers=grammar.triggers)
+        turn = tool_formats.prepare(messages, params, tools, self.tool_format)
+        messages, params, template_tools = turn.messages, turn.params, turn.template_tools
 
         def render(msgs: Sequence[ChatMessage]) -> list[int]:
             return self.prompt_tokens(self.chat_format.render(msgs, tools=template_tools, extra=template_kwargs))
@@ -188,7 +141,7 @@ class LlamaEngine:
         if dropped:
             notice = (f"context full: left out the {dropped} oldest message{'s' if dropped > 1 else ''} "
                       f"to fit the {self._limit(params)}-token context")
-        return self._submit(tokens, params, notice=notice, dropped=dropped, tool_format=fmt if offered else None)
+        return self._submit(tokens, params, notice=notice, dropped=dropped, tool_format=turn.parser)
 
     @property
     def tool_format(self) -> tool_formats.ToolFormat:
@@ -206,36 +159,9 @@ class LlamaEngine:
         however long the conversation, not one per dropped turn."""
         if not messages:
             raise UsageError("a chat needs at least one message")
-        render = render or self.render_chat
         limit = self._limit(params)
-        reserve = min(params.max_tokens or limit // 4, limit // 4)
-        system = [m for m in messages if m.role == "system"]
-        turns = [m for m in messages if m.role != "system"]
-        rendered: dict[int, list[int]] = {}
-
-        def tokens_from(k: int) -> list[int]:
-            if k not in rendered:
-                rendered[k] = render(system + turns[k:])
-            return rendered[k]
-
-        def fits(k: int) -> bool:
-            return len(tokens_from(k)) + reserve <= limit
-
-        # where a kept conversation may start: the whole of it, then every later turn that is not the assistant's
-        # (keep turns starting with the user), and the last message alone as the last resort
-        cuts = [0] + [k for k in range(1, len(turns)) if turns[k].role != "assistant" or k == len(turns) - 1]
-        if fits(0) or len(turns) <= 1:
-            k = 0
-        else:
-            lo, hi = 1, len(cuts) - 1      # cuts[hi] is used when nothing fits
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if fits(cuts[mid]):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            k = cuts[lo]
-        tokens = tokens_from(k)
+        tokens, k = fit_conversation(messages, render or self.render_chat, limit=limit,
+                                     reserve=min(params.max_tokens or limit // 4, limit // 4))
         self._check_fits(len(tokens), what="the last message (with the system prompt)" if k else "the conversation",
                          limit=limit)
         return tokens, k

@@ -7,7 +7,7 @@ import functools
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from runner.engine.types import ChatMessage
 from runner.core.errors import EngineError, LlmrunError, UsageError
@@ -153,3 +153,37 @@ def _system_into_user(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     if i is None:
         return [ChatMessage("user", system)] + rest
     return rest[:i] + [replace(rest[i], content=f"{system}\n\n{rest[i].content}")] + rest[i + 1:]
+
+
+def fit_conversation(messages: Sequence[ChatMessage], render: Callable[[Sequence[ChatMessage]], list[int]], *,
+                     limit: int, reserve: int) -> tuple[list[int], int]:
+    """The tokens of the longest tail of the conversation that leaves `reserve` of `limit` tokens for the answer,
+    and how many messages it leaves out (never the system prompt). The cut is found by bisection over the places
+    a kept conversation may start (a user or tool turn, or the last message): a few renders however long the
+    conversation, not one per dropped turn. The last message alone is the last resort (the caller checks that it
+    fits)."""
+    system = [m for m in messages if m.role == "system"]
+    turns = [m for m in messages if m.role != "system"]
+    rendered: dict[int, list[int]] = {}
+
+    def tokens_from(k: int) -> list[int]:
+        if k not in rendered:
+            rendered[k] = render(system + turns[k:])
+        return rendered[k]
+
+    def fits(k: int) -> bool:
+        return len(tokens_from(k)) + reserve <= limit
+
+    # where a kept conversation may start: the whole of it, then every later turn that is not the assistant's
+    # (keep turns starting with the user), and the last message alone as the last resort
+    cuts = [0] + [k for k in range(1, len(turns)) if turns[k].role != "assistant" or k == len(turns) - 1]
+    if fits(0) or len(turns) <= 1:
+        return tokens_from(0), 0
+    lo, hi = 1, len(cuts) - 1      # cuts[hi] is used when nothing fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(cuts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return tokens_from(cuts[lo]), cuts[lo]

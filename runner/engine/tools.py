@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from runner.core.errors import UsageError
 from runner.engine.grammar import literal, rules_for
 from runner.engine.tool_stream import ToolStream
-from runner.engine.types import ChatMessage, Tool, ToolCall, Tools
+from runner.engine.types import ChatMessage, SamplingParams, Tool, ToolCall, Tools
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _ALNUM = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -132,6 +132,40 @@ def check(tools: Tools | None, messages: Sequence[ChatMessage]) -> None:
 
 # ------------------------------------------------------------------------------------------------ prompt
 
+@dataclass(frozen=True)
+class Turn:
+    """A chat turn ready to render: the messages as the template gets them, the tools for a template that takes
+    them, the sampling values with the call grammar, and the format whose parser reads the reply (None when the
+    model may call nothing)."""
+
+    messages: list[ChatMessage]
+    params: SamplingParams
+    template_tools: list[dict[str, Any]] | None
+    parser: ToolFormat | None
+
+
+def prepare(messages: Sequence[ChatMessage], params: SamplingParams, tools: Tools | None,
+            fmt: ToolFormat) -> Turn:
+    """Check the tools and the history, render calls and results the way `fmt` expects, add the grammar."""
+    check(tools, messages)
+    funcs = offered(tools)
+    msgs = list(messages)
+    template_tools = None
+    if tools is not None or any(m.tool_calls or m.role == "tool" for m in msgs):
+        msgs = normalize(msgs, fmt)
+        if not fmt.native:
+            msgs = generic_messages(msgs, tools)
+        elif funcs:
+            template_tools = template_tools_of(funcs)
+    calls = grammar(fmt, tools) if tools is not None else None
+    if calls is not None:
+        if params.grammar:
+            raise UsageError("a response format cannot be combined with tools the model may call",
+                             hint='leave response_format out, or send tool_choice "none"', field="response_format")
+        params = replace(params, grammar=calls.text, grammar_triggers=calls.triggers)
+    return Turn(msgs, params, template_tools, fmt if funcs else None)
+
+
 def normalize(messages: Sequence[ChatMessage], fmt: ToolFormat) -> list[ChatMessage]:
     """Every past call with an id and every tool result with the id and name of its call, as templates expect
     (Ollama's history carries neither ids nor, in older clients, names): a result without an id answers the
@@ -178,7 +212,7 @@ def _short_ids(m: ChatMessage, n: int) -> ChatMessage:
     return m
 
 
-def template_tools(functions: Sequence[Tool]) -> list[dict[str, Any]]:
+def template_tools_of(functions: Sequence[Tool]) -> list[dict[str, Any]]:
     """The tools as Hugging Face templates take them (OpenAI's shape)."""
     return [{"type": "function", "function": {"name": t.name, "description": t.description,
                                               "parameters": dict(t.parameters)}} for t in functions]

@@ -3,10 +3,11 @@ adapter all use. No llama_cpp import here, so the server and tests can use these
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Literal, Mapping, Protocol, Sequence
 
-from runner.core.errors import LlmrunError
+from runner.core.errors import LlmrunError, UsageError
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,38 @@ class SamplingParams:
     logprobs: bool = False            # report each sampled token's log probability (Completion.logprobs)
     top_logprobs: int = 0             # and this many most likely alternatives per position (0-20)
     n_ctx: int | None = None          # a per-request context smaller than the loaded one (Ollama num_ctx)
+
+
+def validate_params(p: SamplingParams) -> None:
+    """Bad sampling values get a clear error before they reach llama.cpp."""
+    if p.temperature < 0:
+        raise UsageError(f"temperature must be 0 or more, not {p.temperature}", hint="0 = greedy; 0.7 is typical")
+    if not 0 < p.top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], not {p.top_p}")
+    if not 0 <= p.min_p <= 1:
+        raise UsageError(f"min_p must be in [0, 1], not {p.min_p}")
+    if p.top_k < 0:
+        raise UsageError(f"top_k must be 0 (off) or more, not {p.top_k}")
+    if p.max_tokens is not None and p.max_tokens < 1:
+        raise UsageError(f"max_tokens must be at least 1, not {p.max_tokens}")
+    if p.repeat_penalty <= 0:
+        raise UsageError(f"repeat_penalty must be positive, not {p.repeat_penalty}")
+    if not 0 < p.typical_p <= 1:
+        raise UsageError(f"typical_p must be in (0, 1], not {p.typical_p}")
+    for name in ("frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"):
+        if not math.isfinite(getattr(p, name)):
+            raise UsageError(f"{name} must be a finite number, not {getattr(p, name)}")
+    if p.mirostat not in (0, 1, 2):
+        raise UsageError(f"mirostat must be 0 (off), 1 or 2, not {p.mirostat}")
+    if p.n < 1:
+        raise UsageError(f"n must be at least 1, not {p.n}")
+    if not 0 <= p.top_logprobs <= 20:
+        raise UsageError(f"top_logprobs must be 0 to 20, not {p.top_logprobs}")
+    if p.n_ctx is not None and p.n_ctx < 1:
+        raise UsageError(f"the request's context must be at least 1 token, not {p.n_ctx}")
+    for token, bias in p.logit_bias:
+        if math.isnan(bias) or bias == math.inf:
+            raise UsageError(f"the logit bias of token {token} must be a number or -inf, not {bias}")
 
 
 @dataclass(frozen=True)
