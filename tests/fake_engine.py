@@ -37,8 +37,6 @@ class FakeGeneration(GenerationHandle):
         self.engine, self.pieces, self.prompt_tokens, self.params, self.fail = engine, pieces, prompt_tokens, params, fail
         self.call = call                  # the function to call: pieces are then its arguments
         self.slot_released = threading.Event()
-
-    def start(self) -> None:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -153,7 +151,6 @@ class FakeEngine:
             gen.set_choices(gens)
             gen.notice = self.notice
             self.generations.append(gen)
-            gen.start()
         return gens[0]
 
     def chat(self, messages: Sequence[ChatMessage], params: SamplingParams, *, tools: Tools | None = None,
@@ -163,7 +160,9 @@ class FakeEngine:
         self.chat_options.append((tools, template_kwargs))
         forced = tools is not None and tools.choice in ("required", "function")
         call = (tools.function or tools.functions[0].name) if forced and tools is not None else None
-        return self._submit(" ".join(f"{m.role}: {m.content}" for m in messages), params, call=call)
+        text = " ".join(f"{m.role}: {m.content}" for m in messages)
+        # subclasses of the tests override _submit(prompt_text, params): pass `call` only to make a call
+        return self._submit(text, params) if call is None else self._submit(text, params, call=call)
 
     def complete(self, prompt: str, params: SamplingParams) -> FakeGeneration:
         self.submitted.append(("complete", prompt, params))
