@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests run llama.cpp in this process and in servers they start, side by side on a 2-core CI machine. libgomp's
+# threads spin at every barrier by default; two spinning engines on two cores slow each other down by 10x or
+# more (a 40-token reply measured at 17 tok/s instead of 160), so tests make them sleep instead: steadier, a
+# little slower. Set before llama.cpp is loaded; subprocesses inherit it. Benchmarks never set it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DEMO_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # Downloaded test inputs that never change (the demo model's wheel) are kept between runs here.
 TEST_CACHE = Path(os.environ.get("LLMRUN_TEST_CACHE") or Path.home() / ".cache" / "llmrun" / "test-cache")
