@@ -11,7 +11,13 @@
    (target: engine >= 0.95x llama-bench tg). llama-bench decodes from an empty context and does not sample; the
    engine decodes after the prompt and samples greedily (~0.1 ms per token on the demo model).
 
+4. `--overhead`: the engine thread's own Python time per decode step and per sampled sequence, in microseconds
+   (runner.engine.steps: the loop turn minus llama_decode), with 1 and 8 sequences streamed to asyncio consumers
+   as the server streams them, and the sampling the serving benchmark uses. Little affected by other load on the
+   machine (unlike tok/s), so it is the number to compare optimisations of the engine's Python by.
+
     PYTHONPATH=. python scripts/bench_engine.py [MODEL.gguf] [--tokens 128] [--repeats 5] [--json out.json]
+    PYTHONPATH=. python scripts/bench_engine.py --overhead [--tokens 128] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -100,6 +106,67 @@ def engine_aggregate(engine, n_seq: int, n: int) -> tuple[float, float]:
     return total / wall, statistics.median(r.decode_tokens_per_s for r in results)
 
 
+SERVE_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)   # bench_serve's
+
+
+def overhead(engine, n_seq: int, n: int) -> dict:
+    """Python time of the engine thread per decode step and per sampled sequence while `n_seq` sequences stream
+    `n` tokens each to asyncio consumers (one event loop, as in the server)."""
+    import asyncio
+
+    from runner.engine.types import ChatMessage
+
+    p = SamplingParams(max_tokens=n, ignore_eos=True, seed=1, **SERVE_SAMPLING)
+    prompts = [engine.render_chat([ChatMessage("user", f"{PROMPT} Story number {i}.")]) for i in range(n_seq)]
+
+    async def consume(g) -> int:
+        k = 0
+        async for _ in g.adeltas():
+            k += 1
+        return k
+
+    async def run() -> None:
+        gens = [engine.generate(t, p) for t in prompts]
+        await asyncio.gather(*(consume(g) for g in gens))
+
+    engine.step_clock.reset()
+    asyncio.run(run())
+    t = engine.step_clock.read()
+    return {"steps": t.steps, "outputs": t.outputs, "python_us_per_step": t.python_us_per_step,
+            "python_us_per_output": t.python_us_per_output, "decode_ms_per_step": t.decode_ms_per_step,
+            "cpu_us_per_step": t.python_cpu_us_per_step, "cpu_us_per_output": t.python_cpu_us_per_output}
+
+
+def overhead_main(path: Path, threads: int, tokens: int, repeats: int, json_out: str | None) -> int:
+    eng = start_engine(path, RunSettings(n_ctx=2048 * 8, n_parallel=8), n_parallel=8, threads=threads)
+    try:
+        overhead(eng, 1, 16)        # warm-up
+        rows: dict[int, list[dict]] = {1: [], 8: []}
+        for _ in range(repeats):
+            for k in rows:
+                rows[k].append(overhead(eng, k, tokens))
+                r = rows[k][-1]
+                print(f"  {k} seq: Python CPU {r['cpu_us_per_step']:7.1f} us per decode step, "
+                      f"{r['cpu_us_per_output']:6.1f} us per sequence (wall {r['python_us_per_step']:7.1f} us per "
+                      f"step); llama_decode {r['decode_ms_per_step']:.2f} ms per step ({r['steps']} steps)",
+                      file=sys.stderr)
+    finally:
+        eng.close()
+    m = statistics.median
+    keys = ("cpu_us_per_step", "cpu_us_per_output", "python_us_per_step", "python_us_per_output",
+            "decode_ms_per_step")
+    res = {str(k): {key: m(r[key] for r in v) for key in keys} for k, v in rows.items()}
+    print(f"""
+| engine thread outside llama_decode ({path.name}, {threads} threads, {tokens} tokens, median of {repeats}) | CPU per step | CPU per sequence | wall per step | llama_decode per step |
+|---|---|---|---|---|""")
+    for k, r in res.items():
+        print(f"| {k} sequence{'s' if k != '1' else ''} | {r['cpu_us_per_step']:.0f} us | "
+              f"{r['cpu_us_per_output']:.0f} us | {r['python_us_per_step']:.0f} us | {r['decode_ms_per_step']:.2f} ms |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF file (default: the demo model)")
@@ -108,6 +175,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--single-only", action="store_true", help="skip the 8-vs-1 aggregate runs")
+    ap.add_argument("--overhead", action="store_true", help="only the engine's Python microseconds per decode step")
     ap.add_argument("--llama-bin", metavar="DIR", help="folder with llama-bench (default: the cached build of "
                     "scripts/build_llama_server.sh; without one, llama-bench is skipped)")
     a = ap.parse_args()
@@ -120,6 +188,8 @@ def main() -> int:
     from runner.engine.batching import default_threads
 
     threads = a.threads or default_threads()
+    if a.overhead:
+        return overhead_main(path, threads, a.tokens, a.repeats, a.json_out)
     n_ctx = 2048
     bin_dir = find_llama_bin(a.llama_bin)
     if bin_dir is None:

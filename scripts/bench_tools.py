@@ -63,10 +63,10 @@ class StepClock:
                 self._in_decode += time.perf_counter() - t0
                 self._single = batch.n_tokens == 1
 
-        def step(batch):
+        def step(batch, t_turn):
             self._in_decode, self._single = 0.0, False
             t0 = time.perf_counter()
-            real_step(batch)
+            real_step(batch, t_turn)
             if self._single:
                 self.samples.append((time.perf_counter() - t0 - self._in_decode) * 1e6)
 

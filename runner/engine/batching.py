@@ -21,6 +21,7 @@ import llama_cpp as lc
 from runner.engine import native, tools as tool_formats
 from runner.engine.embedding import EmbedJob, Embedder
 from runner.engine.generation import GenerationHandle, Output, completion
+from runner.engine.steps import StepClock
 from runner.engine.template import ChatFormat, fit_conversation
 from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
                                  SamplingParams, Tools, validate_params)
@@ -101,6 +102,7 @@ class LlamaEngine:
         self._abort_step = False
         self._abort_cb = lc.ggml_abort_callback(lambda _data: self._abort_step)
         self.aborted_steps = 0               # steps aborted that way (tests, diagnostics)
+        self.step_clock = StepClock()        # the engine thread's Python time per step (runner.engine.steps)
         # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
         self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
         self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
@@ -352,16 +354,20 @@ class LlamaEngine:
         try:
             while True:
                 idle = not self._busy() and not self._waiting and not self._embed_jobs
+                t_turn = (0, 0) if idle else (time.perf_counter_ns(), time.thread_time_ns())
                 self._take_inbox(block=idle)
                 if self._closing:
                     break
+                if idle:
+                    t_turn = (time.perf_counter_ns(), time.thread_time_ns())
                 self._reap_cancelled()
                 self._assign()
                 if self._embed_jobs:          # one embedding decode between generation steps
                     self._embedder.run_pass(self._embed_jobs)
                     self._embed_jobs = [j for j in self._embed_jobs if not j.done]
+                    t_turn = (time.perf_counter_ns(), time.thread_time_ns())
                 if self._busy():
-                    self._step(batch)
+                    self._step(batch, t_turn)
         except Exception as e:  # noqa: BLE001 - last resort of the thread: fail every request, never hang callers
             self._dead = f"{type(e).__name__}: {e}"
             raise
@@ -440,7 +446,8 @@ class LlamaEngine:
                     slot.req = follower
                 follower.cached_tokens = common
 
-    def _step(self, batch) -> None:
+    def _step(self, batch, t_turn: tuple[int, int]) -> None:
+        """One decode step; `t_turn`: (perf_counter_ns, thread_time_ns) at the start of the loop turn."""
         t0 = time.perf_counter()
         b = batch
         n = 0
@@ -483,9 +490,11 @@ class LlamaEngine:
             self._step_handles = frozenset(req.handle for _, req in busy)
             self._abort_step = any(req.handle.cancelled for _, req in busy)   # after the line above: no gap
             lc.llama_set_abort_callback(self._m.ctx, self._abort_cb, None)
+        t_decode, c_decode = time.perf_counter_ns(), time.thread_time_ns()
         try:
             rc = lc.llama_decode(self._m.ctx, b)
         finally:
+            t_decode, c_decode = time.perf_counter_ns() - t_decode, time.thread_time_ns() - c_decode
             if abortable:
                 lc.llama_set_abort_callback(self._m.ctx, _NO_ABORT, None)
                 self._step_handles = frozenset()
@@ -514,6 +523,9 @@ class LlamaEngine:
             with self._lock:
                 self._solo_tokens += 1
                 self._solo_seconds += time.perf_counter() - t0
+        if prompt_tokens == 0:
+            self.step_clock.add(outputs=len(outputs), tokens=n, loop_ns=time.perf_counter_ns() - t_turn[0],
+                                decode_ns=t_decode, python_cpu_ns=time.thread_time_ns() - t_turn[1] - c_decode)
 
     def _fork(self, slot: _Slot, req: _Request, idx: int) -> None:
         """The prompt of a request with n choices is read: the other choices' sequences get its KV cells
