@@ -20,7 +20,7 @@ import llama_cpp as lc
 
 from runner.engine import native, tools as tool_formats
 from runner.engine.embedding import EmbedJob, Embedder
-from runner.engine.generation import GenerationHandle, Output, completion
+from runner.engine.generation import GenerationHandle, Output, completion, wake_all
 from runner.engine.steps import StepClock
 from runner.engine.template import ChatFormat, fit_conversation
 from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
@@ -95,6 +95,10 @@ class LlamaEngine:
         self._closing = False
         self._dead: str | None = None
         self._eog: tuple[int, ...] | None = None
+        self._is_eog: dict[int, bool] = {}   # llama_vocab_is_eog of each token sampled so far (one ctypes call each)
+        self._woken: list[GenerationHandle] = []   # pushed to in this step: woken once per event loop at its end
+        self._now = 0.0                      # time.perf_counter() when this step's logits were ready
+        self._step_out = 0                   # tokens sampled in this step (counted into _tokens_out once)
         # A step that evaluates prompt tokens can take seconds (a 512-token chunk of a 7B model on a laptop CPU):
         # cancelling one of its requests aborts it at llama.cpp's next graph node (CPU backend) instead of
         # making everyone wait for it; the step is then undone and run again without the cancelled request.
@@ -513,12 +517,19 @@ class LlamaEngine:
             for slot, req in busy:
                 self._finish(req, "error", slot=slot, clear=True, error=f"llama.cpp could not decode: {why}")
             return
-        with self._lock:
-            self._tokens_in += prompt_tokens
-        for slot, req, idx in outputs:
-            if req.followers:
-                self._fork(slot, req, idx)
-            self._sample(slot, req, idx)
+        self._now = time.perf_counter()
+        self._step_out = 0
+        try:
+            for slot, req, idx in outputs:
+                if req.followers:
+                    self._fork(slot, req, idx)
+                self._sample(slot, req, idx)
+        finally:
+            with self._lock:
+                self._tokens_in += prompt_tokens
+                self._tokens_out += self._step_out
+            woken, self._woken = self._woken, []
+            wake_all(woken)
         if n == 1 and prompt_tokens == 0:        # one sequence decoding alone: its speed, undiluted
             with self._lock:
                 self._solo_tokens += 1
@@ -548,20 +559,23 @@ class LlamaEngine:
             self._finish(req, "error", slot=slot, clear=True, error="no token satisfies the grammar (the response "
                          "format or the tools) together with the logit bias")
             return
-        now = time.perf_counter()
+        now = self._now
         if req.t_first is None:
             req.t_first = now
         req.t_last = now
-        if lc.llama_vocab_is_eog(self._m.vocab, tok):
+        eog = self._is_eog.get(tok)
+        if eog is None:
+            eog = self._is_eog[tok] = bool(lc.llama_vocab_is_eog(self._m.vocab, tok))
+        if eog:
             self._finish(req, "stop", slot=slot)
             return
         req.n_out += 1
-        with self._lock:
-            self._tokens_out += 1
+        self._step_out += 1
         special = bool(req.special) and tok in req.special
         logprob = self._logprobs.at(idx, tok, req.params.top_logprobs, req.special) if req.params.logprobs else None
         delta, stopped = req.out.feed(self._detok.piece(tok, special), logprob)
-        req.handle.push(delta)
+        if req.handle.push(delta, wake=False):
+            self._woken.append(req.handle)
         if stopped:
             self._finish(req, "stop", slot=slot, stop_string=True)
         elif (req.params.max_tokens is not None and req.n_out >= req.params.max_tokens) \

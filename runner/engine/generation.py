@@ -8,7 +8,7 @@ import asyncio
 import codecs
 import threading
 import time
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 from runner.engine.tool_stream import ToolStream
 from runner.engine.types import Completion, Delta, FinishReason, TokenLogprob, ToolCall, ToolCallDelta, Usage
@@ -150,17 +150,22 @@ class GenerationHandle:
             except RuntimeError:  # loop closed
                 pass
 
-    def push(self, delta: str | Delta) -> None:
+    def push(self, delta: str | Delta, *, wake: bool = True) -> bool:
+        """Add a delta (an empty one is dropped: returns False). With wake=False the async iterators are not woken
+        here: the caller wakes them with `wake_all`, once per event loop for every handle it pushed to in one
+        decode step, instead of one call into the loop per token."""
         if isinstance(delta, str):
             if not delta:
-                return
+                return False
             delta = Delta(delta)
         elif not (delta.text or delta.logprobs or delta.tool_calls):
-            return
+            return False
         with self._cond:
             self._chunks.append(delta)
             self._cond.notify_all()
-            self._wake()
+            if wake:
+                self._wake()
+        return True
 
     def finish(self, completion: Completion) -> None:
         with self._cond:
@@ -242,6 +247,26 @@ class GenerationHandle:
             raise TimeoutError(f"the generation did not finish within {timeout} s")
         assert self._completion is not None   # set before _finished
         return self._completion
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+def wake_all(handles: Iterable[GenerationHandle]) -> None:
+    """Wake the async iterators of `handles` (pushed to with wake=False): one call_soon_threadsafe per event loop
+    (one self-pipe write, one wake-up of the loop) whatever the number of handles."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for h in handles:
+        with h._cond:
+            for loop, event in h._waiters:
+                per_loop.setdefault(loop, []).append(event)
+    for loop, events in per_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, events)
+        except RuntimeError:  # loop closed
+            pass
 
 
 def completion(text: str, reason: FinishReason, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
