@@ -289,11 +289,14 @@ class EntryPlanner:
             n_gpu_layers = ngl or 0
         if not self.hardware.gpus:
             n_gpu_layers = 0
-        # a quantized V cache needs flash attention; architectures llama.cpp runs without it quantize K only
-        type_v = "f16" if self.entry.shape.arch in NO_FLASH_ATTN_ARCHS else kv
+        # a quantized V cache needs flash attention; architectures llama.cpp runs without it quantize K only.
+        # Flash attention wherever llama.cpp runs it, as llama-server's default (auto) does: decode steps of many
+        # sequences are faster with it (docs/benchmarks.md, "Optimisation log") and the compute buffer smaller
+        no_fa = self.entry.shape.arch in NO_FLASH_ATTN_ARCHS
+        type_v = "f16" if no_fa else kv
         return RunSettings(
             n_ctx=ctx * self.n_parallel, n_parallel=self.n_parallel,
-            type_k=kv, type_v=type_v, flash_attn=type_v != "f16",
+            type_k=kv, type_v=type_v, flash_attn=not no_fa,
             n_gpu_layers=n_gpu_layers,
             tensor_split=_tensor_split(self.hardware) if n_gpu_layers else (),
             experts_on_cpu=placement == "experts-in-ram",
