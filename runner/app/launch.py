@@ -44,7 +44,8 @@ def is_model_path(model: str) -> bool:
 def _path_launch(path: Path, *, n_ctx: int | None, n_parallel: int, name: str | None = None,
                  notice: str | None = None) -> Launch:
     ctx = n_ctx or DEFAULT_PATH_CTX
-    settings = RunSettings(n_ctx=ctx * n_parallel, n_parallel=n_parallel)
+    # flash attention as llama-server's auto (llama.cpp turns it off itself for the architectures without it)
+    settings = RunSettings(n_ctx=ctx * n_parallel, n_parallel=n_parallel, flash_attn=True)
     keys = (name, path.name) if name else (path.name,)      # as `llmrun bench` files them
     name = name or path.stem
     summary = f"{name}: {path}, context {ctx} tokens" + (f" x {n_parallel} slots" if n_parallel > 1 else "") + ", CPU"

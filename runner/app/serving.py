@@ -49,6 +49,7 @@ from runner.engine.types import Engine
 from runner.hardware.types import HardwareProfile
 from runner.model.layout import WeightsLayout
 from runner.plan.estimate import HOST_OVERHEAD_BYTES, MemoryEstimate
+from runner.plan.graph import NO_FLASH_ATTN_ARCHS
 
 log = logging.getLogger("llmrun.server")
 
@@ -315,7 +316,8 @@ class PlannedLoader:
 
         n_ctx = ctx or DEFAULT_PATH_CTX
         settings = split_over_workers(RunSettings(n_ctx=n_ctx * parallel, n_parallel=parallel,
-                                                  n_threads=self.threads), self.profile)
+                                                  n_threads=self.threads,
+                                                  flash_attn=shape.arch not in NO_FLASH_ATTN_ARCHS), self.profile)
         summary = f"{ref.name}: {path}, context {n_ctx} tokens" + (f" x {parallel} slots" if parallel > 1 else "")
         return Launch(path=path, name=ref.name, settings=settings, summary=summary,
                       estimate=self._estimate(shape, layout, settings), speed_keys=(path.name,))
