@@ -115,6 +115,16 @@ def child(out: Path, argv: list[str]) -> None:
         out.write_text(json.dumps({"info": info, "steps": steps}))
 
     atexit.register(dump)
+    if os.environ.get("PROFILE_UVICORN"):       # e.g. "asyncio,h11": A/B of uvicorn's event loop and HTTP parser
+        import uvicorn
+
+        loop_impl, http_impl = os.environ["PROFILE_UVICORN"].split(",")
+        real_init = uvicorn.Config.__init__
+
+        def init(self, *a, **k):
+            real_init(self, *a, **{**k, "loop": loop_impl, "http": http_impl})
+
+        uvicorn.Config.__init__ = init
     from runner.cli import main as cli_main
 
     sys.argv = ["llmrun", *argv]

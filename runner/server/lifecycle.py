@@ -62,7 +62,10 @@ def serve(config: ServerConfig, pool: ModelPool, *, preload: str | None = None, 
         holder["server"].should_exit = True
 
     app = create_app(config, pool=pool, preload=preload, on_load_failed=failed)
-    uconfig = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=5,
+    # h11, not httptools, even when installed: uvicorn's httptools protocol never reports a client gone that sent
+    # bytes past its request (tests/test_server_field.py, test_server_kill_fuzz.py); the event loop is uvloop
+    # when installed (loop="auto")
+    uconfig = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=5, http="h11",
                              timeout_graceful_shutdown=max(1, int(config.grace_seconds)))
     server = uvicorn.Server(uconfig)
     holder["server"] = server
