@@ -7,6 +7,7 @@
 - `tools`, `tool_stream`: tool calling per chat-template family, and the streaming parser of calls;
 - `grammar`: GBNF grammars from JSON schemas (llama.cpp's converter, imported lazily);
 - `batching`: `LlamaEngine`, continuous batching over one llama.cpp context, and `start_engine`;
+- `steps`: `StepClock`, the engine thread's Python time per decode step (microseconds);
 - `embedding`: embeddings on the engine thread, on a second context created on first use;
 - `native`: the llama.cpp boundary (load, tokenize, samplers); llama.cpp failures become EngineError here;
 - `ggml`: the one ctypes loader of libggml (device registry, buffer types, RPC registration);
