@@ -117,6 +117,7 @@ class Detokenize:
 class ApplyTemplate:
     rid: int
     messages: tuple[ChatMessage, ...]
+    tools: Tools | None = None
     op: ClassVar[str] = "apply_template"
 
 
@@ -194,7 +195,7 @@ _CALLS: Mapping[type, Callable[[Engine, Any], Any]] = {     # each runs in its o
     Embed: lambda e, m: e.embed(m.inputs, truncate=m.truncate),
     Tokenize: lambda e, m: e.tokenize_with(m.text, add_special=m.add_special, parse_special=m.parse_special),
     Detokenize: lambda e, m: e.token_pieces(m.tokens) if m.pieces else e.detokenize(m.tokens),
-    ApplyTemplate: lambda e, m: e.apply_template(m.messages),
+    ApplyTemplate: lambda e, m: e.apply_template(m.messages, tools=m.tools),
 }
 
 
@@ -623,8 +624,8 @@ class IsolatedEngine:
     def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
         return list(self._call(lambda rid: Detokenize(rid, tuple(tokens), pieces=True)))
 
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
-        return str(self._call(lambda rid: ApplyTemplate(rid, tuple(messages))))
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str:
+        return str(self._call(lambda rid: ApplyTemplate(rid, tuple(messages), tools)))
 
     def stats(self) -> EngineStats:
         value = self._query("stats")

@@ -255,10 +255,11 @@ class LlamaEngine:
         native.check_tokens(tokens, self._m.n_vocab)
         return [native.piece(self._m.vocab, t, special=True) for t in tokens]
 
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str:
         if not messages:
             raise UsageError("a chat needs at least one message")
-        return self.chat_format.render(messages)
+        turn = tool_formats.prepare(messages, SamplingParams(), tools, self.tool_format)   # as chat() renders
+        return self.chat_format.render(turn.messages, tools=turn.template_tools)
 
     def _check_open(self) -> None:
         if self._closing or self._m.ctx is None:
@@ -586,7 +587,8 @@ class LlamaEngine:
         req.handle.finish(completion(req.out.text, reason, prompt_tokens=len(req.prompt), completion_tokens=req.n_out,
                                      cached_tokens=req.cached_tokens, ttft=ttft, decode_tps=tps, error=error,
                                      notice=req.handle.notice, dropped_messages=req.handle.dropped_messages,
-                                     tool_calls=req.out.tool_calls, logprobs=logprobs))
+                                     tool_calls=req.out.tool_calls, logprobs=logprobs,
+                                     stop_sequence=req.out.stop.matched if stop_string else None))
 
 
 def default_threads() -> int:
