@@ -82,7 +82,7 @@ class FakeGeneration(GenerationHandle):
                     self.push(Delta(tool_calls=(ToolCallDelta(0, arguments=piece),)))
                 else:
                     self.push(Delta(piece, logprobs=()))
-            if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces):
+            if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces) and matched is None:
                 reason = "length"
         finally:
             with e._lock:
