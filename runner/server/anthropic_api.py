@@ -6,7 +6,8 @@ as its server-sent event sequence. Errors have Anthropic's shape (runner.server.
 `x-api-key` (runner.server.app); `anthropic-version` and `anthropic-beta` headers are not needed.
 
 Lenient as the other adapters: a field the models below do not define is accepted, has no effect, and is named
-in the X-Llmrun-Ignored-Fields header (`metadata`, `thinking`, `cache_control`...); refused (400) only where
+in the X-Llmrun-Ignored-Fields header (`metadata`, `thinking`, `cache_control`...); `output_config.format` (structured
+outputs) becomes a grammar, as `response_format` does on /v1/chat/completions; refused (400) only where
 ignoring it would change the answer (images, documents, server tools, an assistant turn to continue)."""
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.core.errors import LlmrunError
+from runner.core.errors import LlmrunError, UsageError
 from runner.engine.types import ChatMessage, Completion, Tool, ToolCall, Tools
 from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
 from runner.server.embeddings_api import engine_for
 from runner.server.errors import ApiError, anthropic_error, from_llmrun, rename_fields
-from runner.server.native import NativeRequest, Run
+from runner.server.native import NativeRequest, Run, json_grammar
 
 router = APIRouter()
 
@@ -33,7 +34,7 @@ MAX_STOP_SEQUENCES = 16
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
 
 class Block(_Model):
@@ -67,6 +68,15 @@ class ToolChoice(_Model):
     disable_parallel_tool_use: bool | None = None
 
 
+class OutputFormat(_Model):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Model):
+    format: OutputFormat | None = None                 # structured outputs: a grammar; `effort` is ignored
+
+
 class CountTokensRequest(_Model):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -82,6 +92,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)
     stream: bool = False
+    output_config: OutputConfig | None = None
 
 
 def _invalid(param: str, why: str) -> ApiError:
@@ -180,6 +191,17 @@ def _tools(body: CountTokensRequest) -> Tools | None:
             raise _invalid("tool_choice.name", "this field is required for tool_choice type 'tool'")
         return Tools(tuple(funcs), choice="function", function=choice.name, parallel=parallel)
     return Tools(tuple(funcs), choice="required" if choice.type == "any" else "none", parallel=parallel)
+
+
+def _grammar(body: MessagesRequest) -> str | None:
+    """GBNF text for structured outputs (`output_config.format`), or None."""
+    fmt = body.output_config.format if body.output_config is not None else None
+    if fmt is None:
+        return None
+    try:
+        return json_grammar(fmt.schema_, param="output_config.format.schema")
+    except UsageError as e:
+        raise ApiError(400, e.message, param="output_config.format.schema", code="invalid_value") from e
 
 
 def _anthropic_fields(e: ApiError) -> ApiError:
@@ -290,11 +312,16 @@ async def messages(body: MessagesRequest, request: Request):
                            "continuing an assistant turn (prefill) is not supported")
     turns = _turns(body)
     tools = _tools(body)
+    grammar = _grammar(body)
+    if grammar is not None and tools is not None and tools.choice != "none":
+        raise _unsupported("output_config.format", "cannot be combined with tools the model may call; leave it "
+                           'out, or send tool_choice {"type": "none"}')
     state = state_of(request)
     state.resolve(body.model)
     params = sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, max_tokens=body.max_tokens,
-                      stop=body.stop_sequences)
-    native = NativeRequest(params=params, messages=turns, tools=tools, ignored=note_ignored(request, body))
+                      stop=body.stop_sequences, grammar=grammar)
+    native = NativeRequest(params=params, messages=turns, tools=tools, ignored=note_ignored(request, body),
+                           grammar_field="output_config.format.schema" if grammar else None)
     try:
         run = await start_run(request, body.model, native)
     except ApiError as e:
