@@ -40,11 +40,11 @@ class _Model(BaseModel):
 class Block(_Model):
     """Any content block; which fields it needs depends on `type` (checked in `_turns`)."""
 
-    type: str
+    type: str | None = None
     text: str | None = None
     id: str | None = None                              # tool_use
     name: str | None = None
-    input: dict[str, Any] | None = None
+    input: Any = None                                  # an object (checked in `_turns`)
     tool_use_id: str | None = None                     # tool_result
     content: str | list[Block] | None = None
     is_error: bool | None = None
@@ -59,7 +59,7 @@ class ToolDef(_Model):
     type: str | None = None                            # "custom" or absent; server tools are refused
     name: str = Field(min_length=1)
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None         # required for a client tool (checked in `_tools`)
 
 
 class ToolChoice(_Model):
@@ -109,6 +109,8 @@ def _texts(blocks: str | list[Block], where: str) -> str:
         return blocks
     out = []
     for j, b in enumerate(blocks):
+        if b.type is None:
+            raise _invalid(f"{where}[{j}].type", "this field is required")
         if b.type != "text":
             raise _unsupported(f"{where}[{j}].type", f"blocks of type {b.type!r} are not supported here (text only)")
         if b.text is None:
@@ -136,6 +138,8 @@ def _turns(body: CountTokensRequest) -> tuple[ChatMessage, ...]:
         results: list[ChatMessage] = []
         for j, b in enumerate(m.content):
             at = f"{where}[{j}]"
+            if b.type is None:
+                raise _invalid(f"{at}.type", "this field is required")
             if b.type == "text":
                 if b.text is None:
                     raise _invalid(f"{at}.text", "this field is required for a text block")
@@ -145,6 +149,8 @@ def _turns(body: CountTokensRequest) -> tuple[ChatMessage, ...]:
                     raise _invalid(f"{at}.type", "tool_use blocks belong in assistant turns")
                 if not b.id or not b.name:
                     raise _invalid(f"{at}.{'name' if b.id else 'id'}", "this field is required for a tool_use block")
+                if not isinstance(b.input, dict | None):
+                    raise _invalid(f"{at}.input", "a tool_use block's input is an object (the tool's arguments)")
                 uses.append(ToolCall(b.id, b.name, json.dumps(b.input or {}, ensure_ascii=False)))
                 calls[b.id] = b.name
             elif b.type == "tool_result":
@@ -177,6 +183,8 @@ def _tools(body: CountTokensRequest) -> Tools | None:
         if t.type not in (None, "custom"):
             raise _unsupported(f"tools[{i}].type", f"tools of type {t.type!r} are not supported (client tools "
                                "with an input_schema only: no server tools)")
+        if t.input_schema is None:
+            raise _invalid(f"tools[{i}].input_schema", "this field is required (a JSON schema of the tool's input)")
         funcs.append(Tool(t.name, t.description or "", t.input_schema))
     choice = body.tool_choice
     if not funcs:

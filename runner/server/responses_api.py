@@ -47,7 +47,7 @@ class InputItem(_Model):
     content: str | list[Part] | None = None
     call_id: str | None = None
     name: str | None = None
-    arguments: str | None = None
+    arguments: Any = None                   # JSON text (checked in `_turns`)
     output: str | list[Part] | None = None
     id: str | None = None
     status: str | None = None
@@ -166,7 +166,11 @@ def _turns(body: ResponsesRequest, history: tuple[ChatMessage, ...]) -> tuple[Ch
             name = _required(item.name, f"{where}.name", kind)
             if not name:
                 raise _invalid(f"{where}.name", "the function's name is empty")
-            call = ToolCall(call_id, name, _required(item.arguments, f"{where}.arguments", kind))
+            arguments = _required(item.arguments, f"{where}.arguments", kind)
+            if not isinstance(arguments, str):
+                raise _invalid(f"{where}.arguments", 'the arguments are JSON text (a string such as "{\\"city\\": '
+                               '\\"Paris\\"}"), not a JSON value')
+            call = ToolCall(call_id, name, arguments)
             calls[call_id] = call.name
             if out and out[-1].role == "assistant":      # calls after the turn's text belong to the same turn
                 out[-1] = replace(out[-1], tool_calls=out[-1].tool_calls + (call,))
