@@ -83,8 +83,10 @@ class Prepared:
     ref: ModelRef
     launch: Launch
     card: ModelCard
-    need: Mapping[str, int]
+    need: Mapping[str, int]           # the estimate's `needed`, with the embedding context
     advice: str = ""                  # the plan's ways out, should it never fit
+    embedding: Mapping[str, int] = field(default_factory=dict)   # part of `need`: the context the first embedding
+    #                                   request creates (runner.plan.estimate.embedding_context), held from the start
 
 
 @dataclass(frozen=True)

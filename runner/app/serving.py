@@ -12,6 +12,8 @@ What a model holds:
 - once loaded (`Started.resident`): llama.cpp's own buffer sizes from its load log, per device, plus the
   model's share of the overhead the estimate counts (vocabulary tables; the CUDA context per GPU), less those
   droppable file pages. When llama.cpp logged no buffers, the estimate stands in.
+Both include the second context the model's first embedding request creates (`Prepared.embedding`, by
+runner.plan.estimate.embedding_context): held from the start, so an embedding request never overdraws the budget.
 
 A model that would leave such droppable pages in the process (weights repacked for this CPU, or partly
 offloaded) is loaded without mmap, so that the server's RSS is what the budget counts.
@@ -195,6 +197,10 @@ def need_of(estimate: MemoryEstimate) -> dict[str, int]:
             for d in estimate.devices}
 
 
+def _plus(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {d: a.get(d, 0) + b.get(d, 0) for d in dict.fromkeys([*a, *b])}
+
+
 def resident_of(buffers: Mapping[str, int], estimate: MemoryEstimate | None) -> dict[str, int]:
     """Bytes per device a loaded model holds: llama.cpp's buffers, plus its overhead, less droppable file pages.
     Without buffers, the estimate (or nothing known: an empty dict)."""
@@ -272,8 +278,9 @@ class PlannedLoader:
             launch = self._path_launch(ref, path, s.ctx, parallel, shape, layout)
         launch = self._without_droppable_pages(launch, shape, layout)
         assert launch.estimate is not None
-        return Prepared(ref, launch, read_card(path, ref.name), need_of(launch.estimate),
-                        advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
+        embedding = self._embedding_context(shape, layout, launch.settings)
+        return Prepared(ref, launch, read_card(path, ref.name), _plus(need_of(launch.estimate), embedding),
+                        embedding=embedding, advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
                                "(--max-memory / --max-vram)")
 
     def _ensure_local(self, ref: ModelRef) -> Path:
@@ -339,13 +346,23 @@ class PlannedLoader:
         return estimate(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
                         cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
 
+    def _embedding_context(self, shape: ModelShape, layout: WeightsLayout,
+                           settings: RunSettings) -> dict[str, int]:
+        from runner.plan.estimate import embedding_context
+        from runner.plan.fit import local_gpus
+
+        gpus = local_gpus(self.profile)
+        return embedding_context(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
+                                 cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
+
     def load(self, prepared: Prepared) -> Started:
         from runner.app.load import load
 
         log.info("loading %s", prepared.launch.summary)
         loaded = load(prepared.launch, model_name=prepared.ref.name, n_parallel=prepared.launch.settings.n_parallel,
                       threads=self.threads)
-        return Started(loaded.engine, resident_of(loaded.engine.buffers, prepared.launch.estimate),
+        resident = _plus(resident_of(loaded.engine.buffers, prepared.launch.estimate), prepared.embedding)
+        return Started(loaded.engine, resident,
                        loaded.warnings, before_close=lambda: self.record_speed(loaded.engine, prepared.launch))
 
     def record_speed(self, engine: Engine, launch: Launch) -> None:
