@@ -12,8 +12,9 @@ What a model holds:
 - once loaded (`Started.resident`): llama.cpp's own buffer sizes from its load log, per device, plus the
   model's share of the overhead the estimate counts (vocabulary tables; the CUDA context per GPU), less those
   droppable file pages. When llama.cpp logged no buffers, the estimate stands in.
-Both include the second context the model's first embedding request creates (`Prepared.embedding`, by
-runner.plan.estimate.embedding_context): held from the start, so an embedding request never overdraws the budget.
+- the second context a model's first embedding request creates (`Prepared.embedding`, by
+  runner.plan.estimate.embedding_context): added when that request comes (the pool makes room first), so an
+  embedding request never overdraws the budget, and models that never embed do not pay for it.
 
 A model that would leave such droppable pages in the process (weights repacked for this CPU, or partly
 offloaded) is loaded without mmap, so that the server's RSS is what the budget counts.
@@ -197,10 +198,6 @@ def need_of(estimate: MemoryEstimate) -> dict[str, int]:
             for d in estimate.devices}
 
 
-def _plus(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {d: a.get(d, 0) + b.get(d, 0) for d in dict.fromkeys([*a, *b])}
-
-
 def resident_of(buffers: Mapping[str, int], estimate: MemoryEstimate | None) -> dict[str, int]:
     """Bytes per device a loaded model holds: llama.cpp's buffers, plus its overhead, less droppable file pages.
     Without buffers, the estimate (or nothing known: an empty dict)."""
@@ -279,8 +276,8 @@ class PlannedLoader:
         launch = self._without_droppable_pages(launch, shape, layout)
         assert launch.estimate is not None
         embedding = self._embedding_context(shape, layout, launch.settings)
-        return Prepared(ref, launch, read_card(path, ref.name), _plus(need_of(launch.estimate), embedding),
-                        embedding=embedding, advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
+        return Prepared(ref, launch, read_card(path, ref.name), need_of(launch.estimate), embedding=embedding,
+                        advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
                                "(--max-memory / --max-vram)")
 
     def _ensure_local(self, ref: ModelRef) -> Path:
@@ -361,8 +358,7 @@ class PlannedLoader:
         log.info("loading %s", prepared.launch.summary)
         loaded = load(prepared.launch, model_name=prepared.ref.name, n_parallel=prepared.launch.settings.n_parallel,
                       threads=self.threads)
-        resident = _plus(resident_of(loaded.engine.buffers, prepared.launch.estimate), prepared.embedding)
-        return Started(loaded.engine, resident,
+        return Started(loaded.engine, resident_of(loaded.engine.buffers, prepared.launch.estimate),
                        loaded.warnings, before_close=lambda: self.record_speed(loaded.engine, prepared.launch))
 
     def record_speed(self, engine: Engine, launch: Launch) -> None:
