@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, cast
 
@@ -25,7 +25,7 @@ from runner.engine.template import ChatFormat, fit_conversation
 from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
                                  SamplingParams, Tools, validate_params)
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
-from runner.core.run_settings import RunSettings
+from runner.core.run_settings import RunSettings, embedding_settings
 
 _WAKE = object()
 _NO_ABORT = lc.ggml_abort_callback()   # NULL: no abort callback
@@ -103,9 +103,10 @@ class LlamaEngine:
         self.aborted_steps = 0               # steps aborted that way (tests, diagnostics)
         # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
         self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
+        base = replace(settings or RunSettings(), n_ubatch=loaded.n_ubatch)
         self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
-                                  n_tokens=min(lc.llama_model_n_ctx_train(loaded.model), loaded.n_ubatch),
-                                  threads=loaded.n_threads, settings=settings or RunSettings())
+                                  settings=embedding_settings(base, lc.llama_model_n_ctx_train(loaded.model)),
+                                  threads=loaded.n_threads)
         self._embed_jobs: list[EmbedJob] = []
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()

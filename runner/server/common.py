@@ -69,11 +69,12 @@ class AppState:
         except (UnknownModelError, ModelNotLocalError) as e:
             raise from_llmrun(e, param="model") from e
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
-        """A lease on the model, loaded on demand (404, 503, 507 as the pool decides)."""
+    async def acquire(self, name: str, keep_alive: float | None = None, *, embeddings: bool = False) -> Lease:
+        """A lease on the model, loaded on demand (404, 503, 507 as the pool decides); `embeddings`: with room
+        for its embedding context."""
         self.require_started()
         try:
-            return await self.pool.acquire(name, keep_alive)
+            return await self.pool.acquire(name, keep_alive, embeddings=embeddings)
         except (UnknownModelError, ModelNotLocalError) as e:
             raise from_llmrun(e, param="model") from e
 
