@@ -14,7 +14,8 @@ from pathlib import Path
 from fake_engine import FakeEngine
 from runner.app.launch import Launch
 from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile, read_card
-from runner.app.pool import Budget, ModelPool, Prepared, Started
+from runner.app.pool import ModelPool
+from runner.app.pool_values import Budget, Prepared, Started
 from runner.core.errors import EngineError
 from runner.core.run_settings import RunSettings
 

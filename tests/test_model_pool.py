@@ -15,7 +15,7 @@ import pytest
 from fake_engine import FakeEngine
 from fake_pool import MiB, FakeLoader, fake_pool
 from runner.app.models import ModelCard
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.core.errors import CapacityError, DoesNotFitError, EngineError, UnknownModelError
 from runner.core.units import FOREVER
 

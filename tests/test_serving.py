@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.app.models import ModelIndex, ModelRef, ServedFile
-from runner.app.pool import Budget
+from runner.app.pool_values import Budget
 from runner.app.serving import (ModelSettings, PlannedLoader, budget_from, need_of, plan_profile, ram_margin,
                                 read_models_config, resident_of)
 from runner.core import dirs

@@ -43,7 +43,8 @@ from pathlib import Path
 
 from runner.app.launch import DEFAULT_PATH_CTX, Launch, plan_summary
 from runner.app.models import ModelIndex, ModelRef, ServedFile, read_card
-from runner.app.pool import DEFAULT_KEEP_ALIVE_S, Budget, Prepared, Started
+from runner.app.pool import DEFAULT_KEEP_ALIVE_S
+from runner.app.pool_values import Budget, Prepared, Started
 from runner.core.errors import ConfigError, DoesNotFitError, LicenseNotAcceptedError, UsageError
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__
-from runner.app.pool import ModelPool, State, pool_of_engine
+from runner.app.pool import ModelPool, pool_of_engine
+from runner.app.pool_values import State
 from runner.core.errors import LlmrunError
 from runner.engine.types import Engine
 from runner.hardware.types import HardwareProfile

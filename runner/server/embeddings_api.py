@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.core.errors import EngineError, LlmrunError
 from runner.engine.types import EmbedInput, Embeddings, Engine
 from runner.server.common import keep_alive_of, state_of
