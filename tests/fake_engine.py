@@ -50,7 +50,7 @@ class FakeGeneration(GenerationHandle):
             e.max_busy = max(e.max_busy, e._busy)
         t0 = time.perf_counter()
         ttft = 0.0
-        text, n, reason, error = "", 0, "stop", None
+        text, n, reason, error, matched = "", 0, "stop", None, None
         if self.call is not None:
             self.push(Delta(tool_calls=(ToolCallDelta(0, id="call_fake0", name=self.call),)))
         try:
@@ -73,7 +73,7 @@ class FakeGeneration(GenerationHandle):
                     cut = candidate[:candidate.index(hit)]
                     if len(cut) > len(text):
                         self.push(cut[len(text):])
-                    text = cut
+                    text, matched = cut, hit
                     break
                 if n == 1:
                     ttft = time.perf_counter() - t0
@@ -82,7 +82,7 @@ class FakeGeneration(GenerationHandle):
                     self.push(Delta(tool_calls=(ToolCallDelta(0, arguments=piece),)))
                 else:
                     self.push(Delta(piece, logprobs=()))
-            if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces):
+            if limit is not None and n >= limit and reason == "stop" and n < len(self.pieces) and matched is None:
                 reason = "length"
         finally:
             with e._lock:
@@ -98,7 +98,8 @@ class FakeGeneration(GenerationHandle):
                 reason = "tool_calls" if reason == "stop" else reason
             self.finish(completion(text, reason, prompt_tokens=self.prompt_tokens, completion_tokens=n,
                                    cached_tokens=0, ttft=ttft, decode_tps=n / elapsed if elapsed > 0 else 0.0,
-                                   error=error, tool_calls=calls, logprobs=() if self.params.logprobs else None))
+                                   error=error, tool_calls=calls, logprobs=() if self.params.logprobs else None,
+                                   stop_sequence=matched))
 
 
 class FakeEngine:
@@ -211,10 +212,12 @@ class FakeEngine:
                 raise UsageError(f"token {t} is not a token id: the vocabulary has ids 0 to {N_VOCAB - 1}")
         return [f"<{t}>".encode() for t in tokens]
 
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str:
         if not messages:
             raise UsageError("a chat needs at least one message")
-        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+        tool_formats.check(tools, messages)
+        offered = "".join(f"<tool>{t.name}\n" for t in tool_formats.offered(tools))
+        return offered + "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
 
     def stats(self) -> EngineStats:
         with self._lock:

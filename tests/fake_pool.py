@@ -14,7 +14,8 @@ from pathlib import Path
 from fake_engine import FakeEngine
 from runner.app.launch import Launch
 from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile, read_card
-from runner.app.pool import Budget, ModelPool, Prepared, Started
+from runner.app.pool import ModelPool
+from runner.app.pool_values import Budget, Prepared, Started
 from runner.core.errors import EngineError
 from runner.core.run_settings import RunSettings
 
@@ -37,6 +38,7 @@ class RecordingEngine(FakeEngine):
 class FakeLoader:
     need: dict[str, int]                          # model name -> bytes its estimate says (CPU)
     measured: dict[str, int] = field(default_factory=dict)   # model name -> bytes it really holds (default: need)
+    embedding: dict[str, int] = field(default_factory=dict)  # model name -> bytes of its embedding context
     load_s: float = 0.0
     keep_alive_s: float = 300.0
     token_delay: float = 0.002
@@ -62,8 +64,9 @@ class FakeLoader:
         launch = Launch(path=ref.path or Path(ref.name), name=ref.name, settings=RunSettings(), summary=ref.name)
         card = read_card(ref.path, ref.name) if ref.path is not None and ref.path.is_file() else \
             ModelCard(name=ref.name, path=str(ref.path))          # as the real loader: the file's own card
-        return Prepared(ref, launch, card, {"CPU": self.need[ref.name]},
-                        advice="a smaller fake")
+        embedding = {"CPU": self.embedding[ref.name]} if ref.name in self.embedding else {}
+        return Prepared(ref, launch, card, {"CPU": self.need[ref.name]}, advice="a smaller fake",
+                        embedding=embedding)
 
     def load(self, prepared: Prepared) -> Started:
         name = prepared.ref.name

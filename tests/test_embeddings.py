@@ -40,6 +40,40 @@ def base(engine):
         yield url
 
 
+def test_the_embedding_context_costs_what_the_estimate_says(demo_gguf):
+    """The second context (runner.plan.estimate.embedding_context): llama.cpp's logged KV and compute buffers, the
+    output buffer's row size, and the RSS it adds once the first decode has grown the output buffer."""
+    import psutil
+
+    from runner.engine.batching import start_engine
+    from runner.engine.buffers import parse_buffers
+    from runner.core.run_settings import embedding_settings
+    from runner.model.gguf import read_header
+    from runner.model.layout import layout_from_header
+    from runner.plan.estimate import embedding_context, estimate
+
+    settings = RunSettings(n_ctx=1024, n_parallel=2)
+    header = read_header(demo_gguf, require_shape=True)
+    assert header.shape is not None
+    shape, layout = header.shape, layout_from_header(header)
+    es = embedding_settings(settings, shape.n_ctx_train)
+    assert (es.n_ctx, es.n_batch, es.n_ubatch, es.n_parallel, es.kv_unified) == (512, 512, 512, 256, True)
+    parts = estimate(shape, layout, es).host
+    need = embedding_context(shape, layout, settings)["CPU"]
+    e = start_engine(demo_gguf, settings, model_name="demo", threads=1)
+    try:
+        rss = psutil.Process().memory_info().rss
+        e.embed(["a sentence to embed, long enough to matter " * 8] * 8)
+        grown = psutil.Process().memory_info().rss - rss
+        logged = parse_buffers(e._embedder._ctx.log_lines)          # type: ignore[attr-defined]
+    finally:
+        e.close()
+    assert logged["CPU KV"] == parts.kv_cache
+    assert logged["CPU compute"] == pytest.approx(parts.compute, rel=0.03)
+    assert logged["CPU output"] == pytest.approx((shape.n_vocab + shape.n_embd) * 4 * es.n_parallel, abs=10 * 1024)
+    assert grown == pytest.approx(need, rel=0.10), f"RSS grew {grown / 2**20:.1f} MiB, estimate {need / 2**20:.1f}"
+
+
 def post(url: str, json) -> httpx.Response:
     return httpx.post(url, json=json, timeout=300)      # the real model on a shared 2-core machine can be slow
 

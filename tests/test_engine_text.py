@@ -34,6 +34,13 @@ def test_partial_stop_is_held_back_then_released():
 def test_earliest_of_several_stops_wins():
     s = StopText(("STOP", "\n\n"))
     assert s.feed(b"a\n\nb STOP") == ("a", True)
+    assert s.matched == "\n\n"      # what Anthropic's stop_sequence reports
+
+
+def test_matched_is_none_until_a_stop_ends_the_text():
+    s = StopText(("STOP",))
+    assert s.feed(b"no stop ST") == ("no stop ", False) and s.matched is None
+    assert s.feed(b"OP") == ("", True) and s.matched == "STOP"
 
 
 def test_flush_releases_a_held_prefix_when_generation_ends():

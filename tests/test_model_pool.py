@@ -15,7 +15,7 @@ import pytest
 from fake_engine import FakeEngine
 from fake_pool import MiB, FakeLoader, fake_pool
 from runner.app.models import ModelCard
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.core.errors import CapacityError, DoesNotFitError, EngineError, UnknownModelError
 from runner.core.units import FOREVER
 
@@ -332,5 +332,50 @@ def test_unknown_names_and_pinned_engines(tmp_path):
         assert await pool.unload("given") is False and loaded(pool) == ["given"]
         await pool.aclose(close_engines=False)
         assert not engine.closed
+
+    run(main())
+
+
+def test_the_first_embedding_request_makes_room_for_the_embedding_context_once(tmp_path):
+    """A model's embedding context (Prepared.embedding) is held from its first embedding request on: idle models
+    are evicted for it like for a load, concurrent first requests count it once, generation requests never."""
+    loader = FakeLoader({"a": 300 * MiB, "b": 300 * MiB}, embedding={"a": 200 * MiB})
+
+    async def main():
+        pool = fake_pool(tmp_path, loader, budget=750 * MiB)
+        await pool.start()
+        await use(pool, "b")
+        await use(pool, "a")
+        assert loaded(pool) == ["a", "b"]
+        assert pool.used()["CPU"] == 600 * MiB, "generation alone: no embedding context counted"
+        leases = await asyncio.gather(*(pool.acquire("a", embeddings=True) for _ in range(4)))
+        for lease in leases:
+            lease.release()
+        assert loaded(pool) == ["a"], "b (idle) was evicted to make room for a's embedding context"
+        assert pool.used()["CPU"] == 500 * MiB, "held once, however many first requests came together"
+        await use(pool, "b")                  # b needs 300 MiB beside a's 500: a is evicted for it, and with it
+        assert loaded(pool) == ["b"]          # its embedding context
+        assert pool.used()["CPU"] == 300 * MiB
+        lease = await pool.acquire("a", embeddings=True)     # loaded again: held again on its first embedding
+        assert pool.used()["CPU"] == 500 * MiB and loaded(pool) == ["a"]
+        lease.release()
+        await pool.aclose()
+
+    run(main())
+
+
+def test_an_embedding_context_that_can_never_fit_is_refused_with_the_numbers(tmp_path):
+    loader = FakeLoader({"a": 300 * MiB}, embedding={"a": 400 * MiB})
+
+    async def main():
+        pool = fake_pool(tmp_path, loader, budget=600 * MiB)
+        await pool.start()
+        await use(pool, "a")
+        with pytest.raises(DoesNotFitError) as e:
+            await pool.acquire("a", embeddings=True)
+        assert "embedding context needs 400.0 MiB" in e.value.message and "--max-memory" in e.value.hint
+        assert pool.status()[0].in_flight == 0, "the refused request's lease was released"
+        await use(pool, "a")                  # generation goes on
+        await pool.aclose()
 
     run(main())

@@ -1,5 +1,5 @@
 """The corpus of bad requests in tests/bad_requests/: each file is a request and what must come back (status,
-and the field named: OpenAI `error.param`, or text in Ollama's `error`). After every one the server is still
+and the field named: OpenAI `error.param`, text in Ollama's `error`, or in Anthropic's `error.message`). After every one the server is still
 healthy and answers a normal request. Runs against the fake engine (tests/fake_engine.py)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def base():
 
 
 def test_corpus_is_large():
-    assert len(CORPUS) >= 110
+    assert len(CORPUS) >= 240
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=lambda p: p.stem)
@@ -43,6 +43,12 @@ def test_bad_request(base, case):
     body = r.json()
     if spec["path"].startswith("/api/"):
         assert isinstance(body["error"], str) and expect["ollama_error_contains"] in body["error"]
+    elif spec["path"].startswith("/v1/messages"):      # Anthropic's shape
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"]
+        assert body["error"]["type"] == expect.get("anthropic_type", "invalid_request_error")
+        if "param" in expect:
+            assert expect["param"] in body["error"]["message"], body
     else:
         error = body["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]

@@ -22,7 +22,8 @@ from fake_pool import FakeLoader
 from live_server import running
 from runner.app import manage
 from runner.app.models import ModelIndex, read_card
-from runner.app.pool import Budget, ModelPool
+from runner.app.pool import ModelPool
+from runner.app.pool_values import Budget
 from runner.core import dirs
 from runner.model.catalog import Catalog, load_catalog
 from runner.server.app import create_app

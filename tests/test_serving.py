@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.app.models import ModelIndex, ModelRef, ServedFile
-from runner.app.pool import Budget
+from runner.app.pool_values import Budget
 from runner.app.serving import (ModelSettings, PlannedLoader, budget_from, need_of, plan_profile, ram_margin,
                                 read_models_config, resident_of)
 from runner.core import dirs
@@ -145,6 +145,8 @@ def test_the_real_loader_measures_what_the_model_holds(demo_gguf):
     try:
         assert started.engine.model_name == "demo" and started.engine.n_ctx == 1024
         assert started.resident == resident_of(started.engine.buffers, prepared.launch.estimate)
+        # the embedding context the first embedding request creates: estimated, held by the pool on that request
+        assert prepared.embedding["CPU"] > 150 * MiB, "the demo's embedding context: about 207 MiB"
         # measured and estimated agree to within the compute buffer's committed share (a few tens of MiB)
         assert abs(started.resident["CPU"] - prepared.need["CPU"]) < 64 * MiB
     finally:

@@ -146,7 +146,8 @@ def test_serve_records_the_speed_of_each_model_it_unloads(demo_gguf, _isolated_h
     shutdown) the speed it reached is recorded, under its catalog name."""
     from live_server import running
     from runner.app.models import ModelIndex
-    from runner.app.pool import Budget, ModelPool
+    from runner.app.pool import ModelPool
+    from runner.app.pool_values import Budget
     from runner.app.serving import ModelSettings, PlannedLoader
     from runner.model.catalog import load_catalog
     from runner.server.app import create_app

@@ -18,6 +18,9 @@ The policy, for a model that is not loaded:
   to `wait_s`, then fails with CapacityError (HTTP 503 + Retry-After);
 - `loader.load` runs in a worker thread of its own (never on the event loop, never on an engine's thread);
   concurrent requests for the model wait for that one load.
+- The first embedding request to a model (`acquire(..., embeddings=True)`) makes room the same way for the
+  second context it creates (`Prepared.embedding`), before the engine creates it, and adds it to what the model
+  holds until it unloads.
 
 Keep-alive (Ollama's semantics): each request sets how long the model stays loaded after its last request ends
 (the loader's per-model default when the request does not say; 0 = unload right away; FOREVER = never expire).
@@ -33,17 +36,15 @@ The pool lives on one asyncio event loop: its state changes only there, so it ne
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
-from runner.app.launch import Launch
 from runner.app.models import ModelCard, ModelIndex, ModelRef, ServedFile
+from runner.app.pool_values import Budget, Counters, Loader, ModelStatus, Prepared, Started, State
 from runner.app.threads import in_thread
 from runner.core.errors import CapacityError, ConflictError, DoesNotFitError, EngineError, ModelNotLocalError, \
     ServerError
@@ -53,86 +54,6 @@ from runner.engine.types import Engine
 log = logging.getLogger("llmrun.server")
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_WAIT_S = 60.0
-
-
-# ------------------------------------------------------------------------------------------------------ values
-@dataclass(frozen=True)
-class Budget:
-    """Bytes per device ("CPU", "GPU0", "RPC0", ...) the process may hold, and what it holds before any model.
-    A device missing from a bounded budget has no room. `source` says where the limits come from."""
-
-    limits: Mapping[str, int]
-    process: Mapping[str, int] = field(default_factory=dict)
-    source: str = "the budget"
-    bounded: bool = True
-
-    @classmethod
-    def unlimited(cls) -> "Budget":
-        return cls({}, source="no budget", bounded=False)
-
-    def for_models(self, device: str) -> int:
-        """Bytes the models may hold on `device` together."""
-        return self.limits.get(device, 0) - self.process.get(device, 0)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What loading a model takes: the launch (file and settings), its card, and the bytes per device the loaded
-    model will hold (the plan's estimate, without what the process holds anyway)."""
-
-    ref: ModelRef
-    launch: Launch
-    card: ModelCard
-    need: Mapping[str, int]
-    advice: str = ""                  # the plan's ways out, should it never fit
-
-
-@dataclass(frozen=True)
-class Started:
-    engine: Engine
-    resident: Mapping[str, int]       # bytes per device the model holds, measured (llama.cpp's buffers)
-    warnings: tuple[str, ...] = ()
-    before_close: Callable[[], None] | None = None   # runs (in the closing thread) before the engine closes
-
-
-class Loader(Protocol):
-    """What the pool needs from the outside world (a fake in the policy's tests; runner.app.serving for real)."""
-
-    def keep_alive(self, ref: ModelRef) -> float: ...        # seconds after the last request, when it did not say
-    def prepare(self, ref: ModelRef) -> Prepared: ...        # plan (and pull); runs in a worker thread
-    def load(self, prepared: Prepared) -> Started: ...       # runs in a worker thread
-
-
-class State(enum.Enum):
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-
-
-@dataclass
-class Counters:
-    """Per model, since the server started."""
-
-    loads: int = 0
-    load_failures: int = 0
-    unloads: int = 0
-    evictions: int = 0                # unloads to make room for another model
-    load_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A snapshot of one model in memory (or on its way in or out)."""
-
-    name: str
-    state: State
-    card: ModelCard
-    n_ctx: int                        # per sequence (0 while loading)
-    n_parallel: int
-    resident: Mapping[str, int]       # measured bytes per device (the estimate while loading)
-    in_flight: int
-    expires_at: float                 # unix time it will be unloaded if no request comes; math.inf: never
-    pinned: bool
 
 
 # --------------------------------------------------------------------------------------------------- the pool
@@ -149,6 +70,8 @@ class Model:
         self.card = ModelCard(name=ref.name)
         self.resident: Mapping[str, int] = {}
         self.reserved: Mapping[str, int] = {}     # the estimate, held while loading
+        self.embedding_held = False               # its embedding context is counted in `resident`
+        self._embedding_lock: asyncio.Lock | None = None
         self.in_flight = 0
         self.waiting = 0                          # requests waiting for this load: not evictable before they run
         self.last_used = 0.0
@@ -172,6 +95,12 @@ class Model:
         if self._unloaded is None:
             self._unloaded = asyncio.get_running_loop().create_future()
         return self._unloaded
+
+    @property
+    def embedding_lock(self) -> asyncio.Lock:
+        if self._embedding_lock is None:
+            self._embedding_lock = asyncio.Lock()
+        return self._embedding_lock
 
     @property
     def name(self) -> str:
@@ -256,10 +185,11 @@ class ModelPool:
         m = self.models.get(self.resolve(name).name)
         return m.engine if m is not None and m.state is State.LOADED else None
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+    async def acquire(self, name: str, keep_alive: float | None = None, *, embeddings: bool = False) -> Lease:
         """A lease on the model `name` names, loading it first when needed. Raises what resolving or loading
         raises: UnknownModelError / ModelNotLocalError (404), DoesNotFitError (507), CapacityError (503), the
-        engine's errors. `keep_alive`: seconds to keep it after this request (None: the loader's default)."""
+        engine's errors. `keep_alive`: seconds to keep it after this request (None: the loader's default).
+        `embeddings`: the request embeds, so the model's embedding context is made room for first."""
         ref = self.resolve(name)
         if ref.name in self._retired:
             raise ConflictError(f"{ref.name} is being deleted", hint="pull it again once it is gone to use it")
@@ -279,7 +209,36 @@ class ModelPool:
         m.last_used = self.clock()
         m.keep_alive = FOREVER if m.pinned else (self.loader.keep_alive(ref) if keep_alive is None else keep_alive)
         m.expires_at = math.inf
-        return Lease(self, m, self.clock() - t0)
+        lease = Lease(self, m, self.clock() - t0)
+        if embeddings and not m.embedding_held:
+            try:
+                await self._hold_embedding(m)
+            except BaseException:
+                lease.release()
+                raise
+        lease.waited_s = self.clock() - t0
+        return lease
+
+    async def _hold_embedding(self, m: Model) -> None:
+        """Room for the embedding context beside what `m` holds (evicting idle models), then count it in."""
+        async with m.embedding_lock:
+            extra = m.prepared.embedding if m.prepared is not None else {}
+            if m.embedding_held or not extra:
+                m.embedding_held = True
+                return
+            need = {d: m.resident.get(d, 0) + extra.get(d, 0) for d in dict.fromkeys([*m.resident, *extra])}
+            for dev, n in need.items():
+                room = self.budget.for_models(dev)
+                if self.budget.bounded and n > room:
+                    raise DoesNotFitError(
+                        f"{m.name} cannot embed within the budget: its embedding context needs "
+                        f"{format_size(extra.get(dev, 0))} {_where(dev)} beside the model's "
+                        f"{format_size(m.resident.get(dev, 0))}, and the models may hold {format_size(max(room, 0))}"
+                        f" there ({self.budget.source})",
+                        hint="a larger budget (--max-memory / --max-vram), or less context for this model")
+            await self._make_room(m, need, reserve=False)
+            m.resident, m.embedding_held = need, True       # no await since the room was found
+            log.info("%s: embedding context held, %s (%s)", m.name, _bytes(extra), self._usage())
 
     async def unload(self, name: str) -> bool:
         """Unload `name` now (Ollama's empty request with keep_alive 0); a busy model goes when its last request
@@ -470,14 +429,18 @@ class ModelPool:
                 left[dev] -= m.resident.get(dev, 0)
         return chosen if all(v <= 0 for v in left.values()) else None
 
-    async def _make_room(self, m: Model, need: Mapping[str, int]) -> None:
+    async def _make_room(self, m: Model, need: Mapping[str, int], *, reserve: bool = True) -> None:
+        """Until `need` fits beside every other model: evict idle ones, or wait for busy ones up to wait_s. With
+        `reserve`, `need` becomes `m.reserved` the moment it fits (a load); otherwise the caller takes it as it
+        returns, with no await in between."""
         deadline = self.clock() + self.wait_s
         while True:
             if self._closing:
                 raise ServerError("the server is shutting down")
             short = self._shortfall(need, m)
             if not short:
-                m.reserved = dict(need)       # taken at once: no await between the check and the reservation
+                if reserve:
+                    m.reserved = dict(need)   # taken at once: no await between the check and the reservation
                 return
             victims = self._victims(short)
             if victims:

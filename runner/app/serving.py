@@ -12,6 +12,9 @@ What a model holds:
 - once loaded (`Started.resident`): llama.cpp's own buffer sizes from its load log, per device, plus the
   model's share of the overhead the estimate counts (vocabulary tables; the CUDA context per GPU), less those
   droppable file pages. When llama.cpp logged no buffers, the estimate stands in.
+- the second context a model's first embedding request creates (`Prepared.embedding`, by
+  runner.plan.estimate.embedding_context): added when that request comes (the pool makes room first), so an
+  embedding request never overdraws the budget, and models that never embed do not pay for it.
 
 A model that would leave such droppable pages in the process (weights repacked for this CPU, or partly
 offloaded) is loaded without mmap, so that the server's RSS is what the budget counts.
@@ -40,7 +43,8 @@ from pathlib import Path
 
 from runner.app.launch import DEFAULT_PATH_CTX, Launch, plan_summary
 from runner.app.models import ModelIndex, ModelRef, ServedFile, read_card
-from runner.app.pool import DEFAULT_KEEP_ALIVE_S, Budget, Prepared, Started
+from runner.app.pool import DEFAULT_KEEP_ALIVE_S
+from runner.app.pool_values import Budget, Prepared, Started
 from runner.core.errors import ConfigError, DoesNotFitError, LicenseNotAcceptedError, UsageError
 from runner.core.run_settings import RunSettings
 from runner.core.shapes import ModelShape
@@ -273,7 +277,8 @@ class PlannedLoader:
             launch = self._path_launch(ref, path, s.ctx, parallel, shape, layout)
         launch = self._without_droppable_pages(launch, shape, layout)
         assert launch.estimate is not None
-        return Prepared(ref, launch, read_card(path, ref.name), need_of(launch.estimate),
+        embedding = self._embedding_context(shape, layout, launch.settings)
+        return Prepared(ref, launch, read_card(path, ref.name), need_of(launch.estimate), embedding=embedding,
                         advice="less context (ctx in --config, or --ctx), a smaller quant, or a larger budget "
                                "(--max-memory / --max-vram)")
 
@@ -340,6 +345,15 @@ class PlannedLoader:
         gpus = local_gpus(self.profile)
         return estimate(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
                         cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
+
+    def _embedding_context(self, shape: ModelShape, layout: WeightsLayout,
+                           settings: RunSettings) -> dict[str, int]:
+        from runner.plan.estimate import embedding_context
+        from runner.plan.fit import local_gpus
+
+        gpus = local_gpus(self.profile)
+        return embedding_context(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
+                                 cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
 
     def load(self, prepared: Prepared) -> Started:
         from runner.app.load import load

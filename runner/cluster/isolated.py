@@ -6,8 +6,8 @@ talks to workers. When the child dies we name the dead worker(s), finish the req
 finish_reason "error", answer new ones with ClusterError (the server's 503) and reload once every worker
 answers a probe again. The child is a plain `python -c` process (not multiprocessing's spawn, which would re-run
 `python -m runner`'s __main__) talking pickled message dataclasses (below) over a socketpair through
-multiprocessing's Connection. The child runs only the operations in its allow-lists (`_GENERATIONS`, `_QUERIES`,
-`_CALLS`).
+multiprocessing's Connection (runner.cluster.protocol: the messages, and the allow-lists of operations the child
+runs).
 """
 
 from __future__ import annotations
@@ -19,183 +19,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from runner.cluster import rpc
-from runner.core import errors
+from runner.cluster.protocol import (CALLS, GENERATIONS, QUERIES, ApplyTemplate, Call, Cancel, Close, Detokenize,
+                                     Done, Embed, ErrorInfo, Generate, GenerationOp, Load, LoadFailed, Piece, Query,
+                                     QueryOp, Raised, Ready, Reply, Started, Tokenize)
 from runner.core.errors import ClusterError, EngineError, LlmrunError
 from runner.core.run_settings import RunSettings
 from runner.engine.generation import GenerationHandle, completion
-from runner.engine import types
-from runner.engine.types import (ChatMessage, Completion, EmbedInput, Embeddings, Engine, EngineStats, SamplingParams,
-                                 Tools)
+from runner.engine.types import ChatMessage, EmbedInput, Embeddings, EngineStats, SamplingParams, Tools
 
 CALL_TIMEOUT_S = 120.0               # a child that answers no call within this long is reported, never waited on
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the child protocol: one dataclass per message, pickled
-
-GenerationOp = Literal["chat", "complete", "generate"]
-QueryOp = Literal["tokenize", "prompt_tokens", "stats"]
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    """An LlmrunError across the process boundary (class name, message, hint)."""
-
-    kind: str
-    message: str
-    hint: str | None
-
-    @classmethod
-    def of(cls, e: LlmrunError) -> "ErrorInfo":
-        return cls(type(e).__name__, e.message, e.hint)
-
-    def error(self) -> LlmrunError:
-        """The error again, as the class it was when that is one of ours (EngineError otherwise)."""
-        found = getattr(errors, self.kind, None)
-        if isinstance(found, type) and issubclass(found, LlmrunError) and found is not errors.UnknownModelError:
-            return found(self.message, hint=self.hint)
-        return EngineError(self.message, hint=self.hint)
-
-
-# parent -> child
-@dataclass(frozen=True)
-class Load:
-    model_path: str
-    settings: RunSettings
-    options: Mapping[str, Any]       # keyword arguments of runner.engine.batching.start_engine
-
-
-@dataclass(frozen=True)
-class Generate:
-    rid: int
-    op: GenerationOp
-    payload: Any                     # messages, prompt text or tokens
-    params: SamplingParams
-    tools: Tools | None = None                       # chat only
-    template_kwargs: Mapping[str, Any] | None = None  # chat only
-
-
-@dataclass(frozen=True)
-class Query:
-    rid: int
-    op: QueryOp
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class Embed:
-    rid: int
-    inputs: tuple[EmbedInput, ...]
-    truncate: bool
-    op: ClassVar[str] = "embed"
-
-
-@dataclass(frozen=True)
-class Tokenize:
-    rid: int
-    text: str
-    add_special: bool
-    parse_special: bool
-    op: ClassVar[str] = "tokenize"
-
-
-@dataclass(frozen=True)
-class Detokenize:
-    rid: int
-    tokens: tuple[int, ...]
-    pieces: bool                     # True: each token's bytes (token_pieces), False: the text (detokenize)
-    op: ClassVar[str] = "detokenize"
-
-
-@dataclass(frozen=True)
-class ApplyTemplate:
-    rid: int
-    messages: tuple[ChatMessage, ...]
-    op: ClassVar[str] = "apply_template"
-
-
-Call = Embed | Tokenize | Detokenize | ApplyTemplate
-
-
-@dataclass(frozen=True)
-class Cancel:
-    rid: int
-
-
-@dataclass(frozen=True)
-class Close:
-    pass
-
-
-# child -> parent
-@dataclass(frozen=True)
-class Ready:
-    model_name: str
-    n_ctx: int
-    n_parallel: int
-    buffers: Mapping[str, int]
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    error: ErrorInfo
-
-
-@dataclass(frozen=True)
-class Started:
-    rid: int
-    notice: str | None
-    dropped_messages: int
-
-
-@dataclass(frozen=True)
-class Piece:
-    rid: int
-    index: int                       # the choice (SamplingParams.n)
-    delta: types.Delta
-
-
-@dataclass(frozen=True)
-class Done:
-    rid: int
-    index: int
-    completion: Completion
-
-
-@dataclass(frozen=True)
-class Reply:
-    rid: int
-    value: Any
-
-
-@dataclass(frozen=True)
-class Raised:
-    rid: int
-    error: ErrorInfo
-
-
-_GENERATIONS: Mapping[str, Callable[[Engine, Generate], Any]] = {
-    "chat": lambda e, m: e.chat(m.payload, m.params, tools=m.tools, template_kwargs=m.template_kwargs),
-    "complete": lambda e, m: e.complete(m.payload, m.params),
-    "generate": lambda e, m: e.generate(m.payload, m.params),
-}
-_QUERIES: Mapping[str, Callable[[Engine, str], Any]] = {
-    "tokenize": lambda e, text: e.tokenize(text),
-    "prompt_tokens": lambda e, text: e.prompt_tokens(text),
-    "stats": lambda e, _text: e.stats(),
-}
-_CALLS: Mapping[type, Callable[[Engine, Any], Any]] = {     # each runs in its own thread of the child (embed blocks)
-    Embed: lambda e, m: e.embed(m.inputs, truncate=m.truncate),
-    Tokenize: lambda e, m: e.tokenize_with(m.text, add_special=m.add_special, parse_special=m.parse_special),
-    Detokenize: lambda e, m: e.token_pieces(m.tokens) if m.pieces else e.detokenize(m.tokens),
-    ApplyTemplate: lambda e, m: e.apply_template(m.messages),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,7 +122,7 @@ def _child_main(conn: Connection, load: Load) -> None:
 
     def call(msg: Call) -> None:
         try:
-            send(Reply(msg.rid, _CALLS[type(msg)](engine, msg)))
+            send(Reply(msg.rid, CALLS[type(msg)](engine, msg)))
         except LlmrunError as e:
             send(Raised(msg.rid, ErrorInfo.of(e)))
 
@@ -309,15 +146,15 @@ def _child_main(conn: Connection, load: Load) -> None:
                     choice.cancel()
             continue
         try:
-            if isinstance(msg, Generate) and msg.op in _GENERATIONS:
-                handle = _GENERATIONS[msg.op](engine, msg)
+            if isinstance(msg, Generate) and msg.op in GENERATIONS:
+                handle = GENERATIONS[msg.op](engine, msg)
                 handles[msg.rid] = handle
                 send(Started(msg.rid, handle.notice, handle.dropped_messages))
                 for i, choice in enumerate(handle.choices):
                     threading.Thread(target=pump, args=(msg.rid, i, choice), daemon=True).start()
-            elif isinstance(msg, Query) and msg.op in _QUERIES:
-                send(Reply(msg.rid, _QUERIES[msg.op](engine, msg.text)))
-            elif type(msg) in _CALLS:
+            elif isinstance(msg, Query) and msg.op in QUERIES:
+                send(Reply(msg.rid, QUERIES[msg.op](engine, msg.text)))
+            elif type(msg) in CALLS:
                 threading.Thread(target=call, args=(msg,), daemon=True).start()
             else:
                 rid = getattr(msg, "rid", 0)
@@ -623,8 +460,8 @@ class IsolatedEngine:
     def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
         return list(self._call(lambda rid: Detokenize(rid, tuple(tokens), pieces=True)))
 
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
-        return str(self._call(lambda rid: ApplyTemplate(rid, tuple(messages))))
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str:
+        return str(self._call(lambda rid: ApplyTemplate(rid, tuple(messages), tools)))
 
     def stats(self) -> EngineStats:
         value = self._query("stats")

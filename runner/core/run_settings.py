@@ -3,9 +3,11 @@ the one table of KV cache types (ggml type ids for the engine, block sizes for t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runner.core.errors import UsageError
+
+MAX_EMBED_SEQS = 256         # llama.cpp's LLAMA_MAX_SEQ: sequences (inputs) in one embedding decode
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class RunSettings:
     def n_ctx_seq(self) -> int:
         """Context per sequence."""
         return self.n_ctx // max(self.n_parallel, 1)
+
+
+def embedding_settings(settings: RunSettings, n_ctx_train: int) -> RunSettings:
+    """The second context a loaded model gets for embeddings (runner.engine.embedding): n_tokens cells (n_ubatch,
+    at most what the model was trained on) in one unified KV cache, n_batch = n_ubatch = n_tokens so that every
+    decode is ONE ubatch, and up to LLAMA_MAX_SEQ inputs per decode. KV types and flash attention as `settings`."""
+    n = min(n_ctx_train, settings.n_ubatch) if n_ctx_train > 0 else settings.n_ubatch
+    return replace(settings, n_ctx=n, n_batch=n, n_ubatch=n, n_parallel=min(MAX_EMBED_SEQS, n), kv_unified=True)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, cast
 
@@ -26,7 +26,7 @@ from runner.engine.template import ChatFormat, fit_conversation
 from runner.engine.types import (ChatMessage, EmbedInput, Embeddings, EngineStats, FinishReason, Pooling,
                                  SamplingParams, Tools, validate_params)
 from runner.core.errors import ContextOverflowError, EngineError, LlmrunError, UsageError
-from runner.core.run_settings import RunSettings
+from runner.core.run_settings import RunSettings, embedding_settings
 
 _WAKE = object()
 _NO_ABORT = lc.ggml_abort_callback()   # NULL: no abort callback
@@ -109,9 +109,10 @@ class LlamaEngine:
         self.step_clock = StepClock()        # the engine thread's Python time per step (runner.engine.steps)
         # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
         self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
+        base = replace(settings or RunSettings(), n_ubatch=loaded.n_ubatch)
         self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
-                                  n_tokens=min(lc.llama_model_n_ctx_train(loaded.model), loaded.n_ubatch),
-                                  threads=loaded.n_threads, settings=settings or RunSettings())
+                                  settings=embedding_settings(base, lc.llama_model_n_ctx_train(loaded.model)),
+                                  threads=loaded.n_threads)
         self._embed_jobs: list[EmbedJob] = []
         self._thread = threading.Thread(target=self._run, name=f"llmrun-engine-{model_name}", daemon=True)
         self._thread.start()
@@ -261,10 +262,11 @@ class LlamaEngine:
         native.check_tokens(tokens, self._m.n_vocab)
         return [native.piece(self._m.vocab, t, special=True) for t in tokens]
 
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str:
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str:
         if not messages:
             raise UsageError("a chat needs at least one message")
-        return self.chat_format.render(messages)
+        turn = tool_formats.prepare(messages, SamplingParams(), tools, self.tool_format)   # as chat() renders
+        return self.chat_format.render(turn.messages, tools=turn.template_tools)
 
     def _check_open(self) -> None:
         if self._closing or self._m.ctx is None:
@@ -612,7 +614,8 @@ class LlamaEngine:
         req.handle.finish(completion(req.out.text, reason, prompt_tokens=len(req.prompt), completion_tokens=req.n_out,
                                      cached_tokens=req.cached_tokens, ttft=ttft, decode_tps=tps, error=error,
                                      notice=req.handle.notice, dropped_messages=req.handle.dropped_messages,
-                                     tool_calls=req.out.tool_calls, logprobs=logprobs))
+                                     tool_calls=req.out.tool_calls, logprobs=logprobs,
+                                     stop_sequence=req.out.stop.matched if stop_string else None))
 
 
 def default_threads() -> int:

@@ -19,6 +19,7 @@ this module is cheap to import.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 from collections.abc import Iterable, Iterator
@@ -158,6 +159,22 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _file_rss(path: str) -> int:
+    """Bytes of `path`'s mapped pages resident in this process (the sum of Rss over its mappings in smaps).
+    Clean file pages are the only ones the kernel may drop under memory pressure without swap; the accuracy
+    check counts the ones it dropped back in (runner.plan.accuracy)."""
+    real = os.path.realpath(path)
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:   # a mapping's header line
+                inside = len(head) == 6 and head[5].strip() == real
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def _reset_peak_rss() -> bool:
     """Linux resets VmHWM to the current RSS when 5 is written to clear_refs."""
     try:
@@ -240,6 +257,7 @@ def measure_contexts(model_path: str, contexts: list[dict], *, n_threads: int | 
                     t3 = time.monotonic()
                     entry = {"spec": spec, "buffers": parse_buffers("".join(cap.chunks[start:]).splitlines()),
                              "rss": _status_kib("VmRSS") * 1024, "hwm": _status_kib("VmHWM") * 1024,
+                             "model_file_rss": _file_rss(model_path),
                              "ctx_s": t2 - t1, "decode_s": t3 - t2, "decoded": n_dec}
                 finally:
                     llama_cpp.llama_free(ctx)

@@ -65,11 +65,12 @@ class EmbedJob:
 class Embedder:
     """The embedding context of a loaded model and the decode that fills it. Used only from the engine thread."""
 
-    def __init__(self, model: object, *, pooling: str, n_tokens: int, threads: int, settings: RunSettings):
+    def __init__(self, model: object, *, pooling: str, settings: RunSettings, threads: int):
+        """`settings`: the embedding context's own (runner.core.run_settings.embedding_settings)."""
         self._model = model
         self.pooling = pooling
-        self.n_tokens = n_tokens
-        self.n_seq = min(native.MAX_EMBED_SEQS, n_tokens)
+        self.n_tokens = settings.n_ctx
+        self.n_seq = settings.n_parallel
         self._threads = threads
         self._settings = settings
         self._ctx: native.EmbeddingContext | None = None
@@ -78,8 +79,7 @@ class Embedder:
 
     def _context(self) -> native.EmbeddingContext:
         if self._ctx is None:
-            self._ctx = native.create_embedding_context(self._model, pooling=self.pooling, n_tokens=self.n_tokens,
-                                                        n_seq=self.n_seq, threads=self._threads,
+            self._ctx = native.create_embedding_context(self._model, pooling=self.pooling, threads=self._threads,
                                                         settings=self._settings)
             self._batch = lc.llama_batch_init(self.n_tokens, 0, 1)
         return self._ctx

@@ -23,6 +23,7 @@ class StopText:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.text = ""          # everything emitted so far
+        self.matched: str | None = None   # the stop string that ended the text, once one did
 
     def _emit(self, s: str) -> str:
         self.text += s
@@ -42,7 +43,7 @@ class StopText:
         for stop in self.stops:
             i = held.find(stop)
             if i >= 0 and (first is None or i < first):
-                first = i
+                first, self.matched = i, stop
         if first is not None:
             self._held = ""
             return self._emit(held[:first]), True
@@ -272,8 +273,9 @@ def wake_all(handles: Iterable[GenerationHandle]) -> None:
 def completion(text: str, reason: FinishReason, *, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
                ttft: float, decode_tps: float, error: str | None = None, notice: str | None = None,
                dropped_messages: int = 0, tool_calls: tuple[ToolCall, ...] = (),
-               logprobs: tuple[TokenLogprob, ...] | None = None) -> Completion:
+               logprobs: tuple[TokenLogprob, ...] | None = None, stop_sequence: str | None = None) -> Completion:
     return Completion(text=text, finish_reason=reason,
                       usage=Usage(prompt_tokens, completion_tokens, cached_tokens),
                       time_to_first_token_s=ttft, decode_tokens_per_s=decode_tps, error=error,
-                      notice=notice, dropped_messages=dropped_messages, tool_calls=tool_calls, logprobs=logprobs)
+                      notice=notice, dropped_messages=dropped_messages, tool_calls=tool_calls, logprobs=logprobs,
+                      stop_sequence=stop_sequence)

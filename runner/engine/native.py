@@ -175,7 +175,6 @@ POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 POOLING_TYPES = {"mean": lc.LLAMA_POOLING_TYPE_MEAN, "cls": lc.LLAMA_POOLING_TYPE_CLS,
                  "last": lc.LLAMA_POOLING_TYPE_LAST}
 DEFAULT_POOLING = "mean"     # for models that declare none (causal LMs): see docs/engine.md, "Embeddings"
-MAX_EMBED_SEQS = 256         # llama.cpp's LLAMA_MAX_SEQ: sequences (inputs) in one embedding decode
 
 
 def declared_pooling(model) -> str | None:
@@ -210,9 +209,10 @@ class EmbeddingContext:
             self.ctx = None
 
 
-def create_embedding_context(model, *, pooling: str, n_tokens: int, n_seq: int, threads: int,
-                             settings: RunSettings) -> EmbeddingContext:
-    """The embedding context (see EmbeddingContext). KV types and flash attention follow `settings`."""
+def create_embedding_context(model, *, pooling: str, threads: int, settings: RunSettings) -> EmbeddingContext:
+    """The embedding context (see EmbeddingContext) for `settings` (runner.core.run_settings.embedding_settings:
+    n_ctx = n_batch = n_ubatch = the tokens one decode holds, n_parallel = the inputs, KV types, flash attention)."""
+    n_tokens, n_seq = settings.n_ctx, settings.n_parallel
     if pooling not in POOLING_TYPES:
         raise UsageError(f"this model's pooling type is {pooling!r}; embeddings need mean, cls or last pooling",
                          hint="a reranker (rank pooling) scores pairs of texts; it does not embed them")

@@ -176,6 +176,7 @@ class Completion:
     dropped_messages: int = 0         # messages left out of the prompt to fit the context
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None   # with SamplingParams.logprobs: one per sampled token
+    stop_sequence: str | None = None  # the stop string (SamplingParams.stop) that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,8 @@ class Engine(Protocol):
     def tokenize_with(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...          # control tokens rendered as their text
     def token_pieces(self, tokens: Sequence[int]) -> list[bytes]: ... # each token's bytes (control tokens too)
-    def apply_template(self, messages: Sequence[ChatMessage]) -> str: ...  # the chat prompt the model would read
+    def apply_template(self, messages: Sequence[ChatMessage], *, tools: Tools | None = None) -> str: ...
+    # ^ the chat prompt the model would read (`chat` renders the same text: tools and past calls included)
     def stats(self) -> EngineStats: ...
     def health(self) -> LlmrunError | None: ...             # None while serving, else the outage (HTTP 503)
     def close(self) -> None: ...

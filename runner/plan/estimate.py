@@ -37,7 +37,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from runner.core.errors import UsageError
-from runner.core.run_settings import RunSettings
+from runner.core.run_settings import RunSettings, embedding_settings
 from runner.core.shapes import ModelShape, TensorInfo
 from runner.model.archs import arch_spec, is_covered
 from runner.model.layout import WeightsLayout
@@ -355,3 +355,18 @@ def _is_repacked(t: TensorInfo, repackable: frozenset[str]) -> bool:
     if len(t.shape) == 3 and "_exps" not in t.name:
         return False
     return True
+
+
+def embedding_context(shape: ModelShape, layout: WeightsLayout, settings: RunSettings, *, gpus: int = 0,
+                      gpu_free: tuple[int, ...] = (), cpu_flags: frozenset[str] = frozenset(),
+                      unified: bool = False) -> dict[str, int]:
+    """Bytes per device of the second context a served model creates on its first embedding request
+    (runner.engine.embedding, with runner.core.run_settings.embedding_settings): its KV cache, its compute buffer
+    (one ubatch of n_tokens, every token an output), and its output buffer, which llama.cpp sizes for one row of
+    logits + embedding per sequence and grows to one row per token on the first decode (every token of a pooled
+    input is an output). The demo model: 11.25 MiB KV, 100.5 MiB compute, 97 MiB output, twice its weights."""
+    es = embedding_settings(settings, shape.n_ctx_train)
+    est = estimate(shape, layout, es, gpus=gpus, gpu_free=gpu_free, cpu_flags=cpu_flags, unified=unified)
+    rows = max(es.n_ctx, es.n_parallel)
+    return {d.device: d.kv_cache + d.compute + ((shape.n_vocab + shape.n_embd) * 4 * rows if d.device == "CPU" else 0)
+            for d in est.devices}

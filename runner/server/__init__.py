@@ -2,7 +2,8 @@
 
 - `app`: the FastAPI app (`create_app`): middleware, the error table, /health, /metrics;
 - `native`: the one generation path both APIs share (admission, submit, stream, cancel);
-- `openai_api` (+ `openai_shapes`), `ollama_api`: thin adapters that only translate shapes;
+- `openai_api` (+ `openai_shapes`), `responses_api` (+ `responses_shapes`, `response_store`: OpenAI's Responses
+  API), `anthropic_api` (Anthropic's Messages API), `ollama_api`: thin adapters that only translate shapes;
 - `embeddings_api`, `tokens_api`: /v1/embeddings, /api/embed(dings) over `Engine.embed`; llama-server's /tokenize,
   /detokenize, /apply-template;
 - `manage_api`: model management in Ollama's shapes (/api/pull with NDJSON progress, /api/delete, /api/copy);

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__
-from runner.app.pool import ModelPool, State, pool_of_engine
+from runner.app.pool import ModelPool, pool_of_engine
+from runner.app.pool_values import State
 from runner.core.errors import LlmrunError
 from runner.engine.types import Engine
 from runner.hardware.types import HardwareProfile
@@ -37,7 +38,8 @@ OPEN_PATHS = {"/health"} | PAGE_PATHS  # answered without the API key: liveness 
 KNOWN_PATHS = {"/", "/health", "/metrics", "/llmrun/status", "/v1/chat/completions", "/v1/completions",
                "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show", "/api/version",
                "/openapi.json", "/docs"} | MANAGE_PATHS
-KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template"}
+KNOWN_PATHS |= {"/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize", "/apply-template",
+                "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"}
 
 
 def _endpoint_label(path: str) -> str:
@@ -45,6 +47,8 @@ def _endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     if path.startswith("/ui/"):
         return "/ui/{file}"
     return "other"
@@ -81,7 +85,7 @@ class MetricsMiddleware:
 
 
 class GuardMiddleware:
-    """API key (Bearer, constant-time comparison), model management refused (403) on a server exposed beyond
+    """API key (Bearer, or x-api-key on Anthropic's routes; constant-time comparison), model management refused (403) on a server exposed beyond
     localhost without a key, the request body size limit (413, every method that may carry a body), and text that
     is not valid Unicode (a lone surrogate: 400 naming the field, every route), before any parsing."""
 
@@ -98,10 +102,14 @@ class GuardMiddleware:
         if self.key is not None and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            anthropic = err.is_anthropic_path(path)     # Anthropic's clients send the key as x-api-key
+            if not ((scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key))
+                    or (anthropic and hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), self.key))):
+                how = "'x-api-key: <key>' or 'Authorization: Bearer <key>'" if anthropic else \
+                    "'Authorization: Bearer <key>'"
                 return await _send_error(send, path, err.ApiError(
-                    401, "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
-                         "given to `llmrun serve --api-key`.", type="authentication_error", code="invalid_api_key",
+                    401, f"Missing or wrong API key: send the header {how} with the key given to `llmrun serve "
+                         "--api-key`.", type="authentication_error", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"}))
         if path in MANAGE_PATHS and self.config.exposed_without_key:
             return await _send_error(send, path, err.ApiError(
@@ -158,7 +166,8 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     is reported to `on_load_failed`). At shutdown every engine is closed (`close_engine=False`: not the one
     handed over). `probe` describes the machine for /llmrun/status; it runs once, in a background thread
     started at startup."""
-    from runner.server import embeddings_api, manage_api, ollama_api, openai_api, status, tokens_api, webui
+    from runner.server import (anthropic_api, embeddings_api, manage_api, ollama_api, openai_api, responses_api,
+                               status, tokens_api, webui)
 
     config = config or ServerConfig()
     if pool is None:
@@ -201,6 +210,8 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     app.state.machine = machine
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(embeddings_api.router)
     app.include_router(tokens_api.router)
     app.include_router(manage_api.router)

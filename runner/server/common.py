@@ -24,6 +24,7 @@ from runner.server.config import ServerConfig
 from runner.server.errors import ApiError, from_llmrun
 from runner.server.metrics import Metrics
 from runner.server.native import ClientGone, Gate, NativeRequest, Run
+from runner.server.response_store import ResponseStore
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
 IGNORED_HEADER = "X-Llmrun-Ignored-Fields"
@@ -34,7 +35,7 @@ log = logging.getLogger("llmrun.server")
 @dataclass
 class AppState:
     """The server's live state: the model pool (runner.app.pool) and its management (pulls, deletes, copies:
-    runner.app.manage), one admission gate per loaded model, the metrics, and the start-up load of the model
+    runner.app.manage), one admission gate per loaded model, the metrics, the stored responses, and the start-up load of the model
     `llmrun serve --model` named (503 for everything until it is ready, as a one-model server always
     answered)."""
 
@@ -47,9 +48,11 @@ class AppState:
     gates: "weakref.WeakKeyDictionary[Model, Gate]" = field(default_factory=weakref.WeakKeyDictionary)
     logged_ignored: set[str] = field(default_factory=set)    # ignored request fields already logged
     manager: ModelManager = field(init=False)
+    responses: ResponseStore = field(init=False)     # /v1/responses kept for previous_response_id
 
     def __post_init__(self) -> None:
         self.manager = ModelManager(self.pool)
+        self.responses = ResponseStore(self.config.responses_kept, self.config.responses_kept_bytes)
 
     def require_started(self) -> None:
         """A 503 while the start-up model loads (or after it failed to)."""
@@ -66,11 +69,12 @@ class AppState:
         except (UnknownModelError, ModelNotLocalError) as e:
             raise from_llmrun(e, param="model") from e
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
-        """A lease on the model, loaded on demand (404, 503, 507 as the pool decides)."""
+    async def acquire(self, name: str, keep_alive: float | None = None, *, embeddings: bool = False) -> Lease:
+        """A lease on the model, loaded on demand (404, 503, 507 as the pool decides); `embeddings`: with room
+        for its embedding context."""
         self.require_started()
         try:
-            return await self.pool.acquire(name, keep_alive)
+            return await self.pool.acquire(name, keep_alive, embeddings=embeddings)
         except (UnknownModelError, ModelNotLocalError) as e:
             raise from_llmrun(e, param="model") from e
 

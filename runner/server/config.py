@@ -32,6 +32,8 @@ class ServerConfig:
     grace_seconds: float = DEFAULT_GRACE_S
     retry_after_s: int = 1             # Retry-After on 429 / 503
     max_tokens: int | None = DEFAULT_MAX_TOKENS  # when a request sets none; None = until the context is full
+    responses_kept: int = 1000         # /v1/responses kept in memory for previous_response_id (least recent out)
+    responses_kept_bytes: int = 64 * 1024 * 1024   # ... and at most this much of their text
 
     @property
     def local_only(self) -> bool:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.core.errors import EngineError, LlmrunError
 from runner.engine.types import EmbedInput, Embeddings, Engine
 from runner.server.common import keep_alive_of, state_of
@@ -47,13 +47,14 @@ def default_model(request: Request) -> str:
 
 
 @asynccontextmanager
-async def engine_for(request: Request, model: str | None, *, admit: bool,
-                     keep_alive: float | None = None) -> AsyncIterator[Engine]:
+async def engine_for(request: Request, model: str | None, *, admit: bool, keep_alive: float | None = None,
+                     embeddings: bool = False) -> AsyncIterator[Engine]:
     """The engine of `model` (loaded on demand; the one in memory when None), held for the request: 503 while the
     start-up model loads, 404 for an unknown name. With `admit`, the request also takes a place at the model's
     admission gate (429 when full) until it ends."""
     state = state_of(request)
-    lease = await state.acquire(model if model is not None else default_model(request), keep_alive)
+    lease = await state.acquire(model if model is not None else default_model(request), keep_alive,
+                                embeddings=embeddings)
     try:
         if not admit:
             yield lease.engine
@@ -75,7 +76,7 @@ async def engine_for(request: Request, model: str | None, *, admit: bool,
 async def embed(request: Request, model: str, inputs: Sequence[EmbedInput], *, truncate: bool,
                 param: str, keep_alive: float | None = None) -> Embeddings:
     """`Engine.embed` off the event loop; an llmrun error becomes the route's 4xx/5xx naming `param`."""
-    async with engine_for(request, model, admit=True, keep_alive=keep_alive) as engine:
+    async with engine_for(request, model, admit=True, keep_alive=keep_alive, embeddings=True) as engine:
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 _WAITS, functools.partial(engine.embed, inputs, truncate=truncate))

@@ -1,12 +1,13 @@
 """Errors at the HTTP edge: one table from llmrun's error classes to HTTP statuses, and the two body shapes
-clients expect: OpenAI `{"error": {"message", "type", "param", "code"}}` and Ollama `{"error": "..."}` (every
-route under /api/)."""
+clients expect: OpenAI `{"error": {"message", "type", "param", "code"}}`, Ollama `{"error": "..."}` (every
+route under /api/) and Anthropic `{"type": "error", "error": {"type", "message"}}` (/v1/messages...)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+from typing import Any
 
 from runner.core import errors as E
 
@@ -61,13 +62,39 @@ def from_llmrun(e: E.LlmrunError, *, param: str | None = None) -> ApiError:
     raise AssertionError("STATUS_TABLE ends with LlmrunError")  # pragma: no cover
 
 
+def rename_fields(e: ApiError, pattern: str, replacement: str) -> ApiError:
+    """`e` with the fields it names rewritten (re.sub on its param and message): an adapter whose API names a
+    field otherwise than the engine does (`tools[0].function.name` is `tools[0].name` in the Responses API)."""
+    if e.param is None or not re.search(pattern, e.param):
+        return e
+    return ApiError(e.status, re.sub(pattern, replacement, e.message), type=e.type,
+                    param=re.sub(pattern, replacement, e.param), code=e.code, headers=e.headers)
+
+
 def is_ollama_path(path: str) -> bool:
     return path.startswith("/api/")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); other 4xx are
+# invalid_request_error, other 5xx api_error
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error(e: ApiError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
 
 
 def body(e: ApiError, path: str) -> bytes:
     if is_ollama_path(path):
         return json.dumps({"error": e.message}).encode()
+    if is_anthropic_path(path):
+        return json.dumps(anthropic_error(e)).encode()
     return json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}).encode()
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runner import __version__
 from runner.engine.types import ChatMessage, SamplingParams, Tool, ToolCall, ToolCallDelta, Tools
 from runner.core.errors import UsageError
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.server.common import (LeasedRun, RunStream, keep_alive_of, note_ignored, notice_headers, sampling,
                                   start_run, state_of)
 from runner.server.config import ModelCard

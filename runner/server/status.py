@@ -16,7 +16,7 @@ from typing import Callable
 from fastapi import APIRouter, Request
 
 from runner import __version__
-from runner.app.pool import State
+from runner.app.pool_values import State
 from runner.core.errors import LlmrunError
 from runner.engine.report import actual_terms
 from runner.engine.types import Engine, EngineStats
