@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -41,14 +42,15 @@ from runner.core.run_settings import RunSettings
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 
 
-def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int) -> tuple[float, float]:
+def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int,
+               flash_attn: bool = True) -> tuple[float, float]:
     """(decode tok/s, CPU seconds for prompt + n tokens) of the plainest low-level loop: llama_decode of one
     token, greedy sampler, repeat."""
     import llama_cpp as lc
 
     from runner.engine import native
 
-    loaded = native.load(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
+    loaded = native.load(path, RunSettings(n_ctx=n_ctx, flash_attn=flash_attn), n_parallel=1, threads=threads)
     try:
         batch = lc.llama_batch_init(512, 0, 1)
         smpl = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -79,6 +81,22 @@ def plain_loop(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx
         return (n - 1) / dt, cpu
     finally:
         loaded.free()
+
+
+def plain_loop_in_child(path: Path, prompt_tokens: list[int], n: int, threads: int, n_ctx: int,
+                        flash_attn: bool) -> tuple[float, float]:
+    """plain_loop in a child process. Never in this one: a second thread calling llama_decode (the engine's thread
+    is the first) gives libgomp a second thread team; with more OpenMP threads than cores it throttles every
+    barrier's spin-wait to ~100 spins, and BOTH loops then decode at about 0.6x (measured on the demo model, 2
+    threads: plain loop 161 -> 92 tok/s and the engine 141 -> 92 once both had decoded in one process)."""
+    import subprocess
+
+    spec = json.dumps({"path": str(path), "tokens": prompt_tokens, "n": n, "threads": threads, "n_ctx": n_ctx,
+                       "flash_attn": flash_attn})
+    r = subprocess.run([sys.executable, __file__, "--plain-worker", spec], capture_output=True, text=True,
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    tps, cpu = json.loads(r.stdout.strip().splitlines()[-1])
+    return tps, cpu
 
 
 def engine_single(engine, prompt_tokens: list[int], n: int) -> tuple[float, float]:
@@ -168,6 +186,11 @@ def overhead_main(path: Path, threads: int, tokens: int, repeats: int, json_out:
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--plain-worker":      # plain_loop_in_child's child
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(plain_loop(Path(spec["path"]), spec["tokens"], spec["n"], spec["threads"], spec["n_ctx"],
+                                    spec["flash_attn"])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF file (default: the demo model)")
     ap.add_argument("--tokens", type=int, default=128)
@@ -175,6 +198,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--single-only", action="store_true", help="skip the 8-vs-1 aggregate runs")
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                    help="flash attention for every run (on: llama-bench's and the planner's default)")
     ap.add_argument("--overhead", action="store_true", help="only the engine's Python microseconds per decode step")
     ap.add_argument("--llama-bin", metavar="DIR", help="folder with llama-bench (default: the cached build of "
                     "scripts/build_llama_server.sh; without one, llama-bench is skipped)")
@@ -196,7 +221,8 @@ def main() -> int:
         print("  note: llama-bench not built (scripts/build_llama_server.sh), no llama-bench tg to compare with",
               file=sys.stderr)
 
-    eng1 = start_engine(path, RunSettings(n_ctx=n_ctx), n_parallel=1, threads=threads)
+    fa = a.flash_attn == "on"
+    eng1 = start_engine(path, RunSettings(n_ctx=n_ctx, flash_attn=fa), n_parallel=1, threads=threads)
     from runner.engine.types import ChatMessage
 
     prompt_tokens = eng1.render_chat([ChatMessage("user", PROMPT)])
@@ -207,7 +233,7 @@ def main() -> int:
         x, c = engine_single(eng1, prompt_tokens, a.tokens)
         engine_tps.append(x)
         engine_cpu.append(c)
-        x, c = plain_loop(path, prompt_tokens, a.tokens, threads, n_ctx)
+        x, c = plain_loop_in_child(path, prompt_tokens, a.tokens, threads, n_ctx, fa)
         plain_tps.append(x)
         plain_cpu.append(c)
         line = (f"  single stream: engine {engine_tps[-1]:.1f} tok/s ({engine_cpu[-1]:.2f} s CPU), plain loop "
@@ -220,7 +246,8 @@ def main() -> int:
         print(line, file=sys.stderr)
     eng1.close()
 
-    eng8 = start_engine(path, RunSettings(n_ctx=n_ctx * 8), n_parallel=8, threads=threads)
+    eng8 = start_engine(path, RunSettings(n_ctx=n_ctx * 8, n_parallel=8, flash_attn=fa), n_parallel=8,
+                        threads=threads)
     agg1, agg8, per8 = [], [], []
     for _ in range(0 if a.single_only else a.repeats):
         agg1.append(engine_aggregate(eng8, 1, a.tokens)[0])

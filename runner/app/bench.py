@@ -44,6 +44,8 @@ class BenchResult:
 
 
 def _decode(lc, ctx, batch, tokens: list[int], start: int) -> None:
+    from runner.engine import compute
+
     for i, t in enumerate(tokens):
         batch.token[i] = t
         batch.pos[i] = start + i
@@ -51,7 +53,7 @@ def _decode(lc, ctx, batch, tokens: list[int], start: int) -> None:
         batch.seq_id[i][0] = 0
         batch.logits[i] = i == len(tokens) - 1
     batch.n_tokens = len(tokens)
-    rc = lc.llama_decode(ctx, batch)
+    rc = compute.decode(ctx, batch)      # where every engine of the process decodes (runner.engine.compute)
     if rc != 0:
         raise EngineError(f"llama_decode failed during the benchmark (code {rc})")
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence, cast
 
 import llama_cpp as lc
 
-from runner.engine import native, tools as tool_formats
+from runner.engine import compute, native, tools as tool_formats
 from runner.engine.embedding import EmbedJob, Embedder
 from runner.engine.generation import GenerationHandle, Output, completion, wake_all
 from runner.engine.steps import StepClock
@@ -498,7 +498,7 @@ class LlamaEngine:
             lc.llama_set_abort_callback(self._m.ctx, self._abort_cb, None)
         t_decode, c_decode = time.perf_counter_ns(), time.thread_time_ns()
         try:
-            rc = lc.llama_decode(self._m.ctx, b)
+            rc = compute.decode(self._m.ctx, b)      # on the process's one compute thread (compute.py)
         finally:
             t_decode, c_decode = time.perf_counter_ns() - t_decode, time.thread_time_ns() - c_decode
             if abortable:

@@ -12,7 +12,7 @@ import llama_cpp as lc
 
 from runner.core.errors import EngineError, LlmrunError
 from runner.core.run_settings import RunSettings
-from runner.engine import native
+from runner.engine import compute, native
 from runner.engine.types import Embeddings, Pooling
 
 
@@ -117,7 +117,7 @@ class Embedder:
             return
         b.n_tokens = n
         lc.llama_memory_clear(lc.llama_get_memory(ectx.ctx), True)
-        rc = lc.llama_decode(ectx.ctx, b)
+        rc = compute.decode(ectx.ctx, b)
         self.decodes += 1
         involved = list(dict.fromkeys(job for job, _, _ in placed))
         for job in involved:
