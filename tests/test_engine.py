@@ -133,6 +133,17 @@ def test_follow_up_turn_reuses_the_kv_prefix(engine):
     assert r2.usage.cached_tokens < r2.usage.prompt_tokens
 
 
+def test_a_cached_prompt_reevaluates_two_tokens_when_reproducible_and_one_otherwise(engine):
+    """Greedy and seeded requests re-read the last 2 tokens of a cached prompt (bit-identical to a fresh
+    evaluation); unseeded sampling re-reads 1, as llama-server does, which keeps its step one ubatch."""
+    msgs = ask("Say one word about lighthouses.")
+    n = engine.chat(msgs, GREEDY).result().usage.prompt_tokens            # the prompt is now in a slot
+    for params, tail in ((GREEDY, 2), (SamplingParams(temperature=0.8, seed=7, max_tokens=4), 2),
+                         (SamplingParams(temperature=0.8, max_tokens=4), 1)):
+        r = engine.chat(msgs, params).result()
+        assert r.usage.prompt_tokens == n and r.usage.cached_tokens == n - tail, (params, r.usage)
+
+
 def test_prompt_longer_than_context_names_both_numbers(engine):
     prompt = "hello " * 3000
     n = len(engine.prompt_tokens(prompt))

@@ -432,10 +432,14 @@ class LlamaEngine:
                 return
             self._waiting.pop(0)
             best = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
-            # Re-evaluate at least 2 prompt tokens: the last one must give logits, and llama.cpp's one-row matmul
-            # kernels round differently from its multi-row ones (up to ~0.8 logits measured on the demo model),
-            # so a 2-row tail keeps a reused prefix bit-identical to a fresh evaluation (seeds stay reproducible).
-            common = max(0, min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - 2))
+            # Re-evaluate at least 2 prompt tokens when the output must be reproducible (greedy, or a seed): the
+            # last one must give logits, and llama.cpp's one-row matmul kernels round differently from its
+            # multi-row ones (up to ~0.8 logits measured on the demo model), so a 2-row tail keeps a reused prefix
+            # bit-identical to a fresh evaluation. Unseeded sampling cannot tell: 1 token, as llama-server does, so
+            # the step holds one token of this sequence like the decoding ones, one ubatch instead of two (with 7
+            # decoding on the demo model: 31-33 ms instead of 41-46; docs/benchmarks.md).
+            tail = 2 if req.params.temperature == 0 or req.params.seed is not None else 1
+            common = max(0, min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - tail))
             if common < len(best.tokens) and not lc.llama_memory_seq_rm(self._mem, best.seq, common, -1):
                 lc.llama_memory_seq_rm(self._mem, best.seq, -1, -1)
                 common = 0
