@@ -109,6 +109,10 @@ class LlamaEngine:
         self.step_clock = StepClock()        # the engine thread's Python time per step (runner.engine.steps)
         # embeddings: a second context, created on the first embed() (docs/engine.md, "Embeddings")
         self.declared_pooling = native.declared_pooling(loaded.model)    # embedding models declare one
+        # prompt tokens a reused prefix leaves to evaluate for a request that must be reproducible (greedy or
+        # seeded): 2 keep it bit-identical to a fresh evaluation without flash attention; with it, prefixes of 64
+        # tokens and more differ either way (docs/engine.md, "Numerics"), so 1, as for every other request
+        self._reproducible_tail = 1 if settings is not None and settings.flash_attn else 2
         base = replace(settings or RunSettings(), n_ubatch=loaded.n_ubatch)
         self._embedder = Embedder(loaded.model, pooling=self.declared_pooling or native.DEFAULT_POOLING,
                                   settings=embedding_settings(base, lc.llama_model_n_ctx_train(loaded.model)),
@@ -432,13 +436,13 @@ class LlamaEngine:
                 return
             self._waiting.pop(0)
             best = max(free, key=lambda s: (_common_prefix(s.tokens, req.prompt), -s.last_used))
-            # Re-evaluate at least 2 prompt tokens when the output must be reproducible (greedy, or a seed): the
-            # last one must give logits, and llama.cpp's one-row matmul kernels round differently from its
-            # multi-row ones (up to ~0.8 logits measured on the demo model), so a 2-row tail keeps a reused prefix
-            # bit-identical to a fresh evaluation. Unseeded sampling cannot tell: 1 token, as llama-server does, so
-            # the step holds one token of this sequence like the decoding ones, one ubatch instead of two (with 7
-            # decoding on the demo model: 31-33 ms instead of 41-46; docs/benchmarks.md).
-            tail = 2 if req.params.temperature == 0 or req.params.seed is not None else 1
+            # Re-evaluate 2 prompt tokens when the output must be reproducible (greedy, or a seed) and that keeps a
+            # reused prefix bit-identical to a fresh evaluation (no flash attention: llama.cpp's one-row matmul
+            # rounds differently from its multi-row one); otherwise 1, as llama-server does, so the step holds
+            # one token of this sequence like the decoding ones: one ubatch instead of two (with 7 decoding on the
+            # demo model: 31-33 ms instead of 41-46; docs/engine.md, "Numerics").
+            reproducible = req.params.temperature == 0 or req.params.seed is not None
+            tail = self._reproducible_tail if reproducible else 1
             common = max(0, min(_common_prefix(best.tokens, req.prompt), len(req.prompt) - tail))
             if common < len(best.tokens) and not lc.llama_memory_seq_rm(self._mem, best.seq, common, -1):
                 lc.llama_memory_seq_rm(self._mem, best.seq, -1, -1)
