@@ -37,7 +37,7 @@ ensure_chromium() {
         >/dev/null && [ -x /usr/bin/chromium ]; then
       say "chromium installed: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
     else
-      say "could not install chromium with apt-get: the browser tests will be skipped"
+      say "could not install chromium with apt-get: the browser tests will fail (install the chromium package, or set LLMRUN_NO_CHROMIUM=1 to skip them)"
     fi
   else
     say "no /usr/bin/chromium, and installing it needs root and apt-get: the browser tests will be skipped" \

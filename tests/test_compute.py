@@ -36,7 +36,6 @@ def test_calls_run_on_the_one_thread_in_order_and_raise_where_they_were_made():
 
 
 def test_two_engines_generation_and_embeddings_all_decode_on_the_compute_thread(demo_gguf, monkeypatch):
-    pytest.importorskip("llama_cpp")
     import llama_cpp
 
     from runner.engine.batching import start_engine

@@ -59,7 +59,6 @@ def test_importing_the_buffer_module_does_not_import_llama_cpp():
 
 @pytest.mark.llama
 def test_capture_llama_logs_sees_the_demo_models_buffers(demo_gguf):
-    pytest.importorskip("llama_cpp")
     from runner.engine.buffers import measure_in_subprocess
 
     result = measure_in_subprocess(str(demo_gguf), [{"n_ctx": 512}])
@@ -100,7 +99,6 @@ SYNTH = CI_SYNTH + (FULL_SYNTH if os.environ.get("LLMRUN_ACCURACY_FULL") else []
 @pytest.mark.slow
 @pytest.mark.llama
 def test_demo_model_accuracy(demo_gguf):
-    pytest.importorskip("llama_cpp")
     # the demo is small enough to fill each context, so its RSS includes the compute buffer's touched pages
     rows = accuracy.measure_case(accuracy.demo_case(demo_gguf), measure=measure_in_subprocess, fill=True)
     assert _check(rows) == [], accuracy.markdown_table(rows)
@@ -110,7 +108,6 @@ def test_demo_model_accuracy(demo_gguf):
 @pytest.mark.llama
 @pytest.mark.parametrize("name, quant", SYNTH, ids=[f"{n}-{q}" for n, q in SYNTH])
 def test_synthetic_model_accuracy(name, quant):
-    pytest.importorskip("llama_cpp")
     rows = accuracy.measure_case(accuracy.synthetic_case(name, quant), measure=measure_in_subprocess)
     assert len(rows) == len(accuracy.N_CTX)
     assert _check(rows) == [], accuracy.markdown_table(rows)
@@ -125,7 +122,6 @@ def test_small_shape_true_models_match_the_logged_buffers(tmp_path, monkeypatch,
     falcon: Falcon-7B's multi-query layout at a width that is not a multiple of 256 (k-quant fallbacks), fused
     QKV, LayerNorm biases; falcon-gqa: Falcon-40B's grouped-query layout with its second LayerNorm; falcon-ffn:
     a wide MLP, so that the feed-forward phase (not attention) sizes the compute buffer."""
-    pytest.importorskip("llama_cpp")
     from runner.engine.buffers import measure_in_subprocess
     from runner.core.run_settings import RunSettings
     from runner.plan.estimate import estimate
@@ -175,7 +171,6 @@ def test_each_architecture_matches_llama_cpps_buffers(tmp_path, monkeypatch, nam
     """One tiny shape-true file per architecture (llama 3, mixtral, qwen2, qwen3, qwen3moe, gemma2/3 with their
     sliding-window caches, phi3, deepseek2 with MLA, gpt-oss, bert, nomic-bert), loaded by llama.cpp: every
     component of the estimate within 3% of what llama.cpp logs, at n_ctx 1024 and 4096 (seconds each)."""
-    pytest.importorskip("llama_cpp")
     monkeypatch.setenv("LLMRUN_SYNTH_CACHE", str(tmp_path))
     rows = accuracy.measure_case(accuracy.arch_case(name), accuracy.N_CTX_ARCH, measure=measure_in_subprocess)
     assert len(rows) == len(accuracy.N_CTX_ARCH)
@@ -187,7 +182,6 @@ def test_each_architecture_matches_llama_cpps_buffers(tmp_path, monkeypatch, nam
 def test_window_sized_swa_caches_match_llama_cpp(tmp_path, monkeypatch, name):
     """With swa_full off (llama-server's default) the sliding-window layers get a window-sized cache:
     pad256(min(cells, window + n_ubatch)); the KV estimate is exact, the compute estimate errs high (<= 11%)."""
-    pytest.importorskip("llama_cpp")
     from runner.core.run_settings import RunSettings
     from runner.plan.estimate import estimate
     from runner.model.layout import layout_from_recipe
@@ -207,7 +201,7 @@ def test_window_sized_swa_caches_match_llama_cpp(tmp_path, monkeypatch, name):
 
 @pytest.mark.llama
 def test_captures_nest_and_llama_cpp_is_silent_after_them(demo_gguf, capfd):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     from runner.engine.buffers import capture_llama_logs
 
     def load_and_free():
@@ -231,7 +225,6 @@ def test_captures_nest_and_llama_cpp_is_silent_after_them(demo_gguf, capfd):
 @pytest.fixture
 def rpc_worker():
     """A llama.cpp RPC worker (CPU backend) on a free loopback port, stopped after the test."""
-    pytest.importorskip("llama_cpp")
     import socket
     import subprocess
     import sys

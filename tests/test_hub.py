@@ -242,7 +242,7 @@ def test_plan_compares_the_repos_quants_and_reads_the_choice(hub):
     assert read == {"qwen2.5-tiny-instruct-q4_k_m.gguf", "qwen2.5-tiny-instruct-q8_0.gguf"}  # the choice's too
     tagged = _plan(f"hf.co/{QWEN_REPO}:Q4_K_M")
     assert tagged["chosen"]["quant"] == "Q4_K_M"
-    assert any(f"is Q8_0" in n and f"llmrun plan hf.co/{QWEN_REPO}:Q8_0" in n for n in tagged["notes"])
+    assert any("is Q8_0" in n and f"llmrun plan hf.co/{QWEN_REPO}:Q8_0" in n for n in tagged["notes"])
 
 
 def test_unreachable_hub_falls_back_to_the_cached_listing(hub, monkeypatch):
@@ -356,7 +356,6 @@ def test_show_prints_the_card_licence_and_the_header_shape(hub):
 def test_run_a_hub_model_with_its_chat_template(hub):
     """`llmrun run -m hf.co/...` plans from the header, pulls, loads with llama.cpp and answers through the
     repo's chat template."""
-    pytest.importorskip("llama_cpp")
     r = CliRunner().invoke(cli, ["run", "-m", f"hf.co/{QWEN_REPO}:Q4_K_M", "--max-tokens", "3", "--seed", "1",
                                  "--hardware", "ci-2core-24gb", "hello"])
     assert r.exit_code == 0, r.output
@@ -404,7 +403,6 @@ def test_the_server_pulls_a_hub_model_named_in_a_request(hub, tmp_path, demo_ggu
     """`llmrun serve --pull`: a request whose `model` is a hub reference resolves it (pinned to a commit, from its
     header), pulls it verified and answers with it; a quant the repo lacks is a 404, a gated repo a 403 naming
     HF_TOKEN."""
-    pytest.importorskip("llama_cpp")
     import httpx
 
     from tests.test_server_models import llmrun_serve

@@ -4,13 +4,11 @@ fast; bounded to 50 examples per operation."""
 
 from __future__ import annotations
 
-import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-
-from fake_engine import FakeEngine  # noqa: E402
+from fake_engine import FakeEngine
 from runner.server.config import ModelCard, ServerConfig
 from runner.server.app import create_app
 

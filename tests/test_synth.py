@@ -78,7 +78,7 @@ def test_bad_requests_are_refused_with_a_hint(tmp_path):
 @pytest.mark.llama
 @pytest.mark.parametrize("shape", [TINY, TINY_GROK, TINY_FALCON], ids=["llama", "grok", "falcon"])
 def test_llama_cpp_loads_and_decodes_a_synthetic_model(synth_cache, shape):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     path = ensure_synth(shape, "Q8_0")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
     try:
@@ -108,7 +108,7 @@ def test_falcon_files_carry_layer_norm_and_a_bpe_vocabulary(synth_cache):
 
 @pytest.mark.llama
 def test_llama_cpp_round_trips_text_through_the_falcon_vocabulary(synth_cache):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     llm = llama_cpp.Llama(model_path=str(ensure_synth(TINY_FALCON, "Q8_0")), n_ctx=128, n_threads=1, verbose=False)
     try:
         text = b"hello world, abc\nzz!"
