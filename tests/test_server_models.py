@@ -6,10 +6,7 @@ name `second` in a --config file), the official `openai` and `ollama` clients. B
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -18,6 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+
+from live_server import serve_process
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "smollm2-135m:Q4_1"
@@ -30,38 +29,11 @@ pytestmark = pytest.mark.llama
 
 @contextlib.contextmanager
 def llmrun_serve(home: Path, *args: str, timeout: float = 120.0):
-    """`llmrun serve --port 0 ARGS` with LLMRUN_HOME=home; yields (base_url, process, stderr lines)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMRUN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf")}
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--port", "0", "--threads", "1",
-                             "--hardware", "ci-2core-24gb", "--log-level", "info", *args],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-    lines: list[str] = []
-    port = None
-    deadline = time.monotonic() + timeout
-    while port is None:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError("server exited: " + "".join(lines))
-        lines.append(line)
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        assert time.monotonic() < deadline, "no banner"
-    threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while httpx.get(f"{base}/health").status_code != 200:
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "never healthy"
-            time.sleep(0.1)
+    """`llmrun serve --port 0 ARGS` with LLMRUN_HOME=home; yields (base_url, process, stderr lines), and checks
+    afterwards that the server logged no traceback."""
+    with serve_process(home, "--hardware", "ci-2core-24gb", "--log-level", "info", *args,
+                       timeout=timeout) as (base, proc, lines):
         yield base, proc, lines
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in "".join(lines), "".join(lines)
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,50 +16,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from live_server import serve_process
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.llama
 
 
 @contextlib.contextmanager
 def cli_server(model: Path, *args: str, timeout: float = 120.0, home: Path | None = None):
-    """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process). `home`: its own
-    LLMRUN_HOME and hub cache (default: a new temporary one; a module-scoped server starts before the per-test
-    isolated home is set, and the server lists every model in its home's store)."""
+    """`llmrun serve --model MODEL --port 0 ARGS` in a subprocess; yields (base_url, process, stderr lines). `home`:
+    its own LLMRUN_HOME and hub cache (default: a new temporary one; a module-scoped server starts before the
+    per-test isolated home is set, and the server lists every model in its home's store)."""
     home = home or Path(tempfile.mkdtemp(prefix="llmrun-home-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LLMRUN_HOME": str(home), "HF_HUB_CACHE": str(home / "hf-cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--model", str(model), "--name", "demo",
-                             "--port", "0", "--threads", "1", "--log-level", "warning", *args],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-    lines: list[str] = []
-    port = None
-    deadline = time.monotonic() + timeout
-    while port is None:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError("server exited: " + "".join(lines))
-        lines.append(line)
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("no banner")
-    threading.Thread(target=lambda: [lines.append(l) for l in proc.stderr], daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while httpx.get(f"{base}/health").status_code != 200:
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "model never became ready"
-            time.sleep(0.1)
-        yield base, proc, lines
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_process(home, "--model", str(model), "--name", "demo", "--log-level", "warning", *args,
+                       timeout=timeout) as served:
+        yield served
 
 
 SERVER_LOG: dict[str, list[str]] = {}     # base URL → the server's stderr lines, as they come
