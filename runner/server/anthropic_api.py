@@ -19,11 +19,12 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from runner.core.errors import LlmrunError, UsageError
 from runner.engine.types import ChatMessage, Completion, Tool, ToolCall, Tools
-from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
+from runner.server.common import (RunStream, WireModel, note_ignored, notice_headers, sampling, start_run,
+                                  state_of)
 from runner.server.embeddings_api import engine_for
 from runner.server.errors import ApiError, anthropic_error, from_llmrun, rename_fields
 from runner.server.native import NativeRequest, Run, json_grammar
@@ -33,11 +34,8 @@ router = APIRouter()
 MAX_STOP_SEQUENCES = 16
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
-
-class Block(_Model):
+class Block(WireModel):
     """Any content block; which fields it needs depends on `type` (checked in `_turns`)."""
 
     type: str | None = None
@@ -50,34 +48,34 @@ class Block(_Model):
     is_error: bool | None = None
 
 
-class Message(_Model):
+class Message(WireModel):
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
 
-class ToolDef(_Model):
+class ToolDef(WireModel):
     type: str | None = None                            # "custom" or absent; server tools are refused
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any] | None = None         # required for a client tool (checked in `_tools`)
 
 
-class ToolChoice(_Model):
+class ToolChoice(WireModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class OutputFormat(_Model):
+class OutputFormat(WireModel):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Model):
+class OutputConfig(WireModel):
     format: OutputFormat | None = None                 # structured outputs: a grammar; `effort` is ignored
 
 
-class CountTokensRequest(_Model):
+class CountTokensRequest(WireModel):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     system: str | list[Block] | None = None

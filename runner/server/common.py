@@ -9,7 +9,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Iterator
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -27,6 +27,14 @@ from runner.server.native import ClientGone, Gate, NativeRequest, Run
 from runner.server.response_store import ResponseStore
 
 SEED_MOD = 2 ** 32   # llama.cpp seeds are uint32
+Int64 = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)     # an optional integer field the clients send as int64
+
+
+class WireModel(BaseModel):
+    """A request body of the OpenAI, Responses and Anthropic faces: values checked strictly (no coercion), unknown
+    fields kept so that `note_ignored` can name them, fields filled by name or alias."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 IGNORED_HEADER = "X-Llmrun-Ignored-Fields"
 
 log = logging.getLogger("llmrun.server")

@@ -19,7 +19,7 @@ from runner import __version__
 from runner.engine.types import ChatMessage, SamplingParams, Tool, ToolCall, ToolCallDelta, Tools
 from runner.core.errors import UsageError
 from runner.app.pool_values import State
-from runner.server.common import (LeasedRun, RunStream, keep_alive_of, note_ignored, notice_headers, sampling,
+from runner.server.common import (Int64, LeasedRun, RunStream, keep_alive_of, note_ignored, notice_headers, sampling,
                                   start_run, state_of)
 from runner.server.config import ModelCard
 from runner.server.errors import ApiError
@@ -49,7 +49,7 @@ class Options(BaseModel):
     mirostat: Literal[0, 1, 2] | None = None
     mirostat_tau: float | None = Field(default=None, gt=0, le=100)
     mirostat_eta: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    seed: int | None = Int64
     num_predict: int | None = Field(default=None, ge=-2, le=2 ** 31 - 1)   # -1 = no limit, -2 = fill context
     stop: list[str] | str | None = None
     num_ctx: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)

@@ -14,43 +14,39 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from runner.engine.template import RESERVED_VARIABLES
 from runner.engine.types import ChatMessage, Tool, ToolCall, Tools
 from runner.core.errors import UsageError
 from runner.server import openai_shapes as shapes
-from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
+from runner.server.common import (Int64, RunStream, WireModel, note_ignored, notice_headers, sampling, start_run,
+                                  state_of)
 from runner.server.config import ModelCard
 from runner.server.errors import ApiError
 from runner.server.native import NativeRequest, json_grammar
 
 router = APIRouter()
 
-Int64 = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
-
-
-class ContentPart(_Model):
+class ContentPart(WireModel):
     type: str
     text: str | None = None
 
 
-class FunctionCall(_Model):
+class FunctionCall(WireModel):
     name: str
     arguments: str | dict[str, Any] = ""
 
 
-class ToolCallIn(_Model):
+class ToolCallIn(WireModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Model):
+class Message(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None                  # a tool or function result: the function's name
@@ -59,44 +55,44 @@ class Message(_Model):
     function_call: FunctionCall | None = None    # the legacy functions API
 
 
-class StreamOptions(_Model):
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class JsonSchemaSpec(_Model):
+class JsonSchemaSpec(WireModel):
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None               # schemas are always enforced (a grammar)
     description: str | None = None
 
 
-class ResponseFormat(_Model):
+class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class FunctionDef(_Model):
+class FunctionDef(WireModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None               # calls are always grammar-constrained when forced
 
 
-class ToolDef(_Model):
+class ToolDef(WireModel):
     type: str
     function: FunctionDef | None = None
 
 
-class NamedFunction(_Model):
+class NamedFunction(WireModel):
     name: str
 
 
-class NamedTool(_Model):
+class NamedTool(WireModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class _Sampling(_Model):
+class _Sampling(WireModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=2 ** 31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -18,28 +18,26 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from runner.core.errors import UsageError
 from runner.engine.types import ChatMessage, Completion, Tool, ToolCall, Tools
 from runner.server import responses_shapes as shapes
-from runner.server.common import RunStream, note_ignored, notice_headers, sampling, start_run, state_of
+from runner.server.common import (Int64, RunStream, WireModel, note_ignored, notice_headers, sampling, start_run,
+                                  state_of)
 from runner.server.errors import ApiError, rename_fields
 from runner.server.native import NativeRequest, json_grammar
 
 router = APIRouter()
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
-
-class Part(_Model):
+class Part(WireModel):
     type: str
     text: str | None = None
 
 
-class InputItem(_Model):
+class InputItem(WireModel):
     """Any input item; which fields it needs depends on `type` (checked in `_turns`)."""
 
     type: str | None = None                 # absent: a message (the "easy" input message)
@@ -53,7 +51,7 @@ class InputItem(_Model):
     status: str | None = None
 
 
-class TextFormat(_Model):
+class TextFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -61,11 +59,11 @@ class TextFormat(_Model):
     description: str | None = None
 
 
-class TextConfig(_Model):
+class TextConfig(WireModel):
     format: TextFormat | None = None
 
 
-class FunctionTool(_Model):
+class FunctionTool(WireModel):
     type: str
     name: str | None = None
     description: str | None = None
@@ -73,12 +71,12 @@ class FunctionTool(_Model):
     strict: bool | None = None               # calls are always grammar-constrained when forced
 
 
-class ToolChoiceObject(_Model):
+class ToolChoiceObject(WireModel):
     type: str
     name: str | None = None
 
 
-class ResponsesRequest(_Model):
+class ResponsesRequest(WireModel):
     model: str = Field(min_length=1)
     input: str | list[InputItem] | None = None
     instructions: str | None = None
@@ -86,7 +84,7 @@ class ResponsesRequest(_Model):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2 ** 31 - 1)          # llama.cpp extension
-    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 63 - 1)  # llama.cpp extension
+    seed: int | None = Int64  # llama.cpp extension
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | ToolChoiceObject | None = None
