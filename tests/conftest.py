@@ -48,3 +48,15 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+@pytest.fixture
+def demo_local(demo_gguf) -> Path:
+    """The demo model in the (isolated) local store, as `llmrun pull smollm2-135m` leaves it."""
+    from runner.core import dirs
+
+    models = dirs.models_dir()
+    models.mkdir(parents=True, exist_ok=True)
+    link = models / Path(demo_gguf).name
+    link.symlink_to(demo_gguf)
+    return link

@@ -17,16 +17,6 @@ from runner.store.local import LocalModel
 DEMO = "smollm2-135m:Q4_1"
 
 
-@pytest.fixture
-def demo_local(demo_gguf) -> Path:
-    """The demo model in the (isolated) local store, as `llmrun pull smollm2-135m` leaves it."""
-    models = dirs.models_dir()
-    models.mkdir(parents=True, exist_ok=True)
-    link = models / Path(demo_gguf).name
-    link.symlink_to(demo_gguf)
-    return link
-
-
 def index(**kw) -> ModelIndex:
     return ModelIndex(catalog=load_catalog(), **kw)
 

@@ -301,15 +301,6 @@ def test_files_the_server_was_given_are_not_deleted(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- show
-@pytest.fixture
-def demo_local(demo_gguf) -> Path:
-    models = dirs.models_dir()
-    models.mkdir(parents=True, exist_ok=True)
-    link = models / Path(demo_gguf).name
-    link.symlink_to(demo_gguf)
-    return link
-
-
 def test_show_for_the_demo_model(demo_local):
     run, _, _ = serve(load_catalog())
     with run as base:

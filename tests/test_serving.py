@@ -14,7 +14,6 @@ from runner.app.models import ModelIndex, ModelRef, ServedFile
 from runner.app.pool_values import Budget
 from runner.app.serving import (ModelSettings, PlannedLoader, budget_from, need_of, plan_profile, ram_margin,
                                 read_models_config, resident_of)
-from runner.core import dirs
 from runner.core.errors import ConfigError, DoesNotFitError, UsageError
 from runner.core.units import FOREVER, format_duration, parse_duration
 from runner.hardware.profiles import load_profile, with_overrides
@@ -105,14 +104,6 @@ def test_need_is_the_estimate_and_resident_is_llama_cpps_buffers(demo_gguf):
 
 
 # ---------------------------------------------------------------------------------------------------- the loader
-@pytest.fixture
-def demo_local(demo_gguf) -> Path:
-    models = dirs.models_dir()
-    models.mkdir(parents=True, exist_ok=True)
-    (models / Path(demo_gguf).name).symlink_to(demo_gguf)
-    return models / Path(demo_gguf).name
-
-
 def test_settings_per_model_over_the_defaults(tmp_path, demo_local):
     p = tmp_path / "models.toml"
     p.write_text('[models."smollm2-135m"]\nctx = 2048\nkeep_alive = "1h"\n')
