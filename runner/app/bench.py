@@ -43,7 +43,7 @@ class BenchResult:
     buffers: dict
 
 
-def _decode(lc, ctx, batch, tokens: list[int], start: int) -> None:
+def _decode(ctx, batch, tokens: list[int], start: int) -> None:
     from runner.engine import compute
 
     for i, t in enumerate(tokens):
@@ -80,16 +80,16 @@ def measure(path: Path, *, n_prompt: int = 256, n_gen: int = 64, repeats: int = 
         tokens = [rng.randrange(1, loaded.n_vocab) for _ in range(n_prompt + n_gen)]
         pp, tg = [], []
         try:
-            _decode(lc, loaded.ctx, batch, tokens[:8], 0)  # warm-up (first-touch of mmap'd weights)
+            _decode(loaded.ctx, batch, tokens[:8], 0)  # warm-up (first-touch of mmap'd weights)
             for _ in range(repeats):
                 lc.llama_memory_clear(mem, True)
                 t0 = time.perf_counter()
-                _decode(lc, loaded.ctx, batch, tokens[:n_prompt], 0)
+                _decode(loaded.ctx, batch, tokens[:n_prompt], 0)
                 lc.llama_synchronize(loaded.ctx)
                 pp.append(n_prompt / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
                 for i in range(n_gen):
-                    _decode(lc, loaded.ctx, batch, [tokens[n_prompt + i]], n_prompt + i)
+                    _decode(loaded.ctx, batch, [tokens[n_prompt + i]], n_prompt + i)
                     lc.llama_get_logits_ith(loaded.ctx, 0)
                 lc.llama_synchronize(loaded.ctx)
                 tg.append(n_gen / (time.perf_counter() - t0))

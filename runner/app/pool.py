@@ -227,15 +227,15 @@ class ModelPool:
                 m.embedding_held = True
                 return
             need = {d: m.resident.get(d, 0) + extra.get(d, 0) for d in dict.fromkeys([*m.resident, *extra])}
-            for dev, n in need.items():
-                room = self.budget.for_models(dev)
-                if self.budget.bounded and n > room:
-                    raise DoesNotFitError(
-                        f"{m.name} cannot embed within the budget: its embedding context needs "
-                        f"{format_size(extra.get(dev, 0))} {_where(dev)} beside the model's "
-                        f"{format_size(m.resident.get(dev, 0))}, and the models may hold {format_size(max(room, 0))}"
-                        f" there ({self.budget.source})",
-                        hint="a larger budget (--max-memory / --max-vram), or less context for this model")
+            short = self.budget.never_fits(need)
+            if short is not None:
+                dev, room = short
+                raise DoesNotFitError(
+                    f"{m.name} cannot embed within the budget: its embedding context needs "
+                    f"{format_size(extra.get(dev, 0))} {_where(dev)} beside the model's "
+                    f"{format_size(m.resident.get(dev, 0))}, and the models may hold {format_size(max(room, 0))}"
+                    f" there ({self.budget.source})",
+                    hint="a larger budget (--max-memory / --max-vram), or less context for this model")
             await self._make_room(m, need, reserve=False)
             m.resident, m.embedding_held = need, True       # no await since the room was found
             log.info("%s: embedding context held, %s (%s)", m.name, _bytes(extra), self._usage())
@@ -392,16 +392,14 @@ class ModelPool:
         self._notify()
 
     def _check_ever_fits(self, p: Prepared) -> None:
-        if not self.budget.bounded:
-            return
-        for dev, need in p.need.items():
-            room = self.budget.for_models(dev)
-            if need > room:
-                raise DoesNotFitError(
-                    f"{p.ref.name} can never fit: it needs {format_size(need)} {_where(dev)}, and the models may "
-                    f"hold {format_size(max(room, 0))} there ({self.budget.source}) even with nothing else loaded",
-                    hint=p.advice or "less context (ctx in --config), a smaller quant, or a larger budget "
-                                     "(--max-memory / --max-vram)")
+        short = self.budget.never_fits(p.need)
+        if short is not None:
+            dev, room = short
+            raise DoesNotFitError(
+                f"{p.ref.name} can never fit: it needs {format_size(p.need[dev])} {_where(dev)}, and the models may "
+                f"hold {format_size(max(room, 0))} there ({self.budget.source}) even with nothing else loaded",
+                hint=p.advice or "less context (ctx in --config), a smaller quant, or a larger budget "
+                                 "(--max-memory / --max-vram)")
 
     def _shortfall(self, need: Mapping[str, int], besides: Model) -> dict[str, int]:
         """Bytes missing per device for `need` beside every other model (empty: it fits now)."""

@@ -31,6 +31,16 @@ class Budget:
         """Bytes the models may hold on `device` together."""
         return self.limits.get(device, 0) - self.process.get(device, 0)
 
+    def never_fits(self, need: Mapping[str, int]) -> tuple[str, int] | None:
+        """(device, room) of the first device where `need` is more than the models may hold even with nothing
+        else loaded; None when it fits (or the budget is unbounded)."""
+        if self.bounded:
+            for dev, n in need.items():
+                room = self.for_models(dev)
+                if n > room:
+                    return dev, room
+        return None
+
 
 @dataclass(frozen=True)
 class Prepared:
