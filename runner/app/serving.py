@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import tomllib
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,22 +346,24 @@ class PlannedLoader:
         settings = dataclasses.replace(launch.settings, use_mmap=False)
         return dataclasses.replace(launch, settings=settings, estimate=self._estimate(shape, layout, settings))
 
-    def _estimate(self, shape: ModelShape, layout: WeightsLayout, settings: RunSettings) -> MemoryEstimate:
-        from runner.plan.estimate import estimate
+    def _hardware(self) -> dict[str, Any]:
+        """The estimate's keyword arguments for this machine: GPUs and their free memory, CPU flags, unified RAM."""
         from runner.plan.fit import local_gpus
 
         gpus = local_gpus(self.profile)
-        return estimate(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
-                        cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
+        return {"gpus": len(gpus), "gpu_free": tuple(g.free_bytes for g in gpus), "cpu_flags": self.profile.cpu.flags,
+                "unified": self.profile.unified_memory}
+
+    def _estimate(self, shape: ModelShape, layout: WeightsLayout, settings: RunSettings) -> MemoryEstimate:
+        from runner.plan.estimate import estimate
+
+        return estimate(shape, layout, settings, **self._hardware())
 
     def _embedding_context(self, shape: ModelShape, layout: WeightsLayout,
                            settings: RunSettings) -> dict[str, int]:
         from runner.plan.estimate import embedding_context
-        from runner.plan.fit import local_gpus
 
-        gpus = local_gpus(self.profile)
-        return embedding_context(shape, layout, settings, gpus=len(gpus), gpu_free=tuple(g.free_bytes for g in gpus),
-                                 cpu_flags=self.profile.cpu.flags, unified=self.profile.unified_memory)
+        return embedding_context(shape, layout, settings, **self._hardware())
 
     def load(self, prepared: Prepared) -> Started:
         from runner.app.load import load

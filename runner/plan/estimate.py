@@ -367,6 +367,6 @@ def embedding_context(shape: ModelShape, layout: WeightsLayout, settings: RunSet
     input is an output). The demo model: 11.25 MiB KV, 100.5 MiB compute, 97 MiB output, twice its weights."""
     es = embedding_settings(settings, shape.n_ctx_train)
     est = estimate(shape, layout, es, gpus=gpus, gpu_free=gpu_free, cpu_flags=cpu_flags, unified=unified)
-    rows = max(es.n_ctx, es.n_parallel)
+    rows = es.n_ctx                  # one per token: every token of a pooled decode is an output
     return {d.device: d.kv_cache + d.compute + ((shape.n_vocab + shape.n_embd) * 4 * rows if d.device == "CPU" else 0)
             for d in est.devices}
